@@ -1,0 +1,1 @@
+"""Sources and sinks: each a package with Config and build()."""

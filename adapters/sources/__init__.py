@@ -1,0 +1,1 @@
+"""Sources: collect events into the buffer."""

@@ -1,0 +1,210 @@
+"""The two seams of the agent: a Source feeds the buffer, a Sink drains it.
+
+Read this file top to bottom before writing an adapter.
+
+    sources ──append()──▶ Buffer (SQLite, durable) ──Batch──▶ Forwarder ──send()──▶ Sink
+       ▲                        │                                 │
+       └── ack upstream only ◀──┘ commit done                      └── advance cursor only on ACCEPTED
+
+Rules every adapter follows:
+
+* A Source does no I/O in its constructor. ``run(ingest)`` works until it is cancelled and
+  acknowledges upstream (HTTP 2xx, MQTT PUBACK, file moved to processed/) only after
+  ``await ingest.append(...)`` has returned: that is the moment the events are on disk.
+* A Sink sends one batch and answers with a SendResult. It never decides what happens next
+  (retry, bisection, dead-letter): the forwarder does, so every sink behaves the same.
+* Never swallow ``asyncio.CancelledError``. Callbacks from library threads (paho, asyncua)
+  come back to the loop through ``loop.call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event as a source hands it over, before the buffer gives it an id and a sequence.
+
+    ``time`` is when it happened at the source (RFC 3339 string or an aware datetime), not
+    when it was received. ``data`` must already be valid for ``type`` (sources validate).
+    ``source_event_id`` is the upstream's own id (an MES event id), kept for de-duplication
+    by the source; it is not part of the envelope.
+    """
+
+    type: str
+    data: Mapping[str, Any]
+    time: str | datetime
+    subject: str | None = None
+    correlationid: str | None = None
+    dataschema: str | None = None
+    source_event_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """What the buffer says back once an event is durably stored."""
+
+    stream: str
+    sequence: int
+    id: str
+    #: True when ``source_event_id`` was already committed within the dedupe window: nothing
+    #: new was stored and sequence/id are those of the first commit.
+    duplicate: bool = False
+
+
+class Ingest(Protocol):
+    """The buffer as sources see it."""
+
+    async def append(
+        self,
+        stream: str,
+        events: Sequence[NewEvent],
+        *,
+        marks: Sequence[tuple[str, str]] = (),
+    ) -> list[Committed]:
+        """Commit ``events`` to ``stream`` in order, durably, and only then return.
+
+        Events with a ``source_event_id`` already committed to this stream within the
+        dedupe window are not stored again (``Committed.duplicate``). ``marks`` are
+        (namespace, key) pairs stored in the same transaction, so a source can remember
+        what it imported (a file's content hash) atomically with the events themselves:
+        ``await ingest.has_mark(namespace, key)`` after a crash tells whether it is done.
+
+        Many concurrent callers share one transaction (group commit). Raises
+        ``agent.errors.BufferFull`` when the buffer is at ``max_bytes`` under
+        ``on_full = "block"``: the source should hold back its upstream (HTTP 503 with
+        Retry-After, no PUBACK, leave the file) and try again later.
+        """
+        ...
+
+    async def has_mark(self, namespace: str, key: str) -> bool:
+        """Whether a mark was committed by an earlier append (see ``marks``)."""
+        ...
+
+    def has_room(self) -> bool:
+        """False while appends would raise BufferFull (``on_full = "block"``)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Contiguous events of one stream, in sequence order, under one persisted batch id.
+
+    ``bodies`` are the CloudEvents JSON objects exactly as encoded at commit time, so a
+    sink joins bytes instead of re-encoding.
+    """
+
+    stream: str
+    batch_id: str
+    epoch: str
+    first_sequence: int
+    last_sequence: int
+    ids: Sequence[str]
+    bodies: Sequence[bytes]
+    priority: str = "normal"
+
+    def __len__(self) -> int:
+        return len(self.bodies)
+
+    @property
+    def payload(self) -> bytes:
+        """The batch as the contract's JSON array."""
+        return b"[" + b",".join(self.bodies) + b"]"
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(len(b) for b in self.bodies) + len(self.bodies) + 1
+
+
+class Outcome(enum.Enum):
+    ACCEPTED = "accepted"  # every event durably accepted: advance
+    RETRY = "retry"  # transient (5xx, 408, 425, 429, network, broker gone): same batch again
+    REJECTED = "rejected"  # 400/422: some event is unacceptable: bisect, dead-letter
+    TOO_LARGE = "too_large"  # 413 or over the broker's packet size: smaller batches
+    AUTH = "auth"  # 401/403, bad credentials, not authorised: keep everything, retry slowly
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    outcome: Outcome
+    reason: str = ""
+    status: int | None = None
+    retry_after: float | None = None
+
+    @classmethod
+    def accepted(cls, status: int | None = None) -> SendResult:
+        return cls(Outcome.ACCEPTED, "", status)
+
+    @classmethod
+    def retry(
+        cls, reason: str, status: int | None = None, retry_after: float | None = None
+    ) -> SendResult:
+        return cls(Outcome.RETRY, reason, status, retry_after)
+
+    @classmethod
+    def rejected(cls, reason: str, status: int | None = None) -> SendResult:
+        return cls(Outcome.REJECTED, reason, status)
+
+    @classmethod
+    def too_large(cls, reason: str, status: int | None = None) -> SendResult:
+        return cls(Outcome.TOO_LARGE, reason, status)
+
+    @classmethod
+    def auth(cls, reason: str, status: int | None = None) -> SendResult:
+        return cls(Outcome.AUTH, reason, status)
+
+
+@dataclass(slots=True)
+class ComponentState:
+    """What status, metrics and /readyz show for a source or a sink."""
+
+    state: str = "starting"  # starting | connected | disconnected | auth_failed | error | stopped
+    since: float = 0.0  # unix time of the last state change
+    last_error: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def healthy(self) -> bool:
+        return self.state == "connected"
+
+
+class Sink(abc.ABC):
+    """Delivers batches to the central side. One instance may serve many streams."""
+
+    name: str
+    #: How many batches of one stream may be on the wire at once. The forwarder applies
+    #: acknowledgements in order only; 1 unless the transport keeps order (one MQTT session).
+    max_in_flight: int = 1
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Open connections. Must not fail because the peer is down: send() reports that."""
+
+    @abc.abstractmethod
+    async def send(self, batch: Batch) -> SendResult:
+        """Deliver one batch; return how it went. Never raise for peer or network trouble."""
+
+    async def stop(self) -> None:  # noqa: B027 - optional hook
+        """Close connections; idempotent."""
+
+    @abc.abstractmethod
+    def state(self) -> ComponentState: ...
+
+
+class Source(abc.ABC):
+    """Produces events into one stream (or a few). Cancelled to stop."""
+
+    name: str
+    stream: str
+
+    @abc.abstractmethod
+    async def run(self, ingest: Ingest) -> None:
+        """Work until cancelled. Acknowledge upstream only after ingest.append() returned."""
+
+    @abc.abstractmethod
+    def state(self) -> ComponentState: ...
