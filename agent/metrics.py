@@ -1,0 +1,397 @@
+"""Prometheus metrics, ``/healthz`` and ``/readyz`` on one small aiohttp server.
+
+Almost every metric is built *at scrape time* from the same status snapshot that
+``edge-agent status --json`` prints, so a dashboard and the operator's table can never
+disagree: there is one source of numbers, not two sets of counters kept in step. The only
+live instruments are the batch latency histogram and the batch outcome counters, which
+need every observation rather than a point-in-time value (:meth:`MetricsServer.observe_batch`).
+
+Exposed (all ``edge_agent_*``; see docs/alerts.md for the alert rules built on them):
+
+=========================================== ======= ==========================================
+metric                                      type    labels
+=========================================== ======= ==========================================
+info                                        info    version, agent_id, plant
+running, heartbeat_age_seconds              gauge
+status_ok                                   gauge   (0 when the snapshot could not be taken)
+events_ingested_total / _forwarded_total    counter stream, sink
+events_dropped_total / _dead_lettered_total counter stream, sink
+backlog_events, backlog_bytes               gauge   stream, sink, priority
+oldest_unsent_age_seconds                   gauge   stream, sink (0 when nothing is unsent)
+dead_letters                                gauge   stream, sink
+last_sequence, forwarded_sequence           gauge   stream, sink
+last_forwarded_timestamp_seconds            gauge   stream, sink
+source_connected                            gauge   source, type, stream (1 up / 0 down)
+source_state                                gauge   source, type, state (1 for current)
+sink_connected                              gauge   sink, type, state (1 up / 0 otherwise)
+buffer_file_bytes, _used_bytes, _max_bytes  gauge
+buffer_ingest_rate_events_per_second        gauge
+buffer_full_in_seconds                      gauge   +Inf when the buffer is not filling
+batch_latency_seconds                       histo   stream, sink (send round trip per batch)
+batches_total, batch_events_total           counter stream, sink, outcome
+=========================================== ======= ==========================================
+
+``buffer_full_in_seconds`` is the same forecast as status' "buffer full in ~31 h": used and
+free bytes against the recent ingest rate. When the buffer is not filling (status shows
+``full_in_s: null``) the gauge is ``+Inf``, so ``edge_agent_buffer_full_in_seconds < 6*3600``
+alerts only while an outage is really eating the disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger("edge_agent.metrics")
+
+__all__ = [
+    "DEFAULT_LISTEN",
+    "LATENCY_BUCKETS",
+    "UP_STATES",
+    "MetricsServer",
+    "SnapshotCollector",
+    "observe_batch",
+    "parse_listen",
+]
+
+DEFAULT_LISTEN = "127.0.0.1:9464"
+
+#: Source/sink states that count as "up" (1) for source_connected / sink_connected. A
+#: listening server source (MES HTTP) is up without a peer connection.
+UP_STATES = frozenset({"connected", "listening", "running", "ok"})
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+Snapshot = Callable[[], dict[str, Any]]
+Readiness = Callable[[], tuple[bool, dict[str, Any]]]
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``"127.0.0.1:9464"`` / ``"[::1]:9464"`` / ``"0.0.0.0:0"`` -> (host, port)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"metrics.listen '{listen}' must be HOST:PORT, e.g. 127.0.0.1:9464")
+    return host.strip("[]"), int(port)
+
+
+def _num(value: Any, default: float = 0.0) -> float:
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _timestamp(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _s(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+class SnapshotCollector(Collector):
+    """Turns one status snapshot into metric families, on every scrape."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+
+    def describe(self) -> Iterable[Any]:
+        # Unchecked collector: families depend on the snapshot, not known at registration.
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        ok = GaugeMetricFamily(
+            "edge_agent_status_ok", "1 when the status snapshot behind these metrics was taken"
+        )
+        try:
+            snap = self._snapshot()
+        except Exception:  # a scrape must still answer, and say the numbers are missing
+            log.exception("metrics: status snapshot failed")
+            ok.add_metric([], 0)
+            yield ok
+            return
+        ok.add_metric([], 1)
+        yield ok
+        yield from self._agent(snap.get("agent") or {})
+        yield from self._buffer(snap.get("buffer") or {})
+        yield from self._streams(snap.get("streams") or [])
+        yield from self._sources(snap.get("sources") or [])
+        yield from self._sinks(snap.get("sinks") or [])
+
+    @staticmethod
+    def _agent(agent: dict[str, Any]) -> Iterator[Any]:
+        info = InfoMetricFamily("edge_agent", "Agent build and identity", labels=[])
+        info.add_metric(
+            [],
+            {
+                "version": _s(agent.get("version")),
+                "agent_id": _s(agent.get("id")),
+                "plant": _s(agent.get("plant")),
+            },
+        )
+        yield info
+        running = GaugeMetricFamily("edge_agent_running", "1 while the agent runtime is running")
+        running.add_metric([], 1 if agent.get("running") else 0)
+        yield running
+        if agent.get("heartbeat_age_s") is not None:
+            hb = GaugeMetricFamily(
+                "edge_agent_heartbeat_age_seconds", "Seconds since the runtime last heartbeat"
+            )
+            hb.add_metric([], _num(agent.get("heartbeat_age_s")))
+            yield hb
+
+    @staticmethod
+    def _buffer(buf: dict[str, Any]) -> Iterator[Any]:
+        for key, name, doc in (
+            ("file_bytes", "edge_agent_buffer_file_bytes", "Size of the buffer file on disk"),
+            ("used_bytes", "edge_agent_buffer_used_bytes", "Bytes of unsent and kept events"),
+            ("max_bytes", "edge_agent_buffer_max_bytes", "buffer.max_bytes from the config"),
+            (
+                "ingest_rate_eps",
+                "edge_agent_buffer_ingest_rate_events_per_second",
+                "Recent ingest rate into the buffer",
+            ),
+        ):
+            if key in buf:
+                g = GaugeMetricFamily(name, doc)
+                g.add_metric([], _num(buf.get(key)))
+                yield g
+        if "full_in_s" in buf:
+            full = buf.get("full_in_s")
+            g = GaugeMetricFamily(
+                "edge_agent_buffer_full_in_seconds",
+                "Forecast seconds until the buffer is full at the recent ingest rate "
+                "(+Inf when it is not filling)",
+            )
+            g.add_metric([], math.inf if full is None else _num(full, math.inf))
+            yield g
+
+    @staticmethod
+    def _streams(streams: list[dict[str, Any]]) -> Iterator[Any]:
+        labels = ["stream", "sink"]
+        counters = {
+            key: CounterMetricFamily(f"edge_agent_events_{name}", doc, labels=labels)
+            for key, name, doc in (
+                ("ingested_total", "ingested", "Events committed to the buffer"),
+                ("forwarded_total", "forwarded", "Events accepted by the sink"),
+                ("dropped_total", "dropped", "Events dropped (buffer full, drop_oldest)"),
+                ("dead_lettered_total", "dead_lettered", "Events the sink rejected for good"),
+            )
+        }
+        gauges = {
+            key: GaugeMetricFamily(f"edge_agent_{name}", doc, labels=labels)
+            for key, name, doc in (
+                ("backlog_events", "backlog_events", "Events buffered and not yet forwarded"),
+                ("backlog_bytes", "backlog_bytes", "Bytes buffered and not yet forwarded"),
+                (
+                    "oldest_unsent_age_s",
+                    "oldest_unsent_age_seconds",
+                    "Age of the oldest event not yet forwarded (0 when none)",
+                ),
+                ("dead_letters", "dead_letters", "Events held in the dead-letter table"),
+                ("last_sequence", "last_sequence", "Highest sequence committed"),
+                ("forwarded_sequence", "forwarded_sequence", "Highest sequence forwarded"),
+            )
+        }
+        last_fwd = GaugeMetricFamily(
+            "edge_agent_last_forwarded_timestamp_seconds",
+            "Unix time of the last accepted batch",
+            labels=labels,
+        )
+        for s in streams:
+            lv = [_s(s.get("stream")), _s(s.get("sink"))]
+            for key, fam in counters.items():
+                fam.add_metric(lv, _num(s.get(key)))
+            for key, fam in gauges.items():
+                fam.add_metric(lv, _num(s.get(key)))
+            ts = _timestamp(s.get("last_forwarded_at"))
+            if ts is not None:
+                last_fwd.add_metric(lv, ts)
+        yield from counters.values()
+        yield from gauges.values()
+        yield last_fwd
+
+    @staticmethod
+    def _sources(sources: list[dict[str, Any]]) -> Iterator[Any]:
+        connected = GaugeMetricFamily(
+            "edge_agent_source_connected",
+            "1 when the source is connected (or listening), else 0",
+            labels=["source", "type", "stream"],
+        )
+        state = GaugeMetricFamily(
+            "edge_agent_source_state",
+            "1 for the source's current state",
+            labels=["source", "type", "state"],
+        )
+        for s in sources:
+            st = _s(s.get("state"))
+            connected.add_metric(
+                [_s(s.get("name")), _s(s.get("type")), _s(s.get("stream"))],
+                1 if st in UP_STATES else 0,
+            )
+            state.add_metric([_s(s.get("name")), _s(s.get("type")), st], 1)
+        yield connected
+        yield state
+
+    @staticmethod
+    def _sinks(sinks: list[dict[str, Any]]) -> Iterator[Any]:
+        fam = GaugeMetricFamily(
+            "edge_agent_sink_connected",
+            "1 when the sink is connected, else 0; the state label says which state",
+            labels=["sink", "type", "state"],
+        )
+        for s in sinks:
+            st = _s(s.get("state"))
+            fam.add_metric([_s(s.get("name")), _s(s.get("type")), st], 1 if st in UP_STATES else 0)
+        yield fam
+
+
+class MetricsServer:
+    """Serves /metrics, /healthz and /readyz; owns its own CollectorRegistry.
+
+    ``snapshot`` returns the status snapshot (the dict ``status --json`` prints); ``ready``
+    returns ``(is_ready, detail)``. Both are called on the event loop, per request, so they
+    must be cheap and must not block. Lifecycle: ``await start()`` binds (raising OSError if
+    the port is taken), ``await stop()`` closes; both idempotent.
+    """
+
+    def __init__(self, listen: str, snapshot: Snapshot, ready: Readiness) -> None:
+        self._host, self._port = parse_listen(listen)
+        self._snapshot = snapshot
+        self._ready = ready
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(SnapshotCollector(snapshot))
+        self._latency = Histogram(
+            "edge_agent_batch_latency_seconds",
+            "Seconds from sending a batch to the sink's answer",
+            ["stream", "sink"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._batches = Counter(
+            "edge_agent_batches",
+            "Batches sent, by outcome (accepted, retry, rejected, error)",
+            ["stream", "sink", "outcome"],
+            registry=self.registry,
+        )
+        self._batch_events = Counter(
+            "edge_agent_batch_events",
+            "Events in batches sent, by outcome",
+            ["stream", "sink", "outcome"],
+            registry=self.registry,
+        )
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self._bound_port: int | None = None
+
+    # -- live instruments ----------------------------------------------------------------
+
+    def observe_batch(
+        self, stream: str, sink: str, seconds: float, events: int, outcome: str
+    ) -> None:
+        """Record one batch send: its latency and its outcome."""
+        self._latency.labels(stream, sink).observe(max(0.0, seconds))
+        self._batches.labels(stream, sink, outcome).inc()
+        self._batch_events.labels(stream, sink, outcome).inc(max(0, events))
+
+    # -- HTTP ----------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with ``listen = "127.0.0.1:0"``)."""
+        return self._bound_port if self._bound_port is not None else self._port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self.port}"
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition (what GET /metrics returns)."""
+        return generate_latest(self.registry)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = self.render()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        try:
+            ready, detail = self._ready()
+        except Exception as exc:
+            log.exception("readiness check failed")
+            ready, detail = False, {"error": f"readiness check failed: {exc}"}
+        body = orjson.dumps({"ready": bool(ready), **detail}, default=str)
+        return web.Response(
+            body=body, status=200 if ready else 503, content_type="application/json"
+        )
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            return
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self._host, self._port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise OSError(
+                exc.errno,
+                f"metrics: cannot listen on {self._host}:{self._port}: {exc.strerror} "
+                "(another process uses the port? change [metrics] listen or set enabled = false)",
+            ) from exc
+        self._runner, self._site = runner, site
+        server = site._server  # aiohttp exposes the bound sockets only here
+        sockets = getattr(server, "sockets", None) or []
+        if sockets:
+            self._bound_port = sockets[0].getsockname()[1]
+        _active.append(self)
+        log.info("metrics on %s/metrics", self.url)
+
+    async def stop(self) -> None:
+        runner, self._runner, self._site = self._runner, None, None
+        if self in _active:
+            _active.remove(self)
+        if runner is not None:
+            await runner.cleanup()
+
+
+#: started servers, most recent last; lets code without a handle record batches
+_active: list[MetricsServer] = []
+
+
+def observe_batch(stream: str, sink: str, seconds: float, events: int, outcome: str) -> None:
+    """Record a batch on the running MetricsServer; a no-op when metrics are disabled."""
+    if _active:
+        _active[-1].observe_batch(stream, sink, seconds, events, outcome)

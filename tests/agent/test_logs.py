@@ -1,0 +1,132 @@
+"""Log formats and secret redaction."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from agent.logs import clear_secrets, register_secret, setup_logging
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    root.setLevel(level)
+    clear_secrets()
+
+
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _lines(buf: io.StringIO) -> list[str]:
+    return [line for line in buf.getvalue().splitlines() if line]
+
+
+def test_json_lines_carry_batch_fields() -> None:
+    out = io.StringIO()
+    setup_logging("info", "json", stream=out)
+    logging.getLogger("edge_agent.forwarder").info(
+        "batch accepted",
+        extra={
+            "stream": "line1",
+            "batch_id": "01J0BATCH",
+            "first_sequence": 41,
+            "last_sequence": 80,
+            "sink": "central",
+        },
+    )
+    (line,) = _lines(out)
+    doc = json.loads(line)
+    assert doc["msg"] == "batch accepted"
+    assert doc["level"] == "info"
+    assert doc["logger"] == "edge_agent.forwarder"
+    assert (doc["stream"], doc["batch_id"], doc["first_sequence"], doc["last_sequence"]) == (
+        "line1",
+        "01J0BATCH",
+        41,
+        80,
+    )
+    assert doc["sink"] == "central"
+    assert doc["ts"].endswith("+00:00")
+
+
+def test_auto_is_text_on_a_terminal_and_json_otherwise() -> None:
+    tty = Tty()
+    setup_logging("info", "auto", stream=tty)
+    logging.getLogger("edge_agent.source").warning("lost %s", "plc", extra={"source": "line1"})
+    (line,) = _lines(tty)
+    assert "WARNING" in line and "source: lost plc" in line and "source=line1" in line
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(line)
+
+    pipe = io.StringIO()
+    setup_logging("info", "auto", stream=pipe)
+    logging.getLogger("edge_agent.source").warning("lost %s", "plc")
+    assert json.loads(_lines(pipe)[0])["msg"] == "lost plc"
+    assert len([h for h in logging.getLogger().handlers if h.get_name() == "edge_agent"]) == 1
+
+
+def test_level_filters_agent_lines() -> None:
+    out = io.StringIO()
+    setup_logging("warning", "json", stream=out)
+    logging.getLogger("edge_agent.x").info("quiet")
+    logging.getLogger("edge_agent.x").error("loud")
+    assert [json.loads(line)["msg"] for line in _lines(out)] == ["loud"]
+
+
+def test_bad_level_or_format_is_refused() -> None:
+    with pytest.raises(ValueError, match="log level"):
+        setup_logging("chatty", "json")
+    with pytest.raises(ValueError, match="log format"):
+        setup_logging("info", "xml")
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_secrets_never_appear(fmt: str) -> None:
+    token = "s3cr3t-T0ken-value"
+    password = "hunter2-password"
+    register_secret(token)
+    register_secret(password)
+    register_secret("ab")  # too short to redact: ignored
+    out = io.StringIO()
+    setup_logging("debug", fmt, stream=out)
+    log = logging.getLogger("edge_agent.sinks.https")
+    log.info("auth with %s", token)
+    log.info(f"url https://user:{password}@gw.example/v1", extra={"source": f"x{token}y"})
+    log.debug("headers %r", {"Authorization": f"Bearer {token}"})
+    try:
+        raise RuntimeError(f"login failed for password {password}")
+    except RuntimeError:
+        log.exception("sink error")
+    logging.getLogger("asyncua").error("library said %s", token)  # other loggers too
+    text = out.getvalue()
+    assert token not in text and password not in text, text
+    assert text.count("***") >= 6
+    assert "login failed for password ***" in text
+
+
+def test_secret_in_a_real_process_stderr() -> None:
+    """End to end in a fresh interpreter: what reaches stderr (journald) is redacted."""
+    code = (
+        "import logging; from agent.logs import setup_logging, register_secret\n"
+        "register_secret('tok-123456'); setup_logging('info', 'auto')\n"
+        "logging.getLogger('edge_agent.t').info('token=%s', 'tok-123456', extra={'sink': 's'})\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    )
+    doc = json.loads(res.stderr.strip().splitlines()[-1])  # stderr is a pipe: JSON
+    assert doc["msg"] == "token=***" and doc["sink"] == "s"

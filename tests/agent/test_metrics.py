@@ -1,0 +1,274 @@
+"""Metrics scraped over real HTTP show exactly the numbers of the status snapshot."""
+
+from __future__ import annotations
+
+import copy
+import math
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.metrics import MetricsServer, observe_batch, parse_listen
+
+SNAPSHOT: dict[str, Any] = {
+    "schema": 1,
+    "agent": {
+        "id": "edge-01",
+        "plant": "plant7",
+        "version": "0.1.0",
+        "running": True,
+        "pid": 4242,
+        "started_at": "2026-11-23T10:00:00+00:00",
+        "heartbeat_age_s": 0.4,
+    },
+    "buffer": {
+        "path": "/var/lib/edge-agent/buffer.db",
+        "file_bytes": 52_428_800,
+        "used_bytes": 31_457_280,
+        "max_bytes": 1_073_741_824,
+        "on_full": "block",
+        "durability": "fsync",
+        "epoch": 3,
+        "ingest_rate_eps": 120.5,
+        "full_in_s": 111_600.0,
+    },
+    "streams": [
+        {
+            "stream": "line1",
+            "sink": "central",
+            "priority": "high",
+            "last_sequence": 1_000_500,
+            "forwarded_sequence": 500,
+            "backlog_events": 1_000_000,
+            "backlog_bytes": 30_000_000,
+            "oldest_unsent_age_s": 7200.5,
+            "last_forwarded_at": "2026-11-23T09:00:00Z",
+            "last_error": "connect timeout",
+            "dead_letters": 2,
+            "ingested_total": 1_000_502,
+            "forwarded_total": 500,
+            "dropped_total": 0,
+            "dead_lettered_total": 2,
+        },
+        {
+            "stream": "mes",
+            "sink": "central",
+            "priority": "normal",
+            "last_sequence": 10,
+            "forwarded_sequence": 10,
+            "backlog_events": 0,
+            "backlog_bytes": 0,
+            "oldest_unsent_age_s": None,
+            "last_forwarded_at": None,
+            "last_error": None,
+            "dead_letters": 0,
+            "ingested_total": 10,
+            "forwarded_total": 10,
+            "dropped_total": 3,
+            "dead_lettered_total": 0,
+        },
+    ],
+    "sinks": [
+        {
+            "name": "central",
+            "type": "https",
+            "state": "retrying",
+            "since": "2026-11-23T09:00:01Z",
+            "last_error": "connect timeout",
+        }
+    ],
+    "sources": [
+        {
+            "name": "line1",
+            "type": "opcua",
+            "stream": "line1",
+            "state": "connected",
+            "since": "2026-11-23T08:00:00Z",
+            "last_error": None,
+            "detail": {"nodes": 12},
+        },
+        {
+            "name": "mes",
+            "type": "mes_http",
+            "stream": "mes",
+            "state": "disconnected",
+            "since": "2026-11-23T08:00:00Z",
+            "last_error": "bind failed",
+            "detail": {},
+        },
+    ],
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class State:
+    def __init__(self) -> None:
+        self.snapshot = copy.deepcopy(SNAPSHOT)
+        self.ready: tuple[bool, dict[str, Any]] = (True, {"sources": {}, "sinks": {}})
+        self.fail = False
+
+    def take(self) -> dict[str, Any]:
+        if self.fail:
+            raise RuntimeError("buffer closed")
+        return self.snapshot
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[MetricsServer, State, httpx.AsyncClient]]:
+    state = State()
+    server = MetricsServer("127.0.0.1:0", state.take, lambda: state.ready)
+    await server.start()
+    async with httpx.AsyncClient(base_url=server.url, timeout=5) as client:
+        yield server, state, client
+    await server.stop()
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(scraped: dict, name: str, **labels: str) -> float:
+    key = (name, frozenset(labels.items()))
+    assert key in scraped, f"{name}{labels} not scraped; have {sorted(k[0] for k in scraped)}"
+    return scraped[key]
+
+
+async def test_metrics_equal_the_status_snapshot(served) -> None:
+    server, state, client = served
+    r = await client.get("/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    m = samples(r.text)
+    snap = state.snapshot
+
+    assert value(m, "edge_agent_info", version="0.1.0", agent_id="edge-01", plant="plant7") == 1
+    assert value(m, "edge_agent_running") == 1
+    assert value(m, "edge_agent_status_ok") == 1
+    buf = snap["buffer"]
+    assert value(m, "edge_agent_buffer_file_bytes") == buf["file_bytes"]
+    assert value(m, "edge_agent_buffer_used_bytes") == buf["used_bytes"]
+    assert value(m, "edge_agent_buffer_max_bytes") == buf["max_bytes"]
+    assert value(m, "edge_agent_buffer_full_in_seconds") == buf["full_in_s"]
+    assert value(m, "edge_agent_buffer_ingest_rate_events_per_second") == buf["ingest_rate_eps"]
+
+    for st in snap["streams"]:
+        lv = {"stream": st["stream"], "sink": st["sink"]}
+        assert value(m, "edge_agent_events_ingested_total", **lv) == st["ingested_total"]
+        assert value(m, "edge_agent_events_forwarded_total", **lv) == st["forwarded_total"]
+        assert value(m, "edge_agent_events_dropped_total", **lv) == st["dropped_total"]
+        assert value(m, "edge_agent_events_dead_lettered_total", **lv) == st["dead_lettered_total"]
+        assert value(m, "edge_agent_backlog_events", **lv) == st["backlog_events"]
+        assert value(m, "edge_agent_backlog_bytes", **lv) == st["backlog_bytes"]
+        assert value(m, "edge_agent_oldest_unsent_age_seconds", **lv) == (
+            st["oldest_unsent_age_s"] or 0
+        )
+        assert value(m, "edge_agent_dead_letters", **lv) == st["dead_letters"]
+        assert value(m, "edge_agent_last_sequence", **lv) == st["last_sequence"]
+        assert value(m, "edge_agent_forwarded_sequence", **lv) == st["forwarded_sequence"]
+    assert value(
+        m, "edge_agent_last_forwarded_timestamp_seconds", stream="line1", sink="central"
+    ) == pytest.approx(1795424400.0)
+
+    assert (
+        value(m, "edge_agent_source_connected", source="line1", type="opcua", stream="line1") == 1
+    )
+    assert value(m, "edge_agent_source_connected", source="mes", type="mes_http", stream="mes") == 0
+    assert value(m, "edge_agent_source_state", source="mes", type="mes_http", state="disconnected")
+    assert (
+        value(m, "edge_agent_sink_connected", sink="central", type="https", state="retrying") == 0
+    )
+
+    # Scrape-time: a change in the snapshot shows on the next scrape, nothing cached.
+    snap["streams"][0]["backlog_events"] = 7
+    snap["sinks"][0]["state"] = "connected"
+    m = samples((await client.get("/metrics")).text)
+    assert value(m, "edge_agent_backlog_events", stream="line1", sink="central") == 7
+    assert (
+        value(m, "edge_agent_sink_connected", sink="central", type="https", state="connected") == 1
+    )
+
+
+async def test_buffer_not_filling_is_plus_inf(served) -> None:
+    _, state, client = served
+    state.snapshot["buffer"]["full_in_s"] = None
+    m = samples((await client.get("/metrics")).text)
+    assert math.isinf(value(m, "edge_agent_buffer_full_in_seconds"))
+
+
+async def test_batch_histogram_and_outcomes(served) -> None:
+    server, _, client = served
+    server.observe_batch("line1", "central", 0.03, 500, "accepted")
+    server.observe_batch("line1", "central", 0.2, 500, "accepted")
+    observe_batch("line1", "central", 12.0, 10, "retry")  # module-level: the running server
+    m = samples((await client.get("/metrics")).text)
+    lv = {"stream": "line1", "sink": "central"}
+    assert value(m, "edge_agent_batch_latency_seconds_count", **lv) == 3
+    assert value(m, "edge_agent_batch_latency_seconds_sum", **lv) == pytest.approx(12.23)
+    assert value(m, "edge_agent_batch_latency_seconds_bucket", le="0.05", **lv) == 1
+    assert value(m, "edge_agent_batch_latency_seconds_bucket", le="+Inf", **lv) == 3
+    assert value(m, "edge_agent_batches_total", outcome="accepted", **lv) == 2
+    assert value(m, "edge_agent_batches_total", outcome="retry", **lv) == 1
+    assert value(m, "edge_agent_batch_events_total", outcome="accepted", **lv) == 1000
+
+
+async def test_healthz_and_readyz(served) -> None:
+    _, state, client = served
+    assert (await client.get("/healthz")).status_code == 200
+    r = await client.get("/readyz")
+    assert r.status_code == 200 and r.json()["ready"] is True
+    state.ready = (False, {"sinks": {"central": "retrying"}})
+    r = await client.get("/readyz")
+    assert r.status_code == 503
+    assert r.json() == {"ready": False, "sinks": {"central": "retrying"}}
+    assert (await client.get("/healthz")).status_code == 200  # alive, just not ready
+
+
+async def test_snapshot_failure_still_answers(served) -> None:
+    _, state, client = served
+    state.fail = True
+    r = await client.get("/metrics")
+    assert r.status_code == 200
+    assert value(samples(r.text), "edge_agent_status_ok") == 0
+
+
+async def test_port_in_use_is_a_clear_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        server = MetricsServer(f"127.0.0.1:{port}", dict, lambda: (True, {}))
+        with pytest.raises(OSError, match=r"metrics: cannot listen on 127\.0\.0\.1:\d+.*listen"):
+            await server.start()
+        await server.stop()
+
+
+async def test_stop_closes_the_port() -> None:
+    port = _free_port()
+    server = MetricsServer(f"127.0.0.1:{port}", dict, lambda: (True, {}))
+    await server.start()
+    assert server.port == port
+    await server.stop()
+    await server.stop()
+    with pytest.raises(httpx.ConnectError):
+        async with httpx.AsyncClient() as c:
+            await c.get(f"http://127.0.0.1:{port}/healthz")
+
+
+def test_parse_listen() -> None:
+    assert parse_listen("127.0.0.1:9464") == ("127.0.0.1", 9464)
+    assert parse_listen("[::1]:9464") == ("::1", 9464)
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_listen("9464")

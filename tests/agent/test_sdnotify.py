@@ -1,0 +1,258 @@
+"""The sd_notify protocol against a real AF_UNIX datagram socket, as systemd would create it.
+
+The last tests run the real agent process (``edge-agent run -c FILE``) with a NOTIFY_SOCKET
+and WATCHDOG_USEC and check that READY=1, STATUS=... and WATCHDOG=1 really arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.sdnotify import SystemdNotifier, watchdog_interval
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's notify socket."""
+
+    def __init__(self, address: str | bytes, env_value: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(address)
+        self.sock.settimeout(0.1)
+        self.env_value = env_value
+        self.messages: list[str] = []
+
+    def drain(self) -> list[str]:
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except (TimeoutError, BlockingIOError):
+                return self.messages
+            self.messages.append(data.decode())
+
+    def wait_for(self, needle: str, timeout: float, proc: subprocess.Popen | None = None) -> str:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while time.monotonic() < deadline:
+            self.drain()
+            for msg in self.messages[seen:]:
+                if any(line.startswith(needle) for line in msg.split("\n")):
+                    return msg
+            seen = len(self.messages)
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError(
+                    f"agent exited ({proc.returncode}) before {needle!r}; got {self.messages}"
+                )
+        raise AssertionError(
+            f"no {needle!r} on NOTIFY_SOCKET within {timeout}s; got {self.messages}"
+        )
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    path = tmp_path / "notify.sock"
+    ns = NotifySocket(str(path), str(path))
+    yield ns
+    ns.close()
+
+
+@pytest.fixture
+def abstract_notify_socket() -> Iterator[NotifySocket]:
+    name = f"edge-agent-test-{uuid.uuid4().hex}"
+    ns = NotifySocket(b"\0" + name.encode(), "@" + name)
+    yield ns
+    ns.close()
+
+
+def test_no_notify_socket_is_a_noop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")
+    n = SystemdNotifier()
+    assert not n.enabled
+    assert n.ready() is False
+    assert n.watchdog_interval is None
+
+
+async def test_watchdog_returns_at_once_without_watchdog(
+    notify_socket: NotifySocket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", notify_socket.env_value)
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    n = SystemdNotifier()
+    await asyncio.wait_for(n.watchdog(), 1)
+    assert notify_socket.drain() == []
+
+
+def test_ready_status_stopping_reloading(
+    notify_socket: NotifySocket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", notify_socket.env_value)
+    n = SystemdNotifier()
+    assert n.ready()
+    assert n.status("forwarding\n3 streams")
+    assert n.reloading()
+    assert n.stopping()
+    n.close()
+    assert notify_socket.drain() == [
+        "READY=1",
+        "STATUS=forwarding 3 streams",
+        "RELOADING=1",
+        "STOPPING=1",
+    ]
+
+
+def test_abstract_socket(abstract_notify_socket: NotifySocket) -> None:
+    n = SystemdNotifier(abstract_notify_socket.env_value)
+    assert n.ready()
+    assert abstract_notify_socket.drain() == ["READY=1"]
+
+
+def test_unreachable_socket_does_not_raise(tmp_path: Path) -> None:
+    n = SystemdNotifier(str(tmp_path / "nobody-listens"))
+    assert n.enabled
+    assert n.ready() is False  # logged once, never raised
+
+
+def test_watchdog_interval_from_env() -> None:
+    pid = str(os.getpid())
+    assert watchdog_interval({"WATCHDOG_USEC": "4000000"}) == 2.0
+    assert watchdog_interval({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": pid}) == 2.0
+    assert watchdog_interval({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "1"}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "0"}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "soon"}) is None
+    assert watchdog_interval({}) is None
+
+
+async def test_watchdog_pings_while_loop_is_healthy(
+    notify_socket: NotifySocket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", notify_socket.env_value)
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")  # ping every 50 ms
+    n = SystemdNotifier()
+    task = asyncio.create_task(n.watchdog())
+    try:
+        await asyncio.sleep(0.3)
+        healthy = len(notify_socket.drain())
+        assert healthy >= 4, notify_socket.messages
+        assert set(notify_socket.messages) == {"WATCHDOG=1"}
+        # A wedged loop (blocking call) must starve the watchdog: no pings while blocked.
+        before = len(notify_socket.drain())
+        time.sleep(0.3)  # noqa: ASYNC251 - deliberately blocking the loop
+        during = len(notify_socket.drain()) - before
+        assert during == 0
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+# --------------------------------------------------------------------------- real agent
+
+
+def _agent_command() -> list[str]:
+    exe = Path(sys.executable).with_name("edge-agent")
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("edge-agent")
+    if found:
+        return [found]
+    raise AssertionError(
+        "edge-agent console script not found: run `.venv/bin/pip install -e .` in the checkout"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_agent_config(tmp_path: Path, sink_port: int, metrics_port: int) -> Path:
+    cfg = tmp_path / "edge-agent.toml"
+    cfg.write_text(
+        f"""
+[agent]
+id = "notify-test"
+plant = "testplant"
+
+[buffer]
+path = "{tmp_path / "buffer.db"}"
+
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+
+[sinks.https]
+url = "http://127.0.0.1:{sink_port}/v1/batches"
+
+[sources.sim]
+type = "simulator"
+""",
+        encoding="utf-8",
+    )
+    return cfg
+
+
+def run_agent_with_notify(
+    command: list[str], cfg: Path, ns: NotifySocket, tmp_path: Path, watchdog_usec: int
+) -> None:
+    """Start ``command run -c cfg`` as systemd would and check READY/STATUS/WATCHDOG."""
+    env = dict(os.environ)
+    env.update(NOTIFY_SOCKET=ns.env_value, WATCHDOG_USEC=str(watchdog_usec))
+    env.pop("WATCHDOG_PID", None)
+    log = (tmp_path / "agent.log").open("wb")
+    # systemd sets WATCHDOG_PID to the PID it started: the shell exec's into the agent, so
+    # $$ is that PID (for a PyInstaller binary it is the bootloader, the agent its child).
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", 'WATCHDOG_PID=$$ exec "$@"', "sh", *command, "run", "-c", str(cfg)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
+    try:
+        try:
+            ns.wait_for("READY=1", 30, proc)
+            ns.wait_for("STATUS=", 10, proc)
+            first = len(ns.drain())
+            ns.wait_for("WATCHDOG=1", 5, proc)
+            time.sleep(watchdog_usec / 1e6 * 2)
+            pings = [m for m in ns.drain()[first:] if m == "WATCHDOG=1"]
+            assert len(pings) >= 2, ns.messages
+            assert proc.poll() is None, "agent exited while it should be running"
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nagent output:\n{_read(tmp_path / 'agent.log')}") from None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, _read(tmp_path / "agent.log")
+        ns.wait_for("STOPPING=1", 2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace")[-4000:]
+
+
+def test_real_agent_sends_ready_status_and_watchdog(
+    notify_socket: NotifySocket, tmp_path: Path
+) -> None:
+    cfg = write_agent_config(tmp_path, _free_port(), _free_port())
+    run_agent_with_notify(_agent_command(), cfg, notify_socket, tmp_path, watchdog_usec=1_000_000)
