@@ -1,0 +1,240 @@
+"""``edge-agent gateway``: serve the reference gateway; ``edge-agent gateway report``: read it.
+
+The group serves when called without a subcommand, so ``edge-agent gateway --listen ...``
+is the whole server. aiohttp is imported only when serving, to keep ``edge-agent --help``
+fast. Exit codes as for the agent: 0 ok, 2 usage or config error, 1 runtime failure.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+_DEFAULT_DB = "gateway.sqlite3"
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"edge-agent gateway: {message}", err=True)
+    sys.exit(code)
+
+
+def _parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise click.BadParameter(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8443 or [::1]:0)")
+    port_n = int(port)
+    if port_n > 65535:
+        raise click.BadParameter(f"port {port_n} is over 65535")
+    return host.strip("[]"), port_n
+
+
+def _read_token(path: Path) -> str:
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        _fail(f"--token-file {path}: cannot read it ({exc.strerror}); check the path")
+    if not token:
+        _fail(f"--token-file {path}: the file is empty (put the bearer token in it)")
+    return token
+
+
+@click.group(invoke_without_command=True)
+@click.option(
+    "--listen",
+    default="127.0.0.1:8443",
+    show_default=True,
+    metavar="HOST:PORT",
+    help="Address to listen on; port 0 picks a free one (printed on start).",
+)
+@click.option(
+    "--db",
+    "db",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=_DEFAULT_DB,
+    show_default=True,
+    help="The gateway's SQLite file.",
+)
+@click.option(
+    "--cert",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Server certificate chain (PEM). Without it the gateway speaks plain HTTP.",
+)
+@click.option(
+    "--key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Private key of --cert (PEM).",
+)
+@click.option(
+    "--client-ca",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="CA (PEM) that client certificates must chain to: requires mTLS.",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File holding the bearer token clients must send.",
+)
+@click.option(
+    "--path",
+    "url_path",
+    default="/v1/batches",
+    show_default=True,
+    help="URL path batches are POSTed to.",
+)
+@click.option(
+    "--fail-status",
+    type=click.IntRange(100, 599),
+    help="Answer batch requests with this status (failure injection).",
+)
+@click.option(
+    "--fail-count",
+    type=click.IntRange(-1),
+    default=None,
+    help="How many batch requests fail before recovering; -1 = forever (default "
+    "when --fail-status is given).",
+)
+@click.option(
+    "--retry-after",
+    type=click.FloatRange(0),
+    default=None,
+    help="Seconds sent as Retry-After with injected failures.",
+)
+@click.option(
+    "--latency-ms",
+    type=click.FloatRange(0),
+    default=0.0,
+    help="Delay every batch request by this many milliseconds.",
+)
+@click.option(
+    "--poison",
+    multiple=True,
+    metavar="VALUE",
+    help="An event whose id or subject equals VALUE makes its batch 422 (repeatable).",
+)
+@click.option(
+    "--control",
+    is_flag=True,
+    help="Enable GET/POST /control to change failure injection at runtime.",
+)
+@click.option(
+    "--fsync",
+    is_flag=True,
+    help="synchronous=FULL: a 2xx survives power loss, not only a process crash.",
+)
+@click.option(
+    "--max-body",
+    type=click.IntRange(1024),
+    default=64 * 1024 * 1024,
+    show_default=True,
+    help="Largest request body accepted, in bytes (413 above).",
+)
+@click.pass_context
+def gateway(
+    ctx: click.Context,
+    listen: str,
+    db: Path,
+    cert: Path | None,
+    key: Path | None,
+    client_ca: Path | None,
+    token_file: Path | None,
+    url_path: str,
+    fail_status: int | None,
+    fail_count: int | None,
+    retry_after: float | None,
+    latency_ms: float,
+    poison: tuple[str, ...],
+    control: bool,
+    fsync: bool,
+    max_body: int,
+) -> None:
+    """Reference gateway: the central side of the HTTPS binding, for tests, demos and
+    for checking a central receiver against the wire contract."""
+    if ctx.invoked_subcommand is not None:
+        return
+    try:
+        host, port = _parse_listen(listen)
+    except click.BadParameter as exc:
+        _fail(f"--listen: {exc.message}")
+    if (cert is None) != (key is None):
+        _fail("--cert and --key go together (give both for HTTPS, neither for plain HTTP)")
+    if client_ca is not None and cert is None:
+        _fail("--client-ca needs --cert and --key: client certificates only exist over TLS")
+    if not url_path.startswith("/"):
+        _fail(f"--path: {url_path!r} must start with /")
+    token = _read_token(token_file) if token_file is not None else None
+
+    import asyncio
+    import ssl
+
+    from agent.gateway.server import Faults, GatewaySettings, serve_forever
+    from agent.gateway.store import GatewayDbError
+
+    faults = Faults(
+        fail_status=fail_status,
+        fail_count=(fail_count if fail_count is not None else -1) if fail_status else 0,
+        retry_after=retry_after,
+        latency_ms=latency_ms,
+        poison=set(poison),
+    )
+    settings = GatewaySettings(
+        host=host,
+        port=port,
+        db=db,
+        path=url_path,
+        cert=cert,
+        key=key,
+        client_ca=client_ca,
+        token=token,
+        control=control,
+        fsync=fsync,
+        max_body=max_body,
+        faults=faults,
+    )
+    try:
+        settings.ssl_context()
+    except (ssl.SSLError, OSError) as exc:
+        _fail(f"--cert/--key/--client-ca: cannot load ({exc}); give PEM files that match")
+    try:
+        asyncio.run(serve_forever(settings))
+    except GatewayDbError as exc:
+        _fail(f"--db {exc}")
+    except OSError as exc:
+        _fail(f"cannot listen on {listen}: {exc.strerror or exc} (pick another --listen)", 1)
+    except KeyboardInterrupt:
+        pass
+
+
+@gateway.command()
+@click.option(
+    "--db",
+    "db",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=_DEFAULT_DB,
+    show_default=True,
+    help="The gateway's SQLite file.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Exit 1 when any stream has unexplained missing sequences or id conflicts.",
+)
+def report(db: Path, as_json: bool, check: bool) -> None:
+    """Print what the gateway received, from its SQLite file (it may be running or not)."""
+    from agent.gateway.report import read_report, render_text
+    from agent.gateway.store import GatewayDbError
+
+    try:
+        data = read_report(db)
+    except GatewayDbError as exc:
+        _fail(f"report: {exc}")
+    if as_json:
+        import orjson
+
+        click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(render_text(data))
+    if check and not data["totals"]["ok"]:
+        sys.exit(1)

@@ -1,0 +1,481 @@
+"""The gateway's own SQLite file: every accepted event, per-stream counters, idempotency keys.
+
+The central side's promise is "2xx means durably stored", so a batch is committed in one
+transaction before the handler answers. The file uses WAL with ``synchronous=NORMAL``: a
+commit survives the gateway process being killed (what tests simulate), not a power cut;
+``fsync=True`` (``--fsync``) switches to ``synchronous=FULL``.
+
+Everything here is synchronous and called from the event loop thread without an ``await``
+between reading the per-stream state and committing, so requests are serialised without a
+lock (SQLite has one writer anyway, and a thread hop per batch would only add latency).
+
+Counters live in the file too (``stream_stats``, ``counters``), so ``edge-agent gateway
+report --db FILE`` gives the same figures offline as ``GET /report`` online.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from agent.gateway.validate import ParsedBatch
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    n          INTEGER PRIMARY KEY,      -- arrival order
+    source     TEXT NOT NULL,
+    stream     TEXT NOT NULL,
+    epoch      TEXT NOT NULL,
+    seq        INTEGER NOT NULL,
+    id         TEXT NOT NULL,
+    type       TEXT NOT NULL,
+    subject    TEXT,
+    batch      TEXT NOT NULL,            -- Idempotency-Key it arrived under
+    at         REAL NOT NULL,            -- unix time received
+    body       BLOB NOT NULL             -- the CloudEvent as JSON
+);
+CREATE UNIQUE INDEX IF NOT EXISTS events_by_id ON events (source, id);
+CREATE INDEX IF NOT EXISTS events_by_seq ON events (stream, epoch, source, seq);
+
+CREATE TABLE IF NOT EXISTS stream_stats (
+    source TEXT NOT NULL, stream TEXT NOT NULL, epoch TEXT NOT NULL,
+    received INTEGER NOT NULL, duplicates INTEGER NOT NULL, out_of_order INTEGER NOT NULL,
+    id_conflicts INTEGER NOT NULL, highest INTEGER NOT NULL, batches INTEGER NOT NULL,
+    first_at REAL NOT NULL, last_at REAL NOT NULL,
+    PRIMARY KEY (source, stream, epoch)
+) WITHOUT ROWID;
+
+-- Sequences the gateway knows will never arrive, and why: ranges announced by an
+-- mfg.agent.gap event (kind 'gap') and events it refused itself (kind 'rejected').
+CREATE TABLE IF NOT EXISTS explained (
+    source TEXT NOT NULL, stream TEXT NOT NULL, epoch TEXT NOT NULL,
+    first_sequence INTEGER NOT NULL, last_sequence INTEGER NOT NULL,
+    count INTEGER NOT NULL, reason TEXT NOT NULL, kind TEXT NOT NULL,
+    event_id TEXT, at REAL NOT NULL,
+    PRIMARY KEY (source, stream, epoch, kind, first_sequence, last_sequence)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS checkpoints (
+    source TEXT NOT NULL, stream TEXT NOT NULL, epoch TEXT NOT NULL,
+    seq INTEGER NOT NULL, id TEXT NOT NULL, last_sequence INTEGER NOT NULL,
+    count INTEGER, time TEXT NOT NULL, at REAL NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS batches (
+    key TEXT PRIMARY KEY, stream TEXT NOT NULL, epoch TEXT NOT NULL,
+    first_sequence INTEGER NOT NULL, last_sequence INTEGER NOT NULL,
+    status INTEGER NOT NULL, response BLOB NOT NULL, at REAL NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+"""
+
+#: Request-level counters shown under "requests" in the report.
+COUNTERS = (
+    "accepted_batches",
+    "replayed_batches",
+    "rejected_400",
+    "rejected_415",
+    "rejected_422",
+    "idempotency_conflicts",
+    "unauthorized",
+    "injected_failures",
+)
+
+_INSERT_EVENT = (
+    "INSERT OR IGNORE INTO events (source, stream, epoch, seq, id, type, subject, batch, at, body)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_UPSERT_STATS = """
+INSERT INTO stream_stats (source, stream, epoch, received, duplicates, out_of_order,
+                          id_conflicts, highest, batches, first_at, last_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (source, stream, epoch) DO UPDATE SET
+    received = excluded.received, duplicates = excluded.duplicates,
+    out_of_order = excluded.out_of_order, id_conflicts = excluded.id_conflicts,
+    highest = excluded.highest, batches = excluded.batches, last_at = excluded.last_at
+"""
+
+
+class GatewayDbError(Exception):
+    """The database file cannot be used; str() is one line naming the file and what to do."""
+
+
+@dataclass(slots=True)
+class StreamStats:
+    received: int = 0
+    duplicates: int = 0
+    out_of_order: int = 0
+    id_conflicts: int = 0
+    highest: int = 0
+    batches: int = 0
+    first_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBatch:
+    """The answer recorded under an Idempotency-Key."""
+
+    stream: str
+    epoch: str
+    first: int
+    last: int
+    status: int
+    response: bytes
+
+
+def _chunks(items: Sequence[str], size: int = 500) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open a gateway database (created unless ``readonly``), checking it is one."""
+    path = Path(path)
+    try:
+        if readonly:
+            if not path.exists():
+                raise GatewayDbError(
+                    f"{path}: no such gateway database (give the --db the gateway was run with)"
+                )
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as exc:
+        raise GatewayDbError(
+            f"{path}: not a usable SQLite file ({exc}); move it aside or pick another --db"
+        ) from exc
+    if version > SCHEMA_VERSION:
+        conn.close()
+        raise GatewayDbError(
+            f"{path}: gateway schema version {version} is newer than this gateway's "
+            f"{SCHEMA_VERSION} (upgrade edge-agent or pick another --db)"
+        )
+    if tables and "events" not in tables:
+        conn.close()
+        raise GatewayDbError(
+            f"{path}: is an SQLite file of something else, not a gateway database "
+            "(pick another --db)"
+        )
+    if readonly and "events" not in tables:
+        conn.close()
+        raise GatewayDbError(f"{path}: empty file, not a gateway database (check --db)")
+    return conn
+
+
+class GatewayStore:
+    """Owns the write connection. Not thread-safe: call from one thread (the event loop)."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+        self._stats: dict[tuple[str, str, str], StreamStats] = {}
+
+    @classmethod
+    def open(cls, path: str | Path, *, fsync: bool = False) -> GatewayStore:
+        path = Path(path)
+        conn = connect(path)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+            conn.executescript(_SCHEMA)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.executemany(
+                "INSERT OR IGNORE INTO counters (name, n) VALUES (?, 0)", ((c,) for c in COUNTERS)
+            )
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise GatewayDbError(f"{path}: cannot set up the gateway database ({exc})") from exc
+        store = cls(conn, path)
+        for row in conn.execute(
+            "SELECT source, stream, epoch, received, duplicates, out_of_order, id_conflicts,"
+            " highest, batches, first_at FROM stream_stats"
+        ):
+            store._stats[(row[0], row[1], row[2])] = StreamStats(*row[3:])
+        return store
+
+    def close(self) -> None:
+        """Checkpoint the WAL into the main file and close; idempotent."""
+        if self._conn is None:  # type: ignore[comparison-overlap]
+            return
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.DatabaseError:
+            pass  # closing anyway; the WAL is replayed on the next open
+        self._conn.close()
+        self._conn = None  # type: ignore[assignment]
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        return self._conn
+
+    # ------------------------------------------------------------------ idempotency
+
+    def lookup_batch(self, key: str) -> StoredBatch | None:
+        row = self._conn.execute(
+            "SELECT stream, epoch, first_sequence, last_sequence, status, response"
+            " FROM batches WHERE key = ?",
+            (key,),
+        ).fetchone()
+        return StoredBatch(*row) if row else None
+
+    # ------------------------------------------------------------------ counters
+
+    def bump(self, name: str, n: int = 1) -> None:
+        """Count a request outcome (its own small transaction: these are rare)."""
+        self._conn.execute("UPDATE counters SET n = n + ? WHERE name = ?", (n, name))
+
+    def record_rejected(
+        self,
+        source: str,
+        stream: str,
+        epoch: str,
+        rejected: Iterable[tuple[int, str, str]],
+        status: int,
+    ) -> None:
+        """Remember events refused on purpose: (sequence, id, reason).
+
+        The agent dead-letters them, so their sequences never arrive; the report lists them
+        as explained instead of missing.
+        """
+        now = time.time()
+        self._conn.executemany(
+            "INSERT OR REPLACE INTO explained (source, stream, epoch, first_sequence,"
+            " last_sequence, count, reason, kind, event_id, at)"
+            " VALUES (?, ?, ?, ?, ?, 1, ?, 'rejected', ?, ?)",
+            [
+                (
+                    source,
+                    stream,
+                    epoch,
+                    seq,
+                    seq,
+                    f"rejected by the gateway ({status}): {reason}",
+                    eid,
+                    now,
+                )
+                for seq, eid, reason in rejected
+            ],
+        )
+
+    # ------------------------------------------------------------------ the batch
+
+    def _stream_stats(self, key: tuple[str, str, str]) -> StreamStats:
+        st = self._stats.get(key)
+        return StreamStats() if st is None else st
+
+    def store_batch(self, batch: ParsedBatch, response_for: Any) -> tuple[int, int, bytes]:
+        """Store the new events of ``batch`` in one transaction.
+
+        ``response_for(accepted, duplicates) -> bytes`` builds the 200 body, which is stored
+        under the Idempotency-Key in the same transaction. Returns (accepted, duplicates,
+        body).
+        """
+        key = (batch.source, batch.stream, batch.epoch)
+        old = self._stream_stats(key)
+        now = time.time()
+        src, stream, epoch, bkey = batch.source, batch.stream, batch.epoch, batch.key
+        rows = [
+            (
+                src,
+                stream,
+                epoch,
+                int(ev["sequence"]),
+                ev["id"],
+                ev["type"],
+                ev.get("subject"),
+                bkey,
+                now,
+                orjson.dumps(ev),
+            )
+            for ev in batch.events
+        ]
+        conn = self._conn
+        new_events: list[int] = []  # indexes of events stored for the first time
+        out_of_order = conflicts = 0
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            fast = False
+            if batch.first > old.highest:
+                # The normal case: the batch lies beyond everything seen in this stream, so
+                # no sequence can collide; one executemany tells whether any id was known.
+                cur = conn.executemany(_INSERT_EVENT, rows)
+                if cur.rowcount == len(rows):
+                    fast = True
+                    new_events = list(range(len(rows)))
+                else:
+                    conn.execute("ROLLBACK")
+                    conn.execute("BEGIN IMMEDIATE")
+            if not fast:
+                new_events, out_of_order, conflicts = self._classify(batch, old.highest)
+                conn.executemany(_INSERT_EVENT, [rows[i] for i in new_events])
+            accepted = len(new_events)
+            duplicates = len(rows) - accepted
+            highest = old.highest
+            if new_events:  # in increasing order
+                highest = max(highest, batch.first + new_events[-1])
+            st = StreamStats(
+                received=old.received + accepted,
+                duplicates=old.duplicates + duplicates,
+                out_of_order=old.out_of_order + out_of_order,
+                id_conflicts=old.id_conflicts + conflicts,
+                highest=highest,
+                batches=old.batches + 1,
+                first_at=old.first_at or now,
+            )
+            conn.execute(
+                _UPSERT_STATS,
+                (
+                    src,
+                    stream,
+                    epoch,
+                    st.received,
+                    st.duplicates,
+                    st.out_of_order,
+                    st.id_conflicts,
+                    st.highest,
+                    st.batches,
+                    st.first_at,
+                    now,
+                ),
+            )
+            new_set = set(new_events)
+            self._record_gaps_and_checkpoints(batch, new_set, now)
+            body = response_for(accepted, duplicates)
+            conn.execute(
+                "INSERT INTO batches (key, stream, epoch, first_sequence, last_sequence, status,"
+                " response, at) VALUES (?, ?, ?, ?, ?, 200, ?, ?)",
+                (bkey, stream, epoch, batch.first, batch.last, body, now),
+            )
+            conn.execute("UPDATE counters SET n = n + 1 WHERE name = 'accepted_batches'")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self._stats[key] = st
+        return accepted, duplicates, body
+
+    def _classify(self, batch: ParsedBatch, highest: int) -> tuple[list[int], int, int]:
+        """Slow path: which events are new, and how many arrive late or clash by sequence."""
+        conn = self._conn
+        ids = [ev["id"] for ev in batch.events]
+        known: set[str] = set()
+        for chunk in _chunks(ids):
+            marks = ",".join("?" * len(chunk))
+            known.update(
+                r[0]
+                for r in conn.execute(
+                    f"SELECT id FROM events WHERE source = ? AND id IN ({marks})",
+                    (batch.source, *chunk),
+                )
+            )
+        by_seq: dict[int, set[str]] = {}
+        for seq, eid in conn.execute(
+            "SELECT seq, id FROM events WHERE stream = ? AND epoch = ? AND source = ?"
+            " AND seq BETWEEN ? AND ?",
+            (batch.stream, batch.epoch, batch.source, batch.first, batch.last),
+        ):
+            by_seq.setdefault(seq, set()).add(eid)
+        new: list[int] = []
+        out_of_order = conflicts = 0
+        for i, ev in enumerate(batch.events):
+            eid = ev["id"]
+            if eid in known:
+                continue  # a duplicate: the same event again
+            known.add(eid)
+            seq = batch.first + i
+            if seq < highest:
+                out_of_order += 1
+            if by_seq.get(seq):
+                conflicts += 1  # this (stream, epoch, sequence) already has another id
+            new.append(i)
+        return new, out_of_order, conflicts
+
+    def _record_gaps_and_checkpoints(self, batch: ParsedBatch, new: set[int], now: float) -> None:
+        conn = self._conn
+        for i, gap in batch.gaps:
+            if i not in new:
+                continue
+            conn.execute(
+                "INSERT OR REPLACE INTO explained (source, stream, epoch, first_sequence,"
+                " last_sequence, count, reason, kind, event_id, at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'gap', ?, ?)",
+                (
+                    batch.source,
+                    batch.stream,
+                    gap["streamepoch"],
+                    gap["first_sequence"],
+                    gap["last_sequence"],
+                    gap["count"],
+                    gap["reason"],
+                    batch.events[i]["id"],
+                    now,
+                ),
+            )
+        for i, cp in batch.checkpoints:
+            if i not in new:
+                continue
+            ev = batch.events[i]
+            conn.execute(
+                "INSERT INTO checkpoints (source, stream, epoch, seq, id, last_sequence, count,"
+                " time, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    batch.source,
+                    batch.stream,
+                    cp["streamepoch"],
+                    batch.first + i,
+                    ev["id"],
+                    cp["last_sequence"],
+                    cp["count"],
+                    ev["time"],
+                    now,
+                ),
+            )
+
+
+def read_events(
+    db: str | Path | sqlite3.Connection,
+    stream: str | None = None,
+    *,
+    epoch: str | None = None,
+    source: str | None = None,
+) -> list[dict[str, Any]]:
+    """The events the gateway accepted, in arrival order (optionally of one stream)."""
+    return orjson.loads(read_events_json(db, stream, epoch=epoch, source=source))
+
+
+def read_events_json(
+    db: str | Path | sqlite3.Connection,
+    stream: str | None = None,
+    *,
+    epoch: str | None = None,
+    source: str | None = None,
+) -> bytes:
+    """Like read_events, as the JSON array bytes (what GET /events answers)."""
+    conn = db if isinstance(db, sqlite3.Connection) else connect(db, readonly=True)
+    try:
+        where, args = [], []
+        for column, value in (("stream", stream), ("epoch", epoch), ("source", source)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        sql = "SELECT body FROM events"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        bodies = [r[0] for r in conn.execute(sql + " ORDER BY n", args)]
+    finally:
+        if conn is not db:
+            conn.close()
+    return b"[" + b",".join(bodies) + b"]"
