@@ -248,7 +248,10 @@ def _validate_components(raw: dict[str, Any], kind: str) -> dict[str, Any]:
             body["type"] = name
         type_ = body.get("type")
         if type_ is None:
-            raise ConfigError(f"{path}.type", f"required key is missing (one of: {', '.join(registry.known(kind))})")
+            raise ConfigError(
+                f"{path}.type",
+                f"required key is missing (one of: {', '.join(registry.known(kind))})",
+            )
         model = registry.config_model(kind, str(type_), path)
         try:
             out[name] = model.model_validate(body)

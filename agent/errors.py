@@ -5,8 +5,8 @@
     ├── ConfigError                bad config file: "key.path: what is wrong (how to fix)"
     ├── BufferError_               the local buffer
     │   ├── BufferFull             at max_bytes under on_full = "block": hold the source back
-    │   ├── BufferCorrupt          file unreadable at start: it was quarantined
-    │   └── DiskFull               the filesystem refused a write: nothing was committed
+    │   │   └── DiskFull           the filesystem refused a write: nothing was committed
+    │   └── BufferCorrupt          file unreadable at start: it was quarantined
     ├── SourceError                a source could not collect (connection, security, mapping)
     └── SinkError                  a sink could not be set up (bad CA file, bad key)
 """
@@ -43,8 +43,12 @@ class BufferCorrupt(BufferError_):
     pass
 
 
-class DiskFull(BufferError_):
-    pass
+class DiskFull(BufferFull):
+    """The filesystem is full: handled like BufferFull by sources (hold back, retry)."""
+
+    def __init__(self, message: str) -> None:  # noqa: B042
+        self.used = self.limit = 0
+        BufferError_.__init__(self, message)
 
 
 class SourceError(EdgeAgentError):

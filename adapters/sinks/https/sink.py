@@ -1,0 +1,149 @@
+"""The HTTPS sink: one POST per batch, exactly the contract's HTTPS binding.
+
+It only classifies the answer into a SendResult; the forwarder decides what to do next.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ssl
+import time
+import zlib
+
+import httpx
+
+from adapters.sinks.https.config import HttpsSinkConfig
+from agent.config import read_secret
+from agent.errors import SinkError
+from agent.event import format_sequence
+from agent.interfaces import Batch, ComponentState, SendResult, Sink
+
+CONTENT_TYPE = "application/cloudevents-batch+json"
+
+
+def gzip_bytes(data: bytes, level: int) -> bytes:
+    c = zlib.compressobj(level, zlib.DEFLATED, 31)  # 31: gzip container
+    return c.compress(data) + c.flush()
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds or an HTTP date (RFC 9110 10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def classify(status: int, body: str, retry_after: float | None) -> SendResult:
+    snippet = " ".join(body.split())[:300]
+    reason = f"HTTP {status}" + (f": {snippet}" if snippet else "")
+    if 200 <= status < 300:
+        return SendResult.accepted(status)
+    if status in (408, 425, 429) or status >= 500:
+        return SendResult.retry(reason, status, retry_after)
+    if status in (400, 422):
+        return SendResult.rejected(reason, status)
+    if status == 413:
+        return SendResult.too_large(reason, status)
+    if status in (401, 403):
+        return SendResult.auth(reason, status)
+    # 404, 405, 415...: the URL or the deployment is wrong, not the events. Keep them.
+    return SendResult.auth(f"{reason} (check the sink's url and the gateway version)", status)
+
+
+class HttpsSink(Sink):
+    max_in_flight = 1  # concurrent POSTs could arrive out of order
+
+    def __init__(self, name: str, config: HttpsSinkConfig) -> None:
+        self.name = name
+        self.config = config
+        self._client: httpx.AsyncClient | None = None
+        self._headers: dict[str, str] = {}
+        self._state = ComponentState(state="starting", since=time.time())
+
+    def _ssl_context(self) -> ssl.SSLContext | bool:
+        c = self.config
+        try:
+            ctx = ssl.create_default_context(cafile=str(c.ca_file) if c.ca_file else None)
+            if c.insecure_skip_verify:
+                ctx.check_hostname = False
+            if c.client_cert and c.client_key:
+                ctx.load_cert_chain(str(c.client_cert), str(c.client_key))
+        except (OSError, ssl.SSLError) as exc:
+            raise SinkError(f"sinks.{self.name}: cannot load TLS files: {exc}") from exc
+        return ctx
+
+    async def start(self) -> None:
+        c = self.config
+        token = read_secret(c.token, c.token_file, f"sinks.{self.name}.token")
+        self._headers = {"Content-Type": CONTENT_TYPE}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        if c.gzip:
+            self._headers["Content-Encoding"] = "gzip"
+        self._client = httpx.AsyncClient(
+            verify=self._ssl_context(),
+            timeout=httpx.Timeout(c.timeout, connect=c.connect_timeout),
+            limits=httpx.Limits(max_keepalive_connections=4, max_connections=8),
+            headers={"User-Agent": "edge-agent"},
+        )
+
+    async def stop(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        self._set("stopped")
+
+    def state(self) -> ComponentState:
+        return self._state
+
+    def _set(self, state: str, error: str | None = None) -> None:
+        if state != self._state.state:
+            self._state.state = state
+            self._state.since = time.time()
+        self._state.last_error = error
+
+    async def send(self, batch: Batch) -> SendResult:
+        if self._client is None:
+            return SendResult.retry("sink not started")
+        body = batch.payload
+        if self.config.gzip:
+            body = gzip_bytes(body, self.config.gzip_level)
+        headers = dict(self._headers)
+        headers["Idempotency-Key"] = batch.batch_id
+        headers["X-Edge-Stream"] = batch.stream
+        headers["X-Edge-First-Sequence"] = format_sequence(batch.first_sequence)
+        headers["X-Edge-Last-Sequence"] = format_sequence(batch.last_sequence)
+        headers["X-Edge-Stream-Epoch"] = batch.epoch
+        try:
+            resp = await self._client.post(self.config.url, content=body, headers=headers)
+        except httpx.TimeoutException as exc:
+            reason = f"timeout talking to {self.config.url} ({type(exc).__name__})"
+            self._set("disconnected", reason)
+            return SendResult.retry(reason)
+        except httpx.TransportError as exc:
+            cause = exc.__cause__ or exc.__context__
+            text = str(exc) or type(exc).__name__
+            if isinstance(cause, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY" in text:
+                reason = f"TLS verification of {self.config.url} failed: {text} (check ca_file)"
+                self._set("error", reason)
+            else:
+                reason = f"cannot reach {self.config.url}: {text}"
+                self._set("disconnected", reason)
+            return SendResult.retry(reason)
+        result = classify(
+            resp.status_code, resp.text, parse_retry_after(resp.headers.get("Retry-After"))
+        )
+        if result.outcome.value == "accepted" or result.outcome.value == "rejected":
+            self._set("connected")
+        elif result.outcome.value == "auth":
+            self._set("auth_failed", result.reason)
+        else:
+            self._set("error", result.reason)
+        return result

@@ -1,0 +1,418 @@
+"""Per-stream forwarding: batching, ordering, retry, bisection, dead letters, replays.
+
+One StreamForwarder per stream, all of them independent, so a stuck stream never stalls
+the others. Within a stream the order is strict: a batch is acknowledged in the buffer
+only after every batch before it, and the cursor moves only on ACCEPTED.
+
+What the sink answers decides what happens (the contract's table):
+
+    ACCEPTED   advance the cursor; next batch
+    RETRY      same batch, same batch id, after capped exponential backoff with full jitter
+               (or the Retry-After the peer asked for)
+    REJECTED   bisect until the refused event is alone; dead-letter it; the rest flows on
+    TOO_LARGE  halve the batch size for this stream (a single event that is too large is
+               dead-lettered)
+    AUTH       keep everything, retry slowly, say so loudly in logs and status
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from agent.buffer import Buffer
+from agent.ids import ulid
+from agent.interfaces import Batch, ComponentState, Outcome, SendResult, Sink
+
+log = logging.getLogger("edge_agent.forwarder")
+
+#: callback(stream, sink_name, seconds, events, outcome) for metrics
+ResultObserver = Callable[[str, str, float, int, str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ForwarderSettings:
+    max_events: int = 1000
+    max_bytes: int = 1 << 20
+    linger_ms: int = 20
+    backoff_initial: float = 0.5
+    backoff_max: float = 60.0
+    auth_retry_interval: float = 60.0
+    #: how often to look for operator requests (dead-letter retry, replay)
+    poll_interval: float = 2.0
+
+
+class PriorityGate:
+    """After an outage, high-priority streams drain first.
+
+    A normal stream waits while some high-priority stream is busy draining successfully.
+    A high-priority stream that is failing does not hold the others back.
+    """
+
+    def __init__(self) -> None:
+        self._busy: set[str] = set()
+        self._cond = asyncio.Condition()
+
+    async def set_busy(self, stream: str, busy: bool) -> None:
+        if busy == (stream in self._busy):
+            return
+        async with self._cond:
+            if busy:
+                self._busy.add(stream)
+            else:
+                self._busy.discard(stream)
+            self._cond.notify_all()
+
+    async def wait_turn(self) -> None:
+        if not self._busy:
+            return
+        async with self._cond:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._cond.wait_for(lambda: not self._busy)
+
+
+class StreamForwarder:
+    def __init__(
+        self,
+        buffer: Buffer,
+        stream: str,
+        sink: Sink,
+        settings: ForwarderSettings,
+        *,
+        priority: str = "normal",
+        gate: PriorityGate | None = None,
+        observe: ResultObserver | None = None,
+    ) -> None:
+        self.buffer = buffer
+        self.stream = stream
+        self.sink = sink
+        self.settings = settings
+        self.priority = priority
+        self.gate = gate
+        self.observe = observe
+        self.max_events = settings.max_events
+        self.status = ComponentState(state="idle", since=time.time())
+        self._attempt = 0
+        self._last_poll = 0.0
+
+    # ------------------------------------------------------------------ main loop
+
+    async def run(self) -> None:
+        """Forward until cancelled. An unexpected error is logged and the loop restarts."""
+        while True:
+            try:
+                await self._run()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug or a database error: never give up on a stream
+                log.exception("forwarder for stream %s failed; restarting in 5 s", self.stream)
+                self._set_state("error", f"internal error: {exc}")
+                await asyncio.sleep(5)
+
+    async def _run(self) -> None:
+        for batch in await self.buffer.pending_batches(self.stream):
+            log.info(
+                "resending batch %s of stream %s (sequences %d-%d) persisted before a restart",
+                batch.batch_id,
+                self.stream,
+                batch.first_sequence,
+                batch.last_sequence,
+                extra=self._extra(batch),
+            )
+            await self._deliver(batch)
+        wakeup = self.buffer.wakeup_event(self.stream)
+        window = max(1, int(getattr(self.sink, "max_in_flight", 1)))
+        while True:
+            await self._operator_requests()
+            if self.priority != "high" and self.gate is not None:
+                await self.gate.wait_turn()
+            wakeup.clear()
+            rows = await self.buffer.read_next(
+                self.stream, 0, self.max_events, self.settings.max_bytes
+            )
+            if rows and len(rows) < self.max_events and self.settings.linger_ms > 0:
+                # Let a few more arrive so an idle-but-steady stream still makes real batches.
+                await asyncio.sleep(self.settings.linger_ms / 1000)
+                rows = await self.buffer.read_next(
+                    self.stream, 0, self.max_events, self.settings.max_bytes
+                )
+            if not rows:
+                await self._mark_busy(False)
+                self._set_state("idle")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.settings.poll_interval):
+                        await wakeup.wait()
+                continue
+            await self._mark_busy(True)
+            first = await self.buffer.open_batch(self.stream, rows, self.priority)
+            if window == 1:
+                await self._deliver(first)
+            else:
+                await self._pipeline(first, window)
+
+    async def _pipeline(self, first: Batch, window: int) -> None:
+        """Keep up to ``window`` batches on the wire; apply acknowledgements in order only."""
+        inflight: list[tuple[Batch, asyncio.Task[tuple[SendResult, float]]]] = []
+        try:
+            inflight.append((first, asyncio.create_task(self._timed_send(first))))
+            after = first.last_sequence
+            while inflight:
+                while len(inflight) < window:
+                    rows = await self.buffer.read_next(
+                        self.stream, after, self.max_events, self.settings.max_bytes
+                    )
+                    if not rows:
+                        break
+                    b = await self.buffer.open_batch(self.stream, rows, self.priority)
+                    inflight.append((b, asyncio.create_task(self._timed_send(b))))
+                    after = b.last_sequence
+                head, task = inflight.pop(0)
+                result, seconds = await task
+                self._observe(head, result, seconds)
+                if result.outcome is Outcome.ACCEPTED:
+                    await self._accepted(head, result)
+                    continue
+                # Something went wrong: settle the rest one by one, in order, same batch ids.
+                rest = [b for b, _ in inflight]
+                for _, t in inflight:
+                    with contextlib.suppress(Exception):
+                        await t
+                inflight = []
+                settled = await self._deliver(head, first_result=result)
+                for b in rest:
+                    if settled:
+                        settled = await self._deliver(b)
+                    else:  # head was re-formed smaller: later batches must not overtake it
+                        await self.buffer.discard_batch(b)
+        finally:
+            for _, t in inflight:
+                t.cancel()
+            for _, t in inflight:
+                with contextlib.suppress(BaseException):
+                    await t
+
+    # ------------------------------------------------------------------ one batch
+
+    async def _timed_send(self, batch: Batch) -> tuple[SendResult, float]:
+        t0 = time.perf_counter()
+        result = await self.sink.send(batch)
+        return result, time.perf_counter() - t0
+
+    async def _deliver(self, batch: Batch, first_result: SendResult | None = None) -> bool:
+        """Send ``batch`` until it is accepted or dead-lettered (True), or discarded to be
+        re-formed smaller (False: nothing after it may be sent before it)."""
+        result = first_result
+        while True:
+            if result is None:
+                result, seconds = await self._timed_send(batch)
+                self._observe(batch, result, seconds)
+            outcome = result.outcome
+            if outcome is Outcome.ACCEPTED:
+                await self._accepted(batch, result)
+                return True
+            if outcome is Outcome.RETRY:
+                delay = self._backoff(result.retry_after)
+                self._set_state("retrying", result.reason)
+                log.warning(
+                    "stream %s: batch %s (sequences %d-%d) not delivered: %s; retry %d in %.1f s",
+                    self.stream,
+                    batch.batch_id,
+                    batch.first_sequence,
+                    batch.last_sequence,
+                    result.reason,
+                    self._attempt,
+                    delay,
+                    extra=self._extra(batch),
+                )
+                await self._note_error(result.reason)
+                await asyncio.sleep(delay)
+            elif outcome is Outcome.AUTH:
+                self._set_state("auth_failed", result.reason)
+                log.error(
+                    "stream %s: THE CENTRAL SIDE REFUSES OUR CREDENTIALS: %s. Nothing is dropped; "
+                    "retrying every %.0f s. Fix the token or certificate of sink %s.",
+                    self.stream,
+                    result.reason,
+                    self.settings.auth_retry_interval,
+                    self.sink.name,
+                    extra=self._extra(batch),
+                )
+                await self._note_error(f"AUTH: {result.reason}")
+                await self._mark_busy(False)
+                await asyncio.sleep(self.settings.auth_retry_interval)
+            elif outcome is Outcome.TOO_LARGE:
+                if len(batch) == 1:
+                    await self._dead_letter(batch, result)
+                    return True
+                self.max_events = max(1, len(batch) // 2)
+                log.warning(
+                    "stream %s: batch %s of %d events is too large (%s); batch size now %d",
+                    self.stream,
+                    batch.batch_id,
+                    len(batch),
+                    result.reason,
+                    self.max_events,
+                    extra=self._extra(batch),
+                )
+                await self.buffer.discard_batch(batch)
+                return False  # the main loop re-reads from the cursor with the smaller size
+            elif outcome is Outcome.REJECTED:
+                if len(batch) == 1:
+                    await self._dead_letter(batch, result)
+                    return True
+                return await self._bisect(batch, result)
+            result = None
+
+    async def _bisect(self, batch: Batch, result: SendResult) -> bool:
+        log.warning(
+            "stream %s: batch %s (sequences %d-%d) rejected (%s); bisecting to find the bad events",
+            self.stream,
+            batch.batch_id,
+            batch.first_sequence,
+            batch.last_sequence,
+            result.reason,
+            extra=self._extra(batch),
+        )
+        rows = list(zip(range(batch.first_sequence, batch.last_sequence + 1), batch.ids, batch.bodies, strict=True))
+        await self.buffer.discard_batch(batch)
+        mid = len(rows) // 2
+        for half in (rows[:mid], rows[mid:]):
+            sub = await self.buffer.open_batch(self.stream, half, self.priority)
+            if not await self._deliver(sub):
+                return False
+        return True
+
+    async def _dead_letter(self, batch: Batch, result: SendResult) -> None:
+        reason = result.reason or result.outcome.value
+        await self.buffer.dead_letter(batch, reason, result.status)
+        log.error(
+            "stream %s: event %s (sequence %d) refused by the central side and moved to the "
+            "dead-letter table: %s (see: edge-agent dead-letter list)",
+            self.stream,
+            batch.ids[0],
+            batch.first_sequence,
+            reason,
+            extra=self._extra(batch),
+        )
+
+    async def _accepted(self, batch: Batch, result: SendResult) -> None:
+        await self.buffer.ack(batch)
+        if self._attempt or self.status.state not in ("sending", "idle"):
+            log.info("stream %s: delivering again after %d retries", self.stream, self._attempt)
+        self._attempt = 0
+        self._set_state("sending")
+        log.debug(
+            "stream %s: batch %s delivered (sequences %d-%d, %d events)",
+            self.stream,
+            batch.batch_id,
+            batch.first_sequence,
+            batch.last_sequence,
+            len(batch),
+            extra=self._extra(batch),
+        )
+
+    # ------------------------------------------------------------------ operator requests
+
+    async def _operator_requests(self) -> None:
+        now = time.monotonic()
+        if now - self._last_poll < self.settings.poll_interval:
+            return
+        self._last_poll = now
+        for dl in await self.buffer.retry_requested(self.stream):
+            batch = Batch(self.stream, ulid(), self.buffer.epoch, dl.sequence, dl.sequence, [dl.id], [dl.body])
+            result, seconds = await self._timed_send(batch)
+            self._observe(batch, result, seconds)
+            ok = result.outcome is Outcome.ACCEPTED
+            await self.buffer.resolve_dead_letter(
+                self.stream, dl.sequence, delivered=ok, reason=result.reason or result.outcome.value
+            )
+            log.info(
+                "stream %s: dead letter %s retried: %s",
+                self.stream,
+                dl.id,
+                "delivered" if ok else f"refused again ({result.reason})",
+                extra=self._extra(batch),
+            )
+        for replay_id, from_seq, to_seq in await self.buffer.pending_replays(self.stream):
+            await self._replay(replay_id, from_seq, to_seq)
+
+    async def _replay(self, replay_id: int, from_seq: int, to_seq: int) -> None:
+        after = from_seq - 1
+        while True:
+            rows = await self.buffer.read_range(self.stream, after, to_seq, self.max_events)
+            if not rows:
+                await self.buffer.finish_replay(replay_id)
+                log.info("stream %s: replay %d done (up to sequence %d)", self.stream, replay_id, to_seq)
+                return
+            # contiguous runs only, like any batch
+            run = [rows[0]]
+            for r in rows[1:]:
+                if r[0] != run[-1][0] + 1:
+                    break
+                run.append(r)
+            batch = Batch(
+                self.stream, ulid(), self.buffer.epoch, run[0][0], run[-1][0],
+                [r[1] for r in run], [r[2] for r in run], self.priority,
+            )  # fmt: skip
+            result, seconds = await self._timed_send(batch)
+            self._observe(batch, result, seconds)
+            if result.outcome in (Outcome.RETRY, Outcome.AUTH):
+                await asyncio.sleep(self._backoff(result.retry_after))
+                continue
+            if result.outcome is not Outcome.ACCEPTED:
+                log.error(
+                    "stream %s: replayed batch %s (sequences %d-%d) refused: %s; skipped",
+                    self.stream, batch.batch_id, batch.first_sequence, batch.last_sequence,
+                    result.reason, extra=self._extra(batch),
+                )  # fmt: skip
+            after = run[-1][0]
+            await self.buffer.finish_replay(replay_id, progressed_to=after + 1)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _backoff(self, retry_after: float | None) -> float:
+        self._attempt += 1
+        if retry_after is not None and retry_after >= 0:
+            return min(retry_after, 3600.0)
+        cap = min(
+            self.settings.backoff_max, self.settings.backoff_initial * (2 ** min(self._attempt, 30))
+        )
+        return random.uniform(0, cap)  # full jitter  # noqa: S311
+
+    def _set_state(self, state: str, error: str | None = None) -> None:
+        if state != self.status.state:
+            self.status.state = state
+            self.status.since = time.time()
+        if error is not None:
+            self.status.last_error = error
+        elif state == "sending":
+            self.status.last_error = None
+
+    async def _note_error(self, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.buffer.set_last_error(self.stream, reason)
+
+    async def _mark_busy(self, busy: bool) -> None:
+        if self.priority == "high" and self.gate is not None:
+            await self.gate.set_busy(self.stream, busy)
+
+    def _observe(self, batch: Batch, result: SendResult, seconds: float) -> None:
+        if self.observe is not None:
+            with contextlib.suppress(Exception):
+                self.observe(self.stream, self.sink.name, seconds, len(batch), result.outcome.value)
+
+    def _extra(self, batch: Batch) -> dict[str, Any]:
+        return {
+            "stream": self.stream,
+            "batch_id": batch.batch_id,
+            "first_sequence": batch.first_sequence,
+            "last_sequence": batch.last_sequence,
+            "sink": self.sink.name,
+        }
