@@ -1,0 +1,405 @@
+"""The MQTT source: QoS 1 messages from the plant's broker, acknowledged after the commit.
+
+paho-mqtt runs its network loop in its own thread (``loop_start``); every callback only
+hands its arguments to the asyncio loop with ``call_soon_threadsafe``. The asyncio side
+takes messages in the order they arrived, decodes them, commits the valid ones with one
+``ingest.append`` per group of ready messages, and only then sends the PUBACKs
+(``manual_ack=True``), in arrival order as MQTT requires.
+
+What happens to a message:
+
+* valid: committed, then acknowledged;
+* invalid (not JSON, not an object/array, fails the canonical schema, too large, on a topic
+  no subscription covers): counted as rejected with its reason, logged, and acknowledged,
+  because a redelivery could never succeed and would block the session;
+* buffer full: not acknowledged; the commit is retried every ``retry_interval`` until it
+  succeeds, so the broker holds the rest back (Receive Maximum);
+* connection lost before the PUBACK: not acknowledged. A persistent session (fixed client
+  id, clean start off, session expiry) makes the broker send it again on the next
+  connection, so it is never lost; it may be committed twice, which the buffer's
+  de-duplication absorbs when the payload carries the MES's event id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from adapters.registry import AdapterContext
+from adapters.sources.mes_common import MesInputError, parse_mes_payload
+from agent.config import read_secret
+from agent.errors import BufferFull, SourceError
+from agent.interfaces import ComponentState, Ingest, NewEvent, Source
+from agent.logs import register_secret
+
+from .config import Config, Subscription
+
+log = logging.getLogger("edge_agent.sources.mqtt")
+
+#: messages committed together at most (one append, one fsync)
+MAX_GROUP = 500
+_AUTH_CODES = {"Not authorized", "Bad user name or password", "Banned"}
+
+
+@dataclass(frozen=True, slots=True)
+class _Message:
+    generation: int  # which connection delivered it (1 = first)
+    mid: int
+    qos: int
+    topic: str | None  # None: not UTF-8
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Connected:
+    generation: int
+    session_present: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Problem:
+    state: str  # disconnected | auth_failed | error
+    text: str
+
+
+class _Rejected(Exception):
+    def __init__(self, reason: str, text: str) -> None:
+        self.reason = reason
+        self.text = text
+        super().__init__(text)
+
+
+class MqttSource(Source):
+    def __init__(self, name: str, config: Config, ctx: AdapterContext) -> None:
+        self.name = name
+        self.stream = config.stream or name
+        self.config = config
+        self.client_id = config.client_id or _client_id(ctx.agent_id, name)
+        self._state = ComponentState(state="starting", since=time.time())
+        self._accepted = 0
+        self._duplicates = 0
+        self._messages = 0
+        self._rejected: Counter[str] = Counter()
+        self._held_back = False
+        #: connection generation as the paho thread sees it (read by the ack decision)
+        self._thread_generation = 0
+        self._gen_lock = threading.Lock()
+        #: the latest connection as the asyncio side knows it
+        self._generation = 0
+        self._session_present = False
+        self._connected_event: asyncio.Event | None = None
+        self._client: paho.Client | None = None
+
+    # ------------------------------------------------------------------ status
+
+    def state(self) -> ComponentState:
+        self._state.detail = {
+            "broker": f"{self.config.host}:{self.config.port}",
+            "client_id": self.client_id,
+            "accepted": self._accepted,
+            "duplicates": self._duplicates,
+            "messages": self._messages,
+            "rejected": dict(self._rejected),
+            "held_back": self._held_back,
+        }
+        return self._state
+
+    def _set(self, state: str, error: str | None = None) -> None:
+        if state != self._state.state:
+            self._state.state = state
+            self._state.since = time.time()
+        if error is not None:
+            self._state.last_error = error
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, ingest: Ingest) -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[_Message] = asyncio.Queue()
+        self._connected_event = asyncio.Event()
+        client = await asyncio.to_thread(self._make_client)
+        self._client = client
+        self._wire(client, loop, queue)
+        cfg = self.config
+        log.info(
+            "connecting to %s as %s (%s)",
+            cfg.url,
+            self.client_id,
+            ", ".join(s.topic for s in cfg.subscriptions),
+            extra={"source": self.name, "stream": self.stream},
+        )
+        if cfg.protocol == "5":
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = min(int(cfg.session_expiry), 0xFFFFFFFF)
+            props.ReceiveMaximum = cfg.receive_maximum
+            client.connect_async(
+                cfg.host, cfg.port, int(cfg.keepalive), clean_start=False, properties=props
+            )
+        else:
+            client.connect_async(cfg.host, cfg.port, int(cfg.keepalive))
+        client.loop_start()
+        try:
+            await self._consume(ingest, queue)
+        finally:
+            self._set("stopped")
+            # Unacknowledged messages stay in the broker's session for the next start.
+            client.disconnect()
+            await asyncio.to_thread(client.loop_stop)
+            self._client = None
+
+    def _make_client(self) -> paho.Client:
+        """Build the paho client (reads TLS and password files: called in a thread)."""
+        cfg = self.config
+        if cfg.protocol == "5":
+            client = paho.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=self.client_id,
+                protocol=MQTTProtocolVersion.MQTTv5,
+                manual_ack=True,
+            )
+        else:
+            client = paho.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=self.client_id,
+                clean_session=False,
+                protocol=MQTTProtocolVersion.MQTTv311,
+                manual_ack=True,
+            )
+        client.reconnect_delay_set(max(1, int(cfg.reconnect_min)), max(1, int(cfg.reconnect_max)))
+        if cfg.username:
+            password = read_secret(cfg.password, cfg.password_file, "password")
+            register_secret(password)
+            client.username_pw_set(cfg.username, password)
+        if cfg.tls:
+            client.tls_set_context(self._ssl_context())
+            if cfg.tls_insecure_skip_verify:
+                client.tls_insecure_set(True)
+        return client
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        cfg = self.config
+        try:
+            ctx = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
+            if cfg.cert_file and cfg.key_file:
+                ctx.load_cert_chain(str(cfg.cert_file), str(cfg.key_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise SourceError(
+                f"source {self.name}: cannot load TLS files ({exc}); "
+                "check ca_file, cert_file and key_file"
+            ) from exc
+        if cfg.tls_insecure_skip_verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    # ------------------------------------------------------------------ paho thread side
+
+    def _wire(
+        self, client: paho.Client, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[_Message]
+    ) -> None:
+        """Install callbacks. They run in paho's thread and only post to the loop."""
+
+        def post(item: Any) -> None:
+            # The loop may be closing while paho still calls back: nothing to do then.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._on_event, item, queue)
+
+        def on_connect(c: paho.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
+            if reason.is_failure:
+                state = "auth_failed" if str(reason) in _AUTH_CODES else "disconnected"
+                post(_Problem(state, f"broker refused the connection: {reason}"))
+                return
+            with self._gen_lock:
+                self._thread_generation += 1
+                gen = self._thread_generation
+            # Subscribing again is harmless with a kept session; with MQTT 5 the broker
+            # resends retained messages only for a filter that is new to the session.
+            topics = [(s.topic, self._sub_options()) for s in self.config.subscriptions]
+            c.subscribe(topics)
+            post(_Connected(gen, bool(flags.session_present)))
+
+        def on_subscribe(_c: paho.Client, _u: Any, _mid: int, codes: Any, _p: Any) -> None:
+            for sub, code in zip(self.config.subscriptions, codes, strict=False):
+                if code.is_failure:
+                    post(_Problem("error", f"broker refused subscription {sub.topic!r}: {code}"))
+
+        def on_disconnect(_c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+            post(_Problem("disconnected", f"disconnected from {self.config.url}: {reason}"))
+
+        def on_message(_c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+            try:
+                topic: str | None = msg.topic
+            except UnicodeDecodeError:
+                topic = None
+            post(_Message(self._thread_generation, msg.mid, msg.qos, topic, msg.payload))
+
+        client.on_connect = on_connect
+        client.on_subscribe = on_subscribe
+        client.on_disconnect = on_disconnect
+        client.on_message = on_message
+
+    def _sub_options(self) -> Any:
+        if self.config.protocol == "5":
+            return SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
+        return 1
+
+    # ------------------------------------------------------------------ asyncio side
+
+    def _on_event(self, item: Any, queue: asyncio.Queue[_Message]) -> None:
+        if isinstance(item, _Message):
+            queue.put_nowait(item)
+        elif isinstance(item, _Connected):
+            self._generation = item.generation
+            self._session_present = item.session_present
+            self._set("connected")
+            log.info(
+                "connected to %s (session %s)",
+                self.config.url,
+                "resumed" if item.session_present else "new",
+                extra={"source": self.name},
+            )
+            assert self._connected_event is not None
+            self._connected_event.set()
+        elif isinstance(item, _Problem):
+            if item.state == "disconnected" and self._state.state == "auth_failed":
+                return  # keep the more useful reason
+            if self._state.last_error != item.text:
+                log.warning(item.text, extra={"source": self.name})
+            if item.state != "error":
+                self._set(item.state, item.text)
+                assert self._connected_event is not None
+                self._connected_event.clear()
+            else:
+                self._state.last_error = item.text
+
+    async def _consume(self, ingest: Ingest, queue: asyncio.Queue[_Message]) -> None:
+        while True:
+            group = [await queue.get()]
+            while len(group) < MAX_GROUP and not queue.empty():
+                group.append(queue.get_nowait())
+            await self._handle(ingest, group)
+
+    async def _handle(self, ingest: Ingest, group: list[_Message]) -> None:
+        """Commit what is valid in ``group``, then acknowledge all of it in order."""
+        group = await self._current(group)
+        if not group:
+            return
+        events: list[NewEvent] = []
+        for msg in group:
+            self._messages += 1
+            try:
+                events.extend(self._decode(msg))
+            except _Rejected as exc:
+                self._rejected[exc.reason] += 1
+                text = f"rejected message on {msg.topic!r}: {exc.text}"
+                log.warning(text, extra={"source": self.name, "stream": self.stream})
+                self._state.last_error = text
+        if events:
+            while True:
+                try:
+                    committed = await ingest.append(self.stream, events)
+                    break
+                except BufferFull as exc:
+                    if not self._held_back:
+                        log.warning(
+                            "buffer full: holding back %d message(s) unacknowledged",
+                            len(group),
+                            extra={"source": self.name, "stream": self.stream},
+                        )
+                    self._held_back = True
+                    self._state.last_error = str(exc)
+                    await asyncio.sleep(self.config.retry_interval)
+                    group = await self._current(group)
+                    if not group:
+                        return  # the broker will send them again
+            self._held_back = False
+            self._accepted += sum(not c.duplicate for c in committed)
+            self._duplicates += sum(c.duplicate for c in committed)
+        self._ack(group)
+
+    async def _current(self, group: list[_Message]) -> list[_Message]:
+        """Drop messages the broker will send again: those of an earlier connection when
+        the new connection resumed the session. While disconnected, wait for a connection
+        to know which case it is (nothing new can arrive meanwhile anyway)."""
+        if all(m.generation == self._thread_generation for m in group):
+            return group
+        assert self._connected_event is not None
+        while self._generation != self._thread_generation or not self._connected_event.is_set():
+            await self._connected_event.wait()
+            await asyncio.sleep(0.01)
+        if not self._session_present:
+            return group  # the old session is gone: commit them, nobody can ack them
+        return [m for m in group if m.generation == self._generation]
+
+    def _ack(self, group: list[_Message]) -> None:
+        client = self._client
+        if client is None:
+            return
+        for msg in group:
+            # A PUBACK only makes sense on the connection that delivered the message.
+            if msg.qos > 0 and msg.generation == self._thread_generation:
+                client.ack(msg.mid, msg.qos)
+
+    def _decode(self, msg: _Message) -> list[NewEvent]:
+        if msg.topic is None:
+            raise _Rejected("bad_topic", "topic is not UTF-8")
+        if len(msg.payload) > self.config.max_payload:
+            raise _Rejected(
+                "too_large",
+                f"payload of {len(msg.payload)} bytes is over max_payload = "
+                f"{self.config.max_payload}",
+            )
+        sub = self._subscription_for(msg.topic)
+        if sub is None:
+            raise _Rejected("no_subscription", "no configured topic filter matches")
+        try:
+            body = orjson.loads(msg.payload)
+        except orjson.JSONDecodeError as exc:
+            raise _Rejected("not_json", f"not valid JSON ({exc.msg})") from None
+        items = body if isinstance(body, list) else [body]
+        events = []
+        for i, obj in enumerate(items):
+            where = f"[{i}]" if isinstance(body, list) else ""
+            if not isinstance(obj, dict):
+                raise _Rejected(
+                    "not_object", f"{where or 'payload'}: expected a JSON object or an array"
+                )
+            try:
+                events.append(
+                    parse_mes_payload(obj, sub.mapping, extra_uom_codes=self.config.extra_uom_codes)
+                )
+            except MesInputError as exc:
+                text = "; ".join(
+                    f"{where}{'.' if where and p else ''}{p}: {m}" if (where or p) else m
+                    for p, m in exc.errors
+                )
+                raise _Rejected("invalid", text) from None
+        return events
+
+    def _subscription_for(self, topic: str) -> Subscription | None:
+        for sub in self.config.subscriptions:
+            flt = sub.topic
+            if flt.startswith("$share/"):
+                flt = flt.split("/", 2)[2] if flt.count("/") >= 2 else flt
+            if paho.topic_matches_sub(flt, topic):
+                return sub
+        return None
+
+
+def _client_id(agent_id: str, name: str) -> str:
+    raw = f"edge-agent-{agent_id}-{name}"
+    return "".join(ch if ch.isalnum() or ch in "_.:-" else "-" for ch in raw)[:128]
