@@ -5,6 +5,8 @@ Everything here is blocking I/O: the source calls it through ``asyncio.to_thread
 * :func:`scan` lists candidate files (pattern match, rename convention, no directories).
 * :class:`StabilityTracker` says when a file has stopped changing: the same size, mtime
   and inode on two consecutive polls, so a file still being copied in is never read.
+* :func:`open_for_writing` asks the kernel whether any process still has the file open
+  for writing (a Linux read lease is refused then), which catches a writer that pauses.
 * :func:`move_into` moves a file into processed/ or rejected/ without overwriting an
   earlier file of the same name, and fsyncs the directories so the move survives a crash.
 * :func:`write_report` writes the NAME.errors.txt report atomically.
@@ -12,6 +14,7 @@ Everything here is blocking I/O: the source calls it through ``asyncio.to_thread
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
 from dataclasses import dataclass
@@ -79,6 +82,32 @@ class StabilityTracker:
 
     def forget(self, path: Path) -> None:
         self._seen.pop(path, None)
+
+
+def open_for_writing(path: Path) -> bool | None:
+    """True when some process on this host has ``path`` open for writing; None when the
+    kernel cannot tell (not Linux, a network filesystem, another owner): then only the
+    stability rule and the rename convention protect a file still being written."""
+    try:
+        import fcntl
+
+        set_lease = fcntl.F_SETLEASE  # type: ignore[attr-defined]
+        rdlck, unlck = fcntl.F_RDLCK, fcntl.F_UNLCK
+    except (ImportError, AttributeError):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.fcntl(fd, set_lease, rdlck)
+        except OSError as exc:
+            return True if exc.errno in (errno.EAGAIN, errno.EBUSY) else None
+        fcntl.fcntl(fd, set_lease, unlck)
+        return False
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -143,7 +143,7 @@ class DropFolderSource(Source):
             self._set("connected", msg)
             self._failed[path] = stat
             return True
-        if read is None:  # changed while we read it: still being written
+        if read is None:  # still open for writing, or changed while we read it
             self._tracker.forget(path)
             return True
 
@@ -179,7 +179,9 @@ class DropFolderSource(Source):
 
     @staticmethod
     def _read(path: Path, stat: files.FileStat) -> _Read | None:
-        """The file's bytes and hash, or None when it changed under us."""
+        """The file's bytes and hash, or None while it is still being written."""
+        if files.open_for_writing(path):
+            return None
         with open(path, "rb") as f:
             content = f.read()
             after = files.FileStat.of(os.fstat(f.fileno()))
