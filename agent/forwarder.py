@@ -280,7 +280,14 @@ class StreamForwarder:
             result.reason,
             extra=self._extra(batch),
         )
-        rows = list(zip(range(batch.first_sequence, batch.last_sequence + 1), batch.ids, batch.bodies, strict=True))
+        rows = list(
+            zip(
+                range(batch.first_sequence, batch.last_sequence + 1),
+                batch.ids,
+                batch.bodies,
+                strict=True,
+            )
+        )
         await self.buffer.discard_batch(batch)
         mid = len(rows) // 2
         for half in (rows[:mid], rows[mid:]):
@@ -326,7 +333,9 @@ class StreamForwarder:
             return
         self._last_poll = now
         for dl in await self.buffer.retry_requested(self.stream):
-            batch = Batch(self.stream, ulid(), self.buffer.epoch, dl.sequence, dl.sequence, [dl.id], [dl.body])
+            batch = Batch(
+                self.stream, ulid(), self.buffer.epoch, dl.sequence, dl.sequence, [dl.id], [dl.body]
+            )
             result, seconds = await self._timed_send(batch)
             self._observe(batch, result, seconds)
             ok = result.outcome is Outcome.ACCEPTED
@@ -349,7 +358,9 @@ class StreamForwarder:
             rows = await self.buffer.read_range(self.stream, after, to_seq, self.max_events)
             if not rows:
                 await self.buffer.finish_replay(replay_id)
-                log.info("stream %s: replay %d done (up to sequence %d)", self.stream, replay_id, to_seq)
+                log.info(
+                    "stream %s: replay %d done (up to sequence %d)", self.stream, replay_id, to_seq
+                )
                 return
             # contiguous runs only, like any batch
             run = [rows[0]]

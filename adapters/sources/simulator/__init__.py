@@ -1,0 +1,13 @@
+"""Simulated production line: the demo's source, and a source of known rate for tests."""
+
+from __future__ import annotations
+
+from adapters.registry import AdapterContext
+from adapters.sources.simulator.config import SimulatorConfig as Config
+from adapters.sources.simulator.source import SimulatorSource
+
+__all__ = ["Config", "SimulatorSource", "build"]
+
+
+def build(name: str, config: Config, ctx: AdapterContext) -> SimulatorSource:
+    return SimulatorSource(name, config.stream or name, config)

@@ -1,0 +1,405 @@
+"""`edge-agent`: the command line.
+
+Exit codes: 0 ok, 2 usage or config error, 1 runtime failure. Expected errors are one
+line on stderr, never a traceback (``--debug`` shows it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+
+from agent import __version__
+from agent.config import Config, load_config
+from agent.errors import ConfigError, EdgeAgentError
+
+CONFIG_OPTION = click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=Path("/etc/edge-agent/edge-agent.toml"),
+    show_default=True,
+    help="config file",
+)
+
+
+class Failure(click.ClickException):
+    """A runtime failure: exit 1 with one line."""
+
+    exit_code = 1
+
+
+def _load(path: Path) -> Config:
+    return load_config(path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "-V", "--version", prog_name="edge-agent")
+@click.option("--debug", is_flag=True, hidden=True, help="show tracebacks")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Plant-edge store-and-forward agent: OPC UA and MES in, ordered batches out."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+# ---------------------------------------------------------------------------------- run
+
+
+@cli.command()
+@CONFIG_OPTION
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "text", "json"]),
+    default=None,
+    help="log format (default: [log] format; auto = text on a terminal, JSON lines otherwise)",
+)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
+def run(config_path: Path, log_format: str | None, log_level: str | None) -> None:
+    """Run the agent until SIGTERM/SIGINT (SIGHUP reloads the config)."""
+    from agent.logs import setup_logging
+    from agent.runtime import run_agent
+
+    cfg = _load(config_path)
+    setup_logging(log_level or cfg.log.level, log_format or cfg.log.format)
+    _register_secrets(cfg)
+    asyncio.run(run_agent(config_path))
+
+
+def _register_secrets(cfg: Config) -> None:
+    """Tell the log redactor every secret the config holds, so none is ever printed."""
+    from pydantic import SecretStr
+
+    from agent.config import read_secret
+    from agent.logs import register_secret
+
+    for section in (*cfg.sinks.values(), *cfg.sources.values()):
+        data = dict(section)
+        for key, value in data.items():
+            if isinstance(value, SecretStr):
+                register_secret(value.get_secret_value())
+            elif key.endswith("_file") and value is not None and key[:-5] in data:
+                with contextlib.suppress(ConfigError):
+                    register_secret(read_secret(None, Path(value), key[:-5]))
+
+
+# ---------------------------------------------------------------------------------- config
+
+
+@cli.group()
+def config() -> None:
+    """Check configuration files."""
+
+
+@config.command("check")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+def config_check(file: Path) -> None:
+    """Validate FILE; print one line naming the key path of the first problem."""
+    cfg = _load(file)
+    click.echo(
+        f"{file}: ok ({len(cfg.sources)} source(s): {', '.join(cfg.sources) or '-'}; "
+        f"{len(cfg.sinks)} sink(s): {', '.join(cfg.sinks)}; buffer {cfg.buffer.path})"
+    )
+
+
+# ---------------------------------------------------------------------------------- status
+
+
+def _snapshot_offline(cfg: Config) -> dict[str, Any]:
+    from agent.status import build_snapshot, read_offline
+
+    path = Path(cfg.buffer.path)
+    try:
+        rows, hb, meta = read_offline(path)
+    except FileNotFoundError:
+        raise Failure(
+            f"no buffer at {path}: the agent has not run with this config yet "
+            "(start it: edge-agent run -c FILE)"
+        ) from None
+    except sqlite3.DatabaseError as exc:
+        raise Failure(f"cannot read buffer {path}: {exc}") from None
+    sinks = {}
+    for r in rows:
+        sinks[r["name"]] = (cfg.sink_for(r["name"]), cfg.priority_of(r["name"]))
+    return build_snapshot(
+        rows=rows,
+        heartbeat=hb,
+        meta=meta,
+        path=path,
+        max_bytes=cfg.buffer.max_bytes,
+        on_full=cfg.buffer.on_full,
+        durability=cfg.buffer.durability,
+        agent_id=cfg.agent.id,
+        plant=cfg.agent.plant,
+        version=__version__,
+        stream_sinks=sinks,
+    )
+
+
+@cli.command()
+@CONFIG_OPTION
+@click.option("--json", "as_json", is_flag=True, help="print the snapshot as JSON (schema 1)")
+@click.option("--watch", is_flag=True, help="refresh every --interval seconds until Ctrl-C")
+@click.option("--interval", type=float, default=2.0, show_default=True)
+def status(config_path: Path, as_json: bool, watch: bool, interval: float) -> None:
+    """Backlog, oldest unsent age, connections and errors at a glance (agent running or not)."""
+    cfg = _load(config_path)
+    if as_json and not watch:
+        click.echo(orjson.dumps(_snapshot_offline(cfg), option=orjson.OPT_INDENT_2).decode())
+        return
+    from agent.status_view import render
+
+    if not watch:
+        render(_snapshot_offline(cfg))
+        return
+    from rich.console import Console
+    from rich.live import Live
+
+    from agent.status_view import renderable
+
+    console = Console()
+    with contextlib.suppress(KeyboardInterrupt), Live(console=console, auto_refresh=False) as live:
+        while True:
+            live.update(renderable(_snapshot_offline(cfg)), refresh=True)
+            time.sleep(interval)
+
+
+# ---------------------------------------------------------------------------------- operator
+
+
+def _open_rw(cfg: Config) -> sqlite3.Connection:
+    path = Path(cfg.buffer.path)
+    if not path.exists():
+        raise Failure(f"no buffer at {path} (check buffer.path in the config)")
+    conn = sqlite3.connect(path, timeout=10.0, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout = 10000")
+    return conn
+
+
+@cli.group("dead-letter")
+def dead_letter() -> None:
+    """Events the central side refused: list, show, retry, drop."""
+
+
+@dead_letter.command("list")
+@CONFIG_OPTION
+@click.option("--stream", default=None)
+@click.option("--json", "as_json", is_flag=True)
+def dl_list(config_path: Path, stream: str | None, as_json: bool) -> None:
+    """List dead letters (stream, sequence, id, when, reason)."""
+    conn = _open_rw(_load(config_path))
+    rows = conn.execute(
+        "SELECT s.name, d.seq, d.id, d.dead_at, d.status, d.retry_requested, d.reason "
+        "FROM dead_letters d JOIN streams s USING (sid) WHERE ? IS NULL OR s.name = ? "
+        "ORDER BY s.name, d.seq",
+        (stream, stream),
+    ).fetchall()
+    if as_json:
+        keys = ["stream", "sequence", "id", "dead_at", "status", "retry_requested", "reason"]
+        click.echo(orjson.dumps([dict(zip(keys, r, strict=True)) for r in rows]).decode())
+        return
+    if not rows:
+        click.echo("no dead letters")
+        return
+    for name, seq, eid, at, st, retry, reason in rows:
+        when = datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+        flag = " (retry requested)" if retry else ""
+        click.echo(f"{name}  #{seq}  {eid}  {when}  HTTP {st or '-'}{flag}  {reason[:120]}")
+
+
+def _dl_where(ids: tuple[str, ...], all_: bool, stream: str | None) -> tuple[str, tuple[Any, ...]]:
+    if not ids and not all_:
+        raise click.UsageError("name event ids, or --all")
+    if all_:
+        if stream:
+            return "sid = (SELECT sid FROM streams WHERE name = ?)", (stream,)
+        return "1", ()
+    q = ",".join("?" * len(ids))
+    return f"id IN ({q})", tuple(ids)
+
+
+@dead_letter.command("show")
+@CONFIG_OPTION
+@click.argument("event_id")
+def dl_show(config_path: Path, event_id: str) -> None:
+    """Print one dead letter: the reason and the event as it was sent."""
+    conn = _open_rw(_load(config_path))
+    row = conn.execute(
+        "SELECT reason, status, body FROM dead_letters WHERE id = ?", (event_id,)
+    ).fetchone()
+    if row is None:
+        raise Failure(f"no dead letter with id {event_id} (edge-agent dead-letter list)")
+    click.echo(f"reason: {row[0]}\nstatus: {row[1]}")
+    click.echo(orjson.dumps(orjson.loads(row[2]), option=orjson.OPT_INDENT_2).decode())
+
+
+@dead_letter.command("retry")
+@CONFIG_OPTION
+@click.argument("event_ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True)
+@click.option("--stream", default=None)
+def dl_retry(config_path: Path, event_ids: tuple[str, ...], all_: bool, stream: str | None) -> None:
+    """Send dead letters again (same ids) once the central side is fixed."""
+    where, args = _dl_where(event_ids, all_, stream)
+    conn = _open_rw(_load(config_path))
+    n = conn.execute(f"UPDATE dead_letters SET retry_requested = 1 WHERE {where}", args).rowcount
+    click.echo(f"{n} dead letter(s) marked for retry; the running agent sends them within seconds")
+
+
+@dead_letter.command("drop")
+@CONFIG_OPTION
+@click.argument("event_ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True)
+@click.option("--stream", default=None)
+def dl_drop(config_path: Path, event_ids: tuple[str, ...], all_: bool, stream: str | None) -> None:
+    """Delete dead letters for good."""
+    where, args = _dl_where(event_ids, all_, stream)
+    conn = _open_rw(_load(config_path))
+    conn.execute("BEGIN IMMEDIATE")
+    rows = conn.execute(
+        f"SELECT sid, SUM(length(body)), COUNT(*) FROM dead_letters WHERE {where} GROUP BY sid",
+        args,
+    ).fetchall()
+    for sid, size, _ in rows:
+        conn.execute(
+            "UPDATE streams SET stored_bytes = stored_bytes - ? WHERE sid = ?", (size, sid)
+        )
+    conn.execute(f"DELETE FROM dead_letters WHERE {where}", args)
+    conn.execute("COMMIT")
+    click.echo(f"{sum(r[2] for r in rows)} dead letter(s) dropped")
+
+
+def _parse_time(value: str) -> float:
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter("use ISO 8601, e.g. 2026-11-23T08:00:00Z") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+@cli.command()
+@CONFIG_OPTION
+@click.option("--stream", required=True)
+@click.option("--since", default=None, help="ISO 8601 time: replay events committed since then")
+@click.option("--from-sequence", type=int, default=None, help="replay from this sequence on")
+def replay(config_path: Path, stream: str, since: str | None, from_sequence: int | None) -> None:
+    """Send already-forwarded events again (same ids), from those kept by keep_forwarded."""
+    if (since is None) == (from_sequence is None):
+        raise click.UsageError("give exactly one of --since or --from-sequence")
+    cfg = _load(config_path)
+    conn = _open_rw(cfg)
+    row = conn.execute(
+        "SELECT sid, forwarded_seq FROM streams WHERE name = ?", (stream,)
+    ).fetchone()
+    if row is None:
+        names = [r[0] for r in conn.execute("SELECT name FROM streams")]
+        raise Failure(f"no stream '{stream}' in the buffer (streams: {', '.join(names) or '-'})")
+    sid, upto = row
+    if since is not None:
+        first = conn.execute(
+            "SELECT MIN(seq) FROM events WHERE sid = ? AND committed_at >= ? AND seq <= ?",
+            (sid, _parse_time(since), upto),
+        ).fetchone()[0]
+    else:
+        first = from_sequence
+    kept = conn.execute(
+        "SELECT COUNT(*), MIN(seq) FROM events WHERE sid = ? AND seq >= ? AND seq <= ?",
+        (sid, first or 0, upto),
+    ).fetchone()
+    if first is None or kept[0] == 0:
+        raise Failure(
+            f"no forwarded events of stream {stream} are kept in that range "
+            f"(buffer.keep_forwarded = {cfg.buffer.keep_forwarded:g} s decides how long they stay)"
+        )
+    if kept[1] > first:
+        click.echo(f"note: events before sequence {kept[1]} are no longer kept", err=True)
+    conn.execute(
+        "INSERT INTO replays (sid, from_seq, to_seq, requested_at) VALUES (?, ?, ?, ?)",
+        (sid, kept[1], upto, time.time()),
+    )
+    click.echo(
+        f"replay of {kept[0]} event(s) of stream {stream} (sequences {kept[1]}-{upto}) queued; "
+        "the running agent sends them with their original ids"
+    )
+
+
+# ---------------------------------------------------------------------------------- demo
+
+
+@cli.command()
+@click.option("--duration", type=float, default=0, help="stop after this many seconds (0: Ctrl-C)")
+@click.option("--rate", type=float, default=20.0, show_default=True, help="events per second")
+@click.option("--outage-at", type=float, default=15.0, show_default=True, help="seconds; 0 = none")
+@click.option("--outage-for", type=float, default=10.0, show_default=True, help="seconds")
+@click.option("--dir", "workdir", type=click.Path(path_type=Path, file_okay=False), default=None)
+def demo(
+    duration: float, rate: float, outage_at: float, outage_for: float, workdir: Path | None
+) -> None:
+    """A local reference gateway plus an agent with a simulated production line."""
+    from agent.demo import run_demo
+
+    asyncio.run(run_demo(duration, rate, outage_at, outage_for, workdir))
+
+
+def _attach_optional_groups() -> None:
+    """Commands that live beside their adapters."""
+    with contextlib.suppress(ImportError):
+        from agent.gateway.cli import gateway
+
+        cli.add_command(gateway)
+    with contextlib.suppress(ImportError):
+        from adapters.sources.opcua.cli import opcua
+
+        cli.add_command(opcua)
+
+
+_attach_optional_groups()
+
+
+def main(argv: list[str] | None = None) -> None:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="edge-agent", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except click.UsageError as exc:
+        exc.show()
+        sys.exit(2)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except ConfigError as exc:
+        if debug:
+            raise
+        click.echo(f"config error: {exc}", err=True)
+        sys.exit(2)
+    except EdgeAgentError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except OSError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

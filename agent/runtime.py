@@ -1,0 +1,442 @@
+"""The running agent: builds sources and sinks from config and owns their lifecycle.
+
+Start order: buffer -> sinks -> forwarders -> sources; stop in reverse, so nothing is
+collected that cannot be stored and nothing is stored after the buffer closed. Every task
+lives in a TaskGroup; stop is bounded in time.
+
+    SIGTERM / SIGINT   stop: sources first (nothing new is acknowledged), then forwarders
+                       (an in-flight batch is abandoned: it is persisted and resent with
+                       the same batch id next start), sinks, buffer. Bounded by
+                       STOP_TIMEOUT.
+    SIGHUP             reload: the new config is validated first; an invalid one is
+                       refused with the one-line error and the running one kept. A valid
+                       one replaces sources, sinks and forwarders; the buffer stays open,
+                       so nothing buffered is lost or reordered (buffer.* changes need a
+                       restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapters import registry
+from agent import __version__
+from agent.buffer import Buffer
+from agent.config import Config, load_config
+from agent.errors import ConfigError, EdgeAgentError
+from agent.forwarder import ForwarderSettings, PriorityGate, StreamForwarder
+from agent.interfaces import Sink, Source
+from agent.status import HEARTBEAT_INTERVAL, build_snapshot
+
+log = logging.getLogger("edge_agent.runtime")
+
+STOP_TIMEOUT = 15.0
+HOUSEKEEPING_INTERVAL = 1.0
+RATE_WINDOW = 300.0
+
+
+@dataclass
+class _Generation:
+    """Sources, sinks and forwarders built from one version of the config."""
+
+    config: Config
+    sinks: dict[str, Sink] = field(default_factory=dict)
+    sources: dict[str, Source] = field(default_factory=dict)
+    source_types: dict[str, str] = field(default_factory=dict)
+    forwarders: dict[str, StreamForwarder] = field(default_factory=dict)
+
+
+class Agent:
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.buffer: Buffer | None = None
+        self.started_at = time.time()
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._gen: _Generation | None = None
+        self._gate = PriorityGate()
+        self._samples: collections.deque[tuple[float, int, int, int]] = collections.deque()
+        self._snapshot: dict[str, Any] = {}
+        self._metrics: Any = None
+        self._notifier: Any = None
+        self.ready = asyncio.Event()
+
+    # ------------------------------------------------------------------ public
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    def snapshot(self) -> dict[str, Any]:
+        """The latest status snapshot (refreshed with every heartbeat)."""
+        return self._snapshot
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        gen = self._gen
+        if gen is None:
+            return False, {"reason": "starting"}
+        sinks = {n: s.state().state for n, s in gen.sinks.items()}
+        sources = {n: s.state().state for n, s in gen.sources.items()}
+        ok = all(v in ("connected", "starting") for v in sinks.values()) and all(
+            v in ("connected", "finished") for v in sources.values()
+        )
+        return ok, {"sinks": sinks, "sources": sources}
+
+    async def run(self) -> None:
+        """Run until request_stop() (or SIGTERM/SIGINT when install_signal_handlers ran)."""
+        cfg = self.config
+        from agent.sdnotify import SystemdNotifier
+
+        self._notifier = SystemdNotifier()
+        self.buffer = await Buffer.open(
+            cfg.buffer.path,
+            plant=cfg.agent.plant,
+            agent_id=cfg.agent.id,
+            durability=cfg.buffer.durability,
+            max_bytes=cfg.buffer.max_bytes,
+            on_full=cfg.buffer.on_full,
+            keep_forwarded=cfg.buffer.keep_forwarded,
+            dedupe_window=cfg.buffer.dedupe_window,
+        )
+        log.info(
+            "edge-agent %s started: buffer %s (epoch %s, durability %s), %d source(s), %d sink(s)",
+            __version__,
+            cfg.buffer.path,
+            self.buffer.epoch,
+            cfg.buffer.durability,
+            len(cfg.sources),
+            len(cfg.sinks),
+        )
+        try:
+            await self._start_metrics()
+            async with asyncio.TaskGroup() as tg:
+                service = [
+                    tg.create_task(self._heartbeat_loop(), name="heartbeat"),
+                    tg.create_task(self._housekeeping_loop(), name="housekeeping"),
+                    tg.create_task(self._checkpoint_loop(), name="checkpoints"),
+                    tg.create_task(self._notifier.watchdog(), name="watchdog"),
+                ]
+                await self._run_generations()
+                for t in service:
+                    t.cancel()
+        finally:
+            self._notifier.stopping()
+            if self._metrics is not None:
+                with contextlib.suppress(Exception):
+                    await self._metrics.stop()
+            with contextlib.suppress(Exception):
+                await self._write_heartbeat(stopped=True)
+            await self.buffer.close()
+            self._notifier.close()
+            log.info("edge-agent stopped cleanly")
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+
+    # ------------------------------------------------------------------ generations
+
+    async def _run_generations(self) -> None:
+        while not self._stop.is_set():
+            gen = self._build(self.config)
+            self._gen = gen
+            reason = await self._run_generation(gen)
+            if reason == "stop":
+                return
+            # reload: self.config was replaced by a validated new config
+
+    def _build(self, cfg: Config) -> _Generation:
+        ctx = registry.AdapterContext(
+            agent_id=cfg.agent.id,
+            plant=cfg.agent.plant,
+            state_dir=Path(cfg.buffer.path).parent,
+            version=__version__,
+        )
+        gen = _Generation(cfg)
+        for name, sc in cfg.sinks.items():
+            gen.sinks[name] = registry.build("sinks", name, sc, ctx)
+        for name, src in cfg.sources.items():
+            if not src.enabled:
+                continue
+            gen.sources[name] = registry.build("sources", name, src, ctx)
+            gen.source_types[name] = src.type
+        return gen
+
+    async def _run_generation(self, gen: _Generation) -> str:
+        assert self.buffer is not None
+        buffer = self.buffer
+        cfg = gen.config
+        f = cfg.forwarder
+        settings = ForwarderSettings(
+            max_events=f.max_events,
+            max_bytes=f.max_bytes,
+            linger_ms=f.linger_ms,
+            backoff_initial=f.backoff_initial,
+            backoff_max=f.backoff_max,
+            auth_retry_interval=f.auth_retry_interval,
+        )
+        started_sinks: list[Sink] = []
+        try:
+            for sink in gen.sinks.values():
+                await sink.start()
+                started_sinks.append(sink)
+            async with asyncio.TaskGroup() as tg:
+                fwd_tasks: list[asyncio.Task[None]] = []
+
+                def add_forwarder(stream: str) -> None:
+                    if stream in gen.forwarders:
+                        return
+                    sink = gen.sinks[cfg.sink_for(stream)]
+                    fw = StreamForwarder(
+                        buffer,
+                        stream,
+                        sink,
+                        settings,
+                        priority=cfg.priority_of(stream),
+                        gate=self._gate,
+                        observe=self._observe,
+                    )
+                    gen.forwarders[stream] = fw
+                    fwd_tasks.append(tg.create_task(fw.run(), name=f"forward:{stream}"))
+
+                for stream in buffer.streams():
+                    add_forwarder(stream)
+                buffer.new_stream_listeners.append(add_forwarder)
+                src_tasks = [
+                    tg.create_task(self._supervise(name, src), name=f"source:{name}")
+                    for name, src in gen.sources.items()
+                ]
+                self.ready.set()
+                self._notifier.ready()
+                self._notifier.status(f"collecting from {len(src_tasks)} source(s)")
+                reason = await self._wait_stop_or_reload()
+                # Teardown in reverse: sources, then forwarders.
+                async with asyncio.timeout(STOP_TIMEOUT):
+                    for t in src_tasks:
+                        t.cancel()
+                    await asyncio.gather(*src_tasks, return_exceptions=True)
+                    buffer.new_stream_listeners.remove(add_forwarder)
+                    for t in fwd_tasks:
+                        t.cancel()
+                    await asyncio.gather(*fwd_tasks, return_exceptions=True)
+            return reason
+        finally:
+            for sink in reversed(started_sinks):
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(5):
+                        await sink.stop()
+
+    async def _wait_stop_or_reload(self) -> str:
+        while True:
+            stop = asyncio.ensure_future(self._stop.wait())
+            reload = asyncio.ensure_future(self._reload.wait())
+            try:
+                await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+                reload.cancel()
+            if self._stop.is_set():
+                return "stop"
+            self._reload.clear()
+            if self._try_reload():
+                return "reload"
+
+    def _try_reload(self) -> bool:
+        if self.config_path is None:
+            log.warning("reload requested but the agent was not started from a config file")
+            return False
+        self._notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+            self._build(new)  # adapters must construct from it, too (no I/O in constructors)
+        except EdgeAgentError as exc:
+            log.error("reload refused, the running config is kept: %s", exc)
+            self._notifier.ready()
+            return False
+        if new.buffer != self.config.buffer or new.agent != self.config.agent:
+            log.warning("reload: [buffer] and [agent] changes take effect only after a restart")
+            new = new.model_copy(update={"buffer": self.config.buffer, "agent": self.config.agent})
+        self.config = new
+        log.info("reloading: restarting sources, sinks and forwarders with the new config")
+        return True
+
+    async def _supervise(self, name: str, source: Source) -> None:
+        """Run a source; if it fails unexpectedly, log it and start it again (capped backoff)."""
+        assert self.buffer is not None
+        delay = 1.0
+        while True:
+            try:
+                await source.run(self.buffer)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                st = source.state()
+                st.state, st.since, st.last_error = "error", time.time(), str(exc)
+                log.error("source %s failed: %s; restarting in %.0f s", name, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+
+    # ------------------------------------------------------------------ service loops
+
+    async def _housekeeping_loop(self) -> None:
+        assert self.buffer is not None
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            try:
+                await self.buffer.housekeeping()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("buffer housekeeping failed (will retry): %s", exc)
+
+    async def _checkpoint_loop(self) -> None:
+        assert self.buffer is not None
+        interval = self.config.buffer.checkpoint_interval
+        if interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            for stream in self.buffer.streams():
+                try:
+                    await self.buffer.append_checkpoint(stream)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("checkpoint for stream %s not written: %s", stream, exc)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                await self._write_heartbeat()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("heartbeat not written: %s", exc)
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    async def _write_heartbeat(self, stopped: bool = False) -> None:
+        assert self.buffer is not None
+        buffer = self.buffer
+        rows = await buffer.stream_rows()
+        now = time.time()
+        ing_b = sum(r["ingested_bytes"] for r in rows)
+        out_b = sum(
+            r["forwarded_bytes"] + r["dropped_bytes"] + r["dead_lettered_bytes"] for r in rows
+        )
+        ing_n = sum(r["ingested_total"] for r in rows)
+        self._samples.append((now, ing_n, ing_b, out_b))
+        while len(self._samples) > 2 and now - self._samples[0][0] > RATE_WINDOW:
+            self._samples.popleft()
+        t0, n0, ib0, ob0 = self._samples[0]
+        dt = now - t0
+        rate_eps = (ing_n - n0) / dt if dt > 0 else 0.0
+        net_fill = ((ing_b - ib0) - (out_b - ob0)) / dt if dt > 0 else 0.0
+        gen = self._gen
+        cfg = self.config
+        sinks, sources, forwarders = [], [], {}
+        stream_sinks: dict[str, tuple[str, str]] = {}
+        if gen is not None:
+            for name, s in gen.sinks.items():
+                st = s.state()
+                sinks.append(
+                    {"name": name, "type": gen.config.sinks[name].type, "state": st.state,
+                     "since": st.since, "last_error": st.last_error}
+                )  # fmt: skip
+            for name, src in gen.sources.items():
+                st = src.state()
+                sources.append(
+                    {"name": name, "type": gen.source_types[name], "stream": src.stream,
+                     "state": st.state, "since": st.since, "last_error": st.last_error,
+                     "detail": st.detail}
+                )  # fmt: skip
+            for stream, fw in gen.forwarders.items():
+                forwarders[stream] = {"state": fw.status.state, "last_error": fw.status.last_error}
+            for r in rows:
+                stream_sinks[r["name"]] = (cfg.sink_for(r["name"]), cfg.priority_of(r["name"]))
+        hb = {
+            "pid": os.getpid(),
+            "at": now,
+            "started_at": self.started_at,
+            "version": __version__,
+            "agent_id": cfg.agent.id,
+            "plant": cfg.agent.plant,
+            "sinks": sinks,
+            "sources": sources,
+            "forwarders": forwarders,
+            "stream_sinks": stream_sinks,
+            "ingest_rate_eps": rate_eps,
+            "net_fill_bps": net_fill,
+            "refused": dict(buffer.refused_by_stream),
+            "last_write_error": buffer.last_write_error,
+            "stopped": stopped,
+        }
+        await buffer.write_meta("heartbeat", hb)
+        self._snapshot = build_snapshot(
+            rows=rows,
+            heartbeat=hb,
+            meta={"epoch": buffer.epoch},
+            path=Path(cfg.buffer.path),
+            max_bytes=cfg.buffer.max_bytes,
+            on_full=cfg.buffer.on_full,
+            durability=cfg.buffer.durability,
+            agent_id=cfg.agent.id,
+            plant=cfg.agent.plant,
+            version=__version__,
+            stream_sinks=stream_sinks,
+            now=now,
+            running=not stopped,
+        )
+        if self._notifier is not None and not stopped:
+            backlog = sum(s["backlog_events"] for s in self._snapshot["streams"])
+            self._notifier.status(f"backlog {backlog} events; {rate_eps:.0f} events/s in")
+
+    # ------------------------------------------------------------------ metrics
+
+    async def _start_metrics(self) -> None:
+        m = self.config.metrics
+        if not m.enabled:
+            return
+        from agent.metrics import MetricsServer
+
+        server = MetricsServer(m.listen, self.snapshot, self.readiness)
+        try:
+            await server.start()
+        except OSError as exc:
+            log.error(
+                "metrics: cannot listen on %s (%s); running without metrics "
+                "(set metrics.listen to a free port)",
+                m.listen,
+                exc.strerror or exc,
+            )
+            return
+        self._metrics = server
+
+    def _observe(self, stream: str, sink: str, seconds: float, events: int, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.observe_batch(stream, sink, seconds, events, outcome)
+
+
+async def run_agent(config_path: Path) -> None:
+    """Entry point of `edge-agent run`: load, run until signalled."""
+    cfg = load_config(config_path)
+    agent = Agent(cfg, config_path)
+    agent.install_signal_handlers()
+    await agent.run()
+
+
+__all__ = ["Agent", "ConfigError", "run_agent"]

@@ -1,0 +1,193 @@
+"""The status snapshot: one builder for `edge-agent status`, /metrics and /readyz.
+
+The running agent writes a heartbeat (its in-memory view: sinks, sources, rates) into the
+buffer file every few seconds; the counters live in the ``streams`` table. Status reads
+both, read-only, so it works whether the agent runs or not, and metrics (built from the
+same snapshot inside the agent) always agree with it.
+
+Schema 1 of ``status --json`` (stable; new keys may be added, none removed or renamed):
+
+    {"schema": 1,
+     "agent": {"id", "plant", "version", "running", "pid", "started_at", "heartbeat_age_s"},
+     "buffer": {"path", "file_bytes", "used_bytes", "max_bytes", "on_full", "durability",
+                "epoch", "ingest_rate_eps", "full_in_s", "refused_total"},
+     "streams": [{"stream", "sink", "priority", "last_sequence", "forwarded_sequence",
+                  "backlog_events", "backlog_bytes", "oldest_unsent_age_s", "last_forwarded_at",
+                  "last_error", "state", "dead_letters", "ingested_total", "forwarded_total",
+                  "dropped_total", "dead_lettered_total", "refused_total"}],
+     "sinks": [{"name", "type", "state", "since", "last_error"}],
+     "sources": [{"name", "type", "stream", "state", "since", "last_error", "detail"}]}
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from agent.buffer import read_stream_rows
+
+HEARTBEAT_INTERVAL = 2.0
+SCHEMA = 1
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def file_bytes(path: Path) -> int:
+    total = 0
+    for suffix in ("", "-wal"):
+        try:
+            total += os.stat(str(path) + suffix).st_size
+        except OSError:
+            pass
+    return total
+
+
+def build_snapshot(
+    *,
+    rows: list[dict[str, Any]],
+    heartbeat: dict[str, Any] | None,
+    meta: dict[str, str],
+    path: Path,
+    max_bytes: int,
+    on_full: str,
+    durability: str,
+    agent_id: str,
+    plant: str,
+    version: str,
+    stream_sinks: dict[str, tuple[str, str]],
+    now: float | None = None,
+    running: bool | None = None,
+) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    hb = heartbeat or {}
+    hb_age = now - hb["at"] if "at" in hb else None
+    if running is None:
+        running = bool(
+            hb_age is not None
+            and hb_age < 3 * HEARTBEAT_INTERVAL + 2
+            and pid_alive(hb.get("pid"))
+            and not hb.get("stopped")
+        )
+    fwd_state = hb.get("forwarders", {})
+    refused = hb.get("refused", {})
+    used = sum(r["stored_bytes"] for r in rows)
+    streams = []
+    for r in rows:
+        name = r["name"]
+        sink, prio = stream_sinks.get(name, (hb.get("stream_sinks", {}).get(name, ["", "normal"])))
+        fs = fwd_state.get(name, {})
+        streams.append(
+            {
+                "stream": name,
+                "sink": sink,
+                "priority": prio,
+                "last_sequence": r["last_seq"],
+                "forwarded_sequence": r["forwarded_seq"],
+                "backlog_events": r["backlog_events"],
+                "backlog_bytes": r["backlog_bytes"],
+                "oldest_unsent_age_s": (
+                    round(now - r["oldest_unsent_at"], 3) if r["oldest_unsent_at"] else None
+                ),
+                "last_forwarded_at": r["last_forwarded_at"],
+                "last_error": r["last_error"],
+                "state": fs.get("state") if running else "stopped",
+                "dead_letters": r["dead_letters"],
+                "ingested_total": r["ingested_total"],
+                "forwarded_total": r["forwarded_total"],
+                "dropped_total": r["dropped_total"],
+                "dead_lettered_total": r["dead_lettered_total"],
+                "refused_total": int(refused.get(name, 0)),
+            }
+        )
+    rate_eps = float(hb.get("ingest_rate_eps", 0.0)) if running else 0.0
+    fill_bps = float(hb.get("net_fill_bps", 0.0)) if running else 0.0
+    free = max(0, max_bytes - used)
+    full_in = round(free / fill_bps, 1) if fill_bps > 0 else None
+    return {
+        "schema": SCHEMA,
+        "agent": {
+            "id": hb.get("agent_id", agent_id),
+            "plant": hb.get("plant", plant),
+            "version": hb.get("version", version),
+            "running": running,
+            "pid": hb.get("pid") if running else None,
+            "started_at": hb.get("started_at"),
+            "heartbeat_age_s": round(hb_age, 3) if hb_age is not None else None,
+        },
+        "buffer": {
+            "path": str(path),
+            "file_bytes": file_bytes(path),
+            "used_bytes": used,
+            "max_bytes": max_bytes,
+            "on_full": on_full,
+            "durability": durability,
+            "epoch": meta.get("epoch"),
+            "ingest_rate_eps": round(rate_eps, 2),
+            "full_in_s": full_in,
+            "refused_total": int(sum(refused.values())) if refused else 0,
+            "last_write_error": hb.get("last_write_error") if running else None,
+        },
+        "streams": streams,
+        "sinks": hb.get("sinks", [])
+        if running
+        else [{**s, "state": "stopped"} for s in hb.get("sinks", [])],
+        "sources": hb.get("sources", [])
+        if running
+        else [{**s, "state": "stopped"} for s in hb.get("sources", [])],
+    }
+
+
+def read_offline(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None, dict[str, str]]:
+    """Read counters and heartbeat from the buffer file without writing to it."""
+    if not path.exists():
+        raise FileNotFoundError(path)
+    uri = f"file:{path}?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=2.0)
+        conn.execute("SELECT 1 FROM meta LIMIT 1").fetchall()
+    except sqlite3.OperationalError:
+        # A WAL file we may not create -shm for (read-only directory): read as immutable.
+        conn = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+    try:
+        rows = read_stream_rows(conn)
+        meta = {k: v for k, v in conn.execute("SELECT key, value FROM meta")}
+    finally:
+        conn.close()
+    hb = orjson.loads(meta["heartbeat"]) if "heartbeat" in meta else None
+    return rows, hb, meta
+
+
+def human_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{seconds:.0f}s" if seconds >= 1 else f"{seconds * 1000:.0f}ms"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
