@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Build the single-file binary dist/edge-agent with PyInstaller.
+#
+#   packaging/build_binary.sh                  # fresh build venv in build/venv (CI, release)
+#   packaging/build_binary.sh --use-current    # the active/project venv (fast, for tests)
+#   PYTHON=/usr/bin/python3.11 packaging/build_binary.sh
+#
+# The binary links against the build machine's glibc: build on the oldest distribution you
+# deploy to (Debian 12 builds run on Debian 12 and newer). Output: dist/edge-agent.
+set -euo pipefail
+
+PYINSTALLER_VERSION="6.22.3"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+use_current=0
+for arg in "$@"; do
+  case "$arg" in
+    --use-current) use_current=1 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) echo "build_binary.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
+  esac
+done
+
+if [[ $use_current == 1 ]]; then
+  if [[ -n "${VIRTUAL_ENV:-}" ]]; then
+    PY="$VIRTUAL_ENV/bin/python"
+  elif [[ -x "$ROOT/.venv/bin/python" ]]; then
+    PY="$ROOT/.venv/bin/python"
+  else
+    echo "build_binary.sh: --use-current needs an active venv or $ROOT/.venv" >&2
+    exit 1
+  fi
+else
+  base="${PYTHON:-python3}"
+  "$base" -c 'import sys; assert sys.version_info >= (3, 11), sys.version' || {
+    echo "build_binary.sh: $base must be Python 3.11 or newer (set PYTHON=...)" >&2; exit 1; }
+  rm -rf build/venv
+  "$base" -m venv build/venv
+  PY="$ROOT/build/venv/bin/python"
+  "$PY" -m pip install --quiet --upgrade pip
+  "$PY" -m pip install --quiet "$ROOT"
+fi
+
+# PyInstaller needs a Python built with --enable-shared (Debian's and pyenv's
+# PYTHON_CONFIGURE_OPTS=--enable-shared are).
+"$PY" - <<'PYCHECK'
+import sys, sysconfig
+if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
+    sys.exit(f"build_binary.sh: {sys.executable} has no libpython shared library; "
+             "use Debian's python3 or rebuild with --enable-shared")
+PYCHECK
+
+if ! "$PY" -m PyInstaller --version 2>/dev/null | grep -qx "$PYINSTALLER_VERSION"; then
+  "$PY" -m pip install --quiet "pyinstaller==$PYINSTALLER_VERSION"
+fi
+
+"$PY" -m PyInstaller --noconfirm --clean --log-level WARN \
+  --distpath "$ROOT/dist" --workpath "$ROOT/build/pyinstaller" \
+  "$ROOT/packaging/edge-agent.spec"
+
+echo "built $ROOT/dist/edge-agent ($(du -h "$ROOT/dist/edge-agent" | cut -f1))"
