@@ -23,6 +23,7 @@ from agent.errors import SourceError
 
 from . import security
 from .config import Config
+from .security import AuthRefused
 
 log = logging.getLogger("edge_agent.source.opcua")
 
@@ -49,10 +50,6 @@ _CERT_CODES = {
     ua.StatusCodes.BadCertificateRevocationUnknown,
     ua.StatusCodes.BadSecurityPolicyRejected,
 }
-
-
-class AuthRefused(SourceError):
-    """Security or login refused: retrying will not help until the operator acts."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,10 +223,10 @@ async def open_client(
                 client.set_password(password or "")
             await client.connect(auto_reconnect=False)
     except asyncio.CancelledError:
-        await close_quietly(client)
+        _drop_socket(client)
         raise
     except Exception as exc:
-        await close_quietly(client)
+        _drop_socket(client)
         raise translate(exc, cfg, own) from exc
     return client, own
 
@@ -241,5 +238,9 @@ async def close_quietly(client: Client, grace: float = 2.0) -> None:
             await client.disconnect()
     except Exception:  # noqa: BLE001 - best effort on a connection that may be gone
         log.debug("disconnect did not complete cleanly", exc_info=True)
+    _drop_socket(client)
+
+
+def _drop_socket(client: Client) -> None:
     with contextlib.suppress(Exception):
         client.disconnect_socket()

@@ -66,7 +66,11 @@ def subject_of(cert: x509.Certificate) -> str:
     return cert.subject.rfc4514_string()
 
 
-class UntrustedServerCertificate(SourceError):
+class AuthRefused(SourceError):
+    """Security or login refused: retrying will not help until the operator acts."""
+
+
+class UntrustedServerCertificate(AuthRefused):
     """The server presented a certificate that is neither in the trust folder nor pinned."""
 
     def __init__(self, endpoint: str, der: bytes, trusted_dir: Path | None, saved: Path | None):
