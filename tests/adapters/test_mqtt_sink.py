@@ -100,8 +100,8 @@ async def make_sink(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             await s.stop()
 
 
-async def wait_state(sink: MqttSink, state: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_state(sink: MqttSink, state: str, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
     while sink.state().state != state:
         if time.monotonic() > deadline:
             st = sink.state()
@@ -109,8 +109,10 @@ async def wait_state(sink: MqttSink, state: str, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def received(sub: Subscriber, pred: Callable[[list[Received]], bool], timeout: float = 10):
-    return await asyncio.to_thread(sub.wait_for, pred, timeout)
+async def received(
+    sub: Subscriber, pred: Callable[[list[Received]], bool], within: float = 10
+) -> list[Received]:
+    return await asyncio.to_thread(sub.wait_for, pred, within)
 
 
 def on_topic(topic: str) -> Callable[[list[Received]], list[Received]]:
@@ -306,6 +308,7 @@ async def test_broker_restarts_under_continuous_load(
     sink = await make_sink(mosquitto, max_in_flight=8, ack_timeout=5)
     sent = batches("line1", 200, size=20)
     acked = 0
+    sixty = asyncio.Event()
 
     async def forwarder() -> None:
         nonlocal acked
@@ -320,10 +323,11 @@ async def test_broker_restarts_under_continuous_load(
                     await asyncio.to_thread(sub.ready.wait, 10)
                     break
                 acked += 1
+                if acked >= 60:
+                    sixty.set()
 
     task = asyncio.create_task(forwarder())
-    while acked < 60:
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(sixty.wait(), 20)
     # a broker acknowledges a message before writing it to subscribers: freeze it first and
     # let what it already acknowledged reach the subscriber, so the kill loses only batches
     # the sink was never told about (a broker without persistence loses the rest)
@@ -396,9 +400,11 @@ async def test_bad_password_is_auth_then_fixed(
     )
     r = await sink.send(make_batch("line1", 1, 2))
     assert r.outcome is Outcome.AUTH, r
-    assert "password" in r.reason.lower() and "0x86" in r.reason
+    # mosquitto says 0x87 "not authorized" for a bad password (it does not tell which)
+    assert "0x86" in r.reason or "0x87" in r.reason, r.reason
+    assert "password" in r.reason
     await wait_state(sink, "auth_failed")
-    assert "password" in (sink.state().last_error or "").lower()
+    assert sink.state().last_error == r.reason
     assert "wrong-secret" not in repr(sink.state())
 
     right = tmp_path / "right"

@@ -70,7 +70,8 @@ STATUS_CONTENT_TYPE = "application/json"
 AUTH_CONNACK = {0x86, 0x87, 0x8A, 0x8C}
 _CONNACK_HINTS = {
     0x86: "check username and password / password_file",
-    0x87: "the broker's ACL or certificate mapping does not allow this client",
+    0x87: "check username and password / password_file or the client certificate, and the "
+    "broker's ACL: it does not accept this client",
     0x8A: "the broker banned this client",
     0x8C: "the broker expects another authentication method",
     0x85: "the broker rejected client_id; set another one",
@@ -506,7 +507,8 @@ class MqttSink(Sink):
             raise _Refused(f"cannot connect to {where}: {text}", auth=False) from exc
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             self._close(conn, "connect")
-            raise _Refused(f"cannot send CONNECT to {where}: {mqtt.error_string(rc)}", auth=False)
+            detail = conn.errors[-1] if conn.errors else mqtt.error_string(rc)
+            raise self._early_close(f"cannot send CONNECT to {where}: {detail}", conn)
         self._attach(conn)
         await asyncio.wait(
             {conn.connack, conn.lost}, timeout=cfg.connect_timeout, return_when="FIRST_COMPLETED"
@@ -536,24 +538,30 @@ class MqttSink(Sink):
         if conn.lost.done():
             reason = conn.lost.result()
             self._close(conn, reason)
-            if cfg.tls and (_looks_like_cert_refusal(reason) or not conn.errors):
-                # TLS 1.3: the broker checks the client certificate after the handshake
-                # completed on our side, so a refusal shows up only as this early close.
-                raise _Refused(
-                    f"the broker at {where} closed the TLS connection before CONNACK "
-                    f"({reason}): it refused the client certificate or requires one "
-                    "(check cert_file and key_file, and that the broker trusts their CA)",
-                    auth=True,
-                )
-            raise _Refused(
-                f"the broker at {where} closed the connection before CONNACK: {reason}",
-                auth=False,
+            raise self._early_close(
+                f"the broker at {where} closed the connection before CONNACK: {reason}", conn
             )
         self._close(conn, "timeout")
         raise _Refused(
             f"no CONNACK from {where} within connect_timeout {cfg.connect_timeout:g}s",
             auth=False,
         )
+
+    def _early_close(self, reason: str, conn: _Connection) -> _Refused:
+        """A connection that ended before CONNACK. Under TLS this is how a broker refuses a
+        client certificate: with TLS 1.3 it checks the certificate only after our side of
+        the handshake completed, so connect() succeeded and the refusal arrives as an alert
+        or a bare EOF on the first read."""
+        if not self._cfg.tls:
+            return _Refused(reason, auth=False)
+        errors = " ".join(conn.errors)
+        if _looks_like_cert_refusal(errors) or "EOF" in errors or not errors:
+            return _Refused(
+                f"{reason}: the broker refused the client certificate or requires one "
+                "(check cert_file and key_file, and that the broker trusts their CA)",
+                auth=True,
+            )
+        return _Refused(reason, auth=False)
 
     def _new_connection(self) -> _Connection:
         assert self._loop is not None
@@ -667,8 +675,6 @@ class MqttSink(Sink):
         """The connection is gone: every batch without PUBACK is answered retry now."""
         if not conn.lost.done():
             conn.lost.set_result(reason)
-        if not conn.connack.done():
-            conn.connack.cancel()
         pending, conn.pending = conn.pending, {}
         for p in pending.values():
             if not p.future.done():
