@@ -43,7 +43,7 @@ from adapters.registry import AdapterContext
 from adapters.sources.mes_common import MesInputError, parse_mes_payload
 from agent.config import read_secret
 from agent.errors import BufferFull, SourceError
-from agent.interfaces import ComponentState, Ingest, NewEvent, Source
+from agent.interfaces import Committed, ComponentState, Ingest, NewEvent, Source
 from agent.logs import register_secret
 
 from .config import Config, Subscription
@@ -71,6 +71,11 @@ class _Connected:
 
 
 @dataclass(frozen=True, slots=True)
+class _Subscribed:
+    refused: list[str]
+
+
+@dataclass(frozen=True, slots=True)
 class _Problem:
     state: str  # disconnected | auth_failed | error
     text: str
@@ -95,6 +100,8 @@ class MqttSource(Source):
         self._messages = 0
         self._rejected: Counter[str] = Counter()
         self._held_back = False
+        self._subscribed = False
+        self._stopping = False
         #: connection generation as the paho thread sees it (read by the ack decision)
         self._thread_generation = 0
         self._gen_lock = threading.Lock()
@@ -110,6 +117,7 @@ class MqttSource(Source):
         self._state.detail = {
             "broker": f"{self.config.host}:{self.config.port}",
             "client_id": self.client_id,
+            "subscribed": self._subscribed,
             "accepted": self._accepted,
             "duplicates": self._duplicates,
             "messages": self._messages,
@@ -131,6 +139,7 @@ class MqttSource(Source):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[_Message] = asyncio.Queue()
         self._connected_event = asyncio.Event()
+        self._stopping = False
         client = await asyncio.to_thread(self._make_client)
         self._client = client
         self._wire(client, loop, queue)
@@ -155,6 +164,7 @@ class MqttSource(Source):
         try:
             await self._consume(ingest, queue)
         finally:
+            self._stopping = True
             self._set("stopped")
             # Unacknowledged messages stay in the broker's session for the next start.
             client.disconnect()
@@ -233,9 +243,12 @@ class MqttSource(Source):
             post(_Connected(gen, bool(flags.session_present)))
 
         def on_subscribe(_c: paho.Client, _u: Any, _mid: int, codes: Any, _p: Any) -> None:
-            for sub, code in zip(self.config.subscriptions, codes, strict=False):
-                if code.is_failure:
-                    post(_Problem("error", f"broker refused subscription {sub.topic!r}: {code}"))
+            refused = [
+                f"broker refused subscription {sub.topic!r}: {code}"
+                for sub, code in zip(self.config.subscriptions, codes, strict=False)
+                if code.is_failure
+            ]
+            post(_Subscribed(refused))
 
         def on_disconnect(_c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
             post(_Problem("disconnected", f"disconnected from {self.config.url}: {reason}"))
@@ -260,9 +273,12 @@ class MqttSource(Source):
     # ------------------------------------------------------------------ asyncio side
 
     def _on_event(self, item: Any, queue: asyncio.Queue[_Message]) -> None:
+        if self._stopping:
+            return  # late callbacks of the connection being closed
         if isinstance(item, _Message):
             queue.put_nowait(item)
         elif isinstance(item, _Connected):
+            self._subscribed = False
             self._generation = item.generation
             self._session_present = item.session_present
             self._set("connected")
@@ -274,12 +290,18 @@ class MqttSource(Source):
             )
             assert self._connected_event is not None
             self._connected_event.set()
+        elif isinstance(item, _Subscribed):
+            self._subscribed = not item.refused
+            for text in item.refused:
+                log.error(text, extra={"source": self.name})
+                self._state.last_error = text
         elif isinstance(item, _Problem):
             if item.state == "disconnected" and self._state.state == "auth_failed":
                 return  # keep the more useful reason
             if self._state.last_error != item.text:
                 log.warning(item.text, extra={"source": self.name})
             if item.state != "error":
+                self._subscribed = False
                 self._set(item.state, item.text)
                 assert self._connected_event is not None
                 self._connected_event.clear()
@@ -294,42 +316,63 @@ class MqttSource(Source):
             await self._handle(ingest, group)
 
     async def _handle(self, ingest: Ingest, group: list[_Message]) -> None:
-        """Commit what is valid in ``group``, then acknowledge all of it in order."""
+        """Commit what is valid in ``group`` in one append, then acknowledge all of it in
+        order. Under BufferFull fall back to one message at a time (see _hold_back)."""
         group = await self._current(group)
         if not group:
             return
-        events: list[NewEvent] = []
+        decoded: list[tuple[_Message, list[NewEvent]]] = []
         for msg in group:
             self._messages += 1
             try:
-                events.extend(self._decode(msg))
+                decoded.append((msg, self._decode(msg)))
             except _Rejected as exc:
                 self._rejected[exc.reason] += 1
                 text = f"rejected message on {msg.topic!r}: {exc.text}"
                 log.warning(text, extra={"source": self.name, "stream": self.stream})
                 self._state.last_error = text
+                decoded.append((msg, []))
+        events = [ev for _, evs in decoded for ev in evs]
         if events:
-            while True:
-                try:
-                    committed = await ingest.append(self.stream, events)
-                    break
-                except BufferFull as exc:
-                    if not self._held_back:
-                        log.warning(
-                            "buffer full: holding back %d message(s) unacknowledged",
-                            len(group),
-                            extra={"source": self.name, "stream": self.stream},
-                        )
-                    self._held_back = True
-                    self._state.last_error = str(exc)
-                    await asyncio.sleep(self.config.retry_interval)
-                    group = await self._current(group)
-                    if not group:
-                        return  # the broker will send them again
-            self._held_back = False
-            self._accepted += sum(not c.duplicate for c in committed)
-            self._duplicates += sum(c.duplicate for c in committed)
+            try:
+                self._count(await ingest.append(self.stream, events))
+            except BufferFull as exc:
+                await self._hold_back(ingest, decoded, exc)
+                return
         self._ack(group)
+
+    async def _hold_back(
+        self, ingest: Ingest, decoded: list[tuple[_Message, list[NewEvent]]], exc: BufferFull
+    ) -> None:
+        """The buffer is full: commit message by message (a whole group may never fit, a
+        single message will once the sink drains the backlog), retrying each until it goes
+        in and acknowledging it only then. Unacknowledged, the broker stops sending more
+        once Receive Maximum messages are outstanding: that is the back-pressure."""
+        log.warning(
+            "buffer full: holding back %d message(s) unacknowledged; retrying every %.1fs",
+            len(decoded),
+            self.config.retry_interval,
+            extra={"source": self.name, "stream": self.stream},
+        )
+        self._held_back = True
+        self._state.last_error = str(exc)
+        for msg, events in decoded:
+            while events:
+                await asyncio.sleep(self.config.retry_interval)
+                if not await self._current([msg]):
+                    break  # the broker will send it again on the new connection
+                try:
+                    self._count(await ingest.append(self.stream, events))
+                    break
+                except BufferFull as again:
+                    self._state.last_error = str(again)
+            if await self._current([msg]):
+                self._ack([msg])
+        self._held_back = False
+
+    def _count(self, committed: list[Committed]) -> None:
+        self._accepted += sum(not c.duplicate for c in committed)
+        self._duplicates += sum(c.duplicate for c in committed)
 
     async def _current(self, group: list[_Message]) -> list[_Message]:
         """Drop messages the broker will send again: those of an earlier connection when
