@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from datetime import datetime
 
-from asyncua import ua
+import pytest
+from asyncua import Client, ua
 
 from tests.adapters.opcua_helpers import (
     make_config,
@@ -16,12 +19,23 @@ from tests.adapters.opcua_helpers import (
 )
 
 
+@pytest.fixture(scope="module")
+def plain(opcua_module_server):
+    """One plain server shared by the tests that do not stop it (a start costs seconds)."""
+    return opcua_module_server(tick=0.05)
+
+
+@pytest.fixture(scope="module")
+def secure(opcua_module_server):
+    return opcua_module_server(secure=True, secure_only=True, users={"operator": "s3cret"})
+
+
 def _ts(s: str) -> datetime:
     return datetime.fromisoformat(s.replace("Z", "+00:00"))
 
 
-async def test_values_arrive_in_order_with_timestamps_and_status(opcua_server, tmp_path):
-    srv = opcua_server(tick=0.05)
+async def test_values_arrive_in_order_with_timestamps_and_status(plain, tmp_path):
+    srv = plain
     cfg = make_config(
         srv.endpoint,
         [node("Counter", queue_size=50), node("Quality", queue_size=50, machine="M1")],
@@ -74,8 +88,8 @@ async def _enough(buf, suffix, n):
     return got if len(got) >= n else None
 
 
-async def test_signandencrypt_with_username_password(opcua_server, tmp_path):
-    srv = opcua_server(secure=True, secure_only=True, users={"operator": "s3cret"}, tick=0.1)
+async def test_signandencrypt_with_username_password(secure, tmp_path):
+    srv = secure
     (tmp_path / "pw").write_text("s3cret\n")
     trusted = tmp_path / "trusted"
     trusted.mkdir()
@@ -99,8 +113,8 @@ async def test_signandencrypt_with_username_password(opcua_server, tmp_path):
     assert (tmp_path / "state" / "opcua" / "line1" / "cert.der").is_file()
 
 
-async def test_wrong_password_is_a_clear_auth_error(opcua_server, tmp_path):
-    srv = opcua_server(secure=True, users={"operator": "s3cret"})
+async def test_wrong_password_is_a_clear_auth_error(secure, tmp_path):
+    srv = secure
     (tmp_path / "pw").write_text("wrong")
     cfg = make_config(
         srv.endpoint,
@@ -121,10 +135,8 @@ async def test_wrong_password_is_a_clear_auth_error(opcua_server, tmp_path):
         assert await read_events(buf, "line1") == []
 
 
-async def test_untrusted_server_certificate_is_refused_naming_its_thumbprint(
-    opcua_server, tmp_path
-):
-    srv = opcua_server(secure=True, secure_only=True)
+async def test_untrusted_server_certificate_is_refused_naming_its_thumbprint(secure, tmp_path):
+    srv = secure
     trusted = tmp_path / "trusted"
     trusted.mkdir()
     cfg = make_config(
@@ -154,3 +166,108 @@ def _thumb(path) -> str:
     import hashlib
 
     return hashlib.sha1(path.read_bytes()).hexdigest().upper()
+
+
+async def test_server_killed_and_restarted_reconnects_and_resumes(opcua_server, tmp_path):
+    srv = opcua_server(tick=0.1)
+    cfg = make_config(srv.endpoint, [node("Counter", queue_size=20)], liveness_timeout="2s")
+    async with running_source(cfg, tmp_path) as (src, buf):
+        await wait_for(lambda: _enough(buf, "Line1.Counter", 5), 20, "5 samples", src)
+        killed = time.time()
+        srv.kill()
+        st = await wait_for(
+            lambda: src.state() if src.state().state == "disconnected" else None, 5, "loss", src
+        )
+        detected = time.time() - killed
+        assert detected < 2.5, detected  # within liveness_timeout (+ a watchdog step)
+        assert "127.0.0.1" in st.last_error
+        before = len(await signals(buf, "line1", "Line1.Counter"))
+        await asyncio.sleep(1.0)
+        srv.start()
+        restarted = time.time()
+        await wait_for(
+            lambda: _enough(buf, "Line1.Counter", before + 10), 20, "samples after restart", src
+        )
+        st = src.state()
+        assert st.state == "connected" and st.detail["reconnects"] == 1, st
+        got = await signals(buf, "line1", "Line1.Counter")
+    values = [e["data"]["value"] for e in got]
+    assert values == sorted(set(values)), "no duplicate, no reordering across the restart"
+    gaps = [b - a for a, b in zip(values, values[1:], strict=False) if b - a > 1]
+    assert len(gaps) == 1, values  # the restart window, and nowhere else
+    # the missing ticks fall in the window the server was really down (plus reconnect)
+    first_after = next(v for v in values if srv.t0 + v * srv.tick > killed)
+    assert srv.t0 + first_after * srv.tick < restarted + 3.0
+    assert gaps[0] * srv.tick < (restarted - killed) + 3.0
+
+
+async def test_counter_state_and_hold_mapping(plain, tmp_path):
+    nodes = [
+        node(
+            "Produced",
+            event="mfg.production.counted",
+            counter_max=65535,
+            work_order="WO-1",
+            item="ITEM-9",
+            raw=False,
+        ),
+        node(
+            "State",
+            event="mfg.machine.state_changed",
+            machine="M1",
+            raw=False,
+            states={"0": "idle", "1": "running", "2": "down", "3": "setup"},
+        ),
+        node("Hold", event="mfg.quality.hold", item="ITEM-9", lot="LOT-7", reason="leak test"),
+    ]
+    cfg = make_config(plain.endpoint, nodes, line="L1", plant="berlin")
+    async with Client(plain.endpoint) as client:
+        ns = await client.get_namespace_index("urn:edge-agent:test-server")
+
+        async def write(name: str, value, vt) -> None:
+            await client.get_node(f"ns={ns};s=Line1.{name}").write_value(ua.Variant(value, vt))
+
+        await write("Produced", 0, ua.VariantType.UInt16)
+        await write("State", 0, ua.VariantType.Int32)
+        await write("Hold", False, ua.VariantType.Boolean)
+        async with running_source(cfg, tmp_path) as (src, buf):
+            await wait_for(
+                lambda: src.state().detail["notifications_total"] >= 3, 10, "initial", src
+            )
+            for v in (10, 15, 3, 65530, 5):
+                await write("Produced", v, ua.VariantType.UInt16)
+                await asyncio.sleep(0.15)
+            for v in (1, 2, 9, 3):
+                await write("State", v, ua.VariantType.Int32)
+                await asyncio.sleep(0.15)
+            for v in (True, False):
+                await write("Hold", v, ua.VariantType.Boolean)
+                await asyncio.sleep(0.15)
+
+            async def done():
+                evs = await read_events(buf, "line1")
+                return evs if sum(e["type"] == "mfg.quality.hold_released" for e in evs) else None
+
+            events = await wait_for(done, 10, "hold released", src)
+            assert src.state().detail["items_monitored"] == 3
+    counted = [e["data"] for e in events if e["type"] == "mfg.production.counted"]
+    # +10, +5, reset to 3 counts 3, +65527, rollover 65530 -> 5 counts 11
+    assert [c["good"] for c in counted] == [
+        {"value": v, "uom": "EA"} for v in (10, 5, 3, 65527, 11)
+    ]
+    assert counted[0]["work_order"] == "WO-1" and counted[0]["item"] == "ITEM-9"
+    assert counted[0]["plant"] == "berlin" and counted[0]["line"] == "L1"
+    states = [e["data"] for e in events if e["type"] == "mfg.machine.state_changed"]
+    assert [(s["state"], s.get("previous_state")) for s in states] == [
+        ("idle", None),
+        ("running", "idle"),
+        ("down", "running"),
+        ("setup", "down"),
+    ]
+    assert states[0]["machine"] == "M1" and states[3]["reason_code"] == "3"
+    holds = [e for e in events if e["type"].startswith("mfg.quality.hold_")]
+    assert [h["type"] for h in holds] == ["mfg.quality.hold_placed", "mfg.quality.hold_released"]
+    assert holds[0]["data"]["lot"] == "LOT-7" and holds[0]["data"]["reason"] == "leak test"
+    # raw = false: no signal for the counter and state nodes; the hold node keeps its raw signal
+    raw_nodes = {e["data"]["node_id"] for e in events if e["type"] == "mfg.signal.sampled"}
+    assert raw_nodes == {"nsu=urn:edge-agent:test-server;s=Line1.Hold"}

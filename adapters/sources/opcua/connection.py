@@ -160,6 +160,8 @@ def translate(exc: BaseException, cfg: Config, own: OwnCertificate | None = None
         return SourceError(f"cannot resolve the host of {url}: {exc.strerror} (check endpoint)")
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return SourceError(f"no answer from {url} in time (server down or network cut?)")
+    if isinstance(exc, ConnectionError):
+        return SourceError(f"connection to {url} lost ({exc})")
     if isinstance(exc, OSError):
         return SourceError(f"connection to {url} failed: {exc.strerror or exc}")
     return SourceError(f"connection to {url} failed: {_message_of(exc)}")

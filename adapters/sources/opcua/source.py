@@ -231,7 +231,7 @@ class OpcUaSource(Source):
         client, _own = await open_client(self.cfg, self.name, self.state_dir)
 
         async def on_lost(exc: Exception) -> None:
-            self._mark_lost(f"connection lost: {translate(exc, self.cfg)}")
+            self._mark_lost(str(translate(exc, self.cfg)))
 
         client.connection_lost_callback = on_lost
         try:
