@@ -1,0 +1,309 @@
+"""Drop folder: a SIGKILL in the middle of an import never imports a file twice.
+
+1. A process running the source against the real Buffer is SIGKILLed at the exact point
+   between the commit and the move (the ingest it uses kills the process as soon as
+   ``append`` returned); the next run only moves the file.
+2. The real agent (``edge-agent run -c FILE``) forwarding to the reference gateway: the
+   move is made to fail (processed/ is a plain file), the agent is SIGKILLed with the
+   events committed and the file still in the inbox, then restarted; and the agent is
+   SIGKILLed at random points while importing many files. Every event reaches the gateway
+   exactly once.
+
+The events carry no MES id on purpose: the buffer's de-duplication by source event id
+cannot hide a second import, only the content-hash mark prevents it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+RUNNER = r"""
+import asyncio, json, os, signal, sys
+from pathlib import Path
+
+from adapters.registry import AdapterContext
+from adapters.sources.drop_folder import Config, build
+from agent.buffer import Buffer
+
+
+class KillAfterCommit:
+    # The real buffer; the process dies the moment the commit returned (before the move).
+    def __init__(self, buf):
+        self.buf = buf
+
+    async def append(self, stream, events, *, marks=()):
+        await self.buf.append(stream, events, marks=marks)
+        print("committed", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    async def has_mark(self, namespace, key):
+        return await self.buf.has_mark(namespace, key)
+
+    def has_room(self):
+        return self.buf.has_room()
+
+
+async def main(db, inbox, mode):
+    buf = await Buffer.open(db, plant="p", agent_id="a")
+    ingest = KillAfterCommit(buf) if mode == "kill" else buf
+    config = Config.model_validate({"type": "drop_folder", "path": inbox})
+    source = build("mes_drop", config, AdapterContext("a", "p", Path("."), "0"))
+    for _ in range(3):
+        await source.poll_once(ingest)
+    rows = await buf.read_next("mes_drop", 0, 100000, 1 << 40)
+    print(json.dumps({"detail": source.state().detail,
+                      "values": [json.loads(b)["data"]["good"]["value"] for _, _, b in rows]}))
+    await buf.close()
+
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def counted(file_no: int, n: int) -> dict[str, Any]:
+    """An event without an MES id, so only the content-hash mark prevents a re-import."""
+    return {
+        "type": "mfg.production.counted",
+        "time": "2026-11-23T10:00:00Z",
+        "data": {"work_order": f"WO-{file_no}", "item": "P-1", "good": {"value": n, "uom": "EA"}},
+    }
+
+
+def write_file(inbox: Path, file_no: int, events: int) -> Path:
+    path = inbox / f"export-{file_no:03d}.jsonl"
+    tmp = path.with_suffix(".jsonl.part")
+    tmp.write_bytes(b"".join(orjson.dumps(counted(file_no, n)) + b"\n" for n in range(events)))
+    os.rename(tmp, path)  # the rename convention: never seen half written
+    return path
+
+
+def run_runner(tmp_path: Path, inbox: Path, mode: str) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "buffer.db"), str(inbox), mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+
+
+def test_sigkill_between_commit_and_move_imports_exactly_once(tmp_path: Path) -> None:
+    inbox = tmp_path / "drop"
+    inbox.mkdir()
+    write_file(inbox, 1, 7)
+
+    killed = run_runner(tmp_path, inbox, "kill")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert "committed" in killed.stdout
+    assert (inbox / "export-001.jsonl").exists(), "the kill came before the move"
+    assert not (inbox / "processed").exists()
+
+    again = run_runner(tmp_path, inbox, "normal")
+    assert again.returncode == 0, again.stderr
+    result = orjson.loads(again.stdout.strip().splitlines()[-1])
+    assert result["values"] == list(range(7)), "each event exactly once"
+    assert result["detail"]["files_already_imported"] == 1
+    assert result["detail"]["files_imported"] == 0
+    assert (inbox / "processed" / "export-001.jsonl").exists()
+    assert not (inbox / "export-001.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------- real agent
+
+
+def _agent_command() -> list[str]:
+    exe = Path(sys.executable).with_name("edge-agent")
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("edge-agent")
+    if found:
+        return [found]
+    raise AssertionError(
+        "edge-agent console script not found: run `.venv/bin/pip install -e .` in the checkout"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class AgentProcess:
+    """``edge-agent run -c FILE`` as a subprocess; killed at teardown."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> AgentProcess:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [*_agent_command(), "run", "-c", str(self.config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.config.parent,
+            )
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        finally:
+            self.proc = None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
+
+
+@pytest.fixture
+def agent_factory(tmp_path: Path) -> Iterator[Callable[[Path], AgentProcess]]:
+    agents: list[AgentProcess] = []
+
+    def make(config: Path) -> AgentProcess:
+        agent = AgentProcess(config, tmp_path / "agent.log")
+        agents.append(agent)
+        return agent
+
+    yield make
+    for a in agents:
+        a.kill()
+
+
+def write_agent_config(tmp_path: Path, gw: Any, inbox: Path) -> Path:
+    cfg = tmp_path / "edge-agent.toml"
+    cfg.write_text(
+        f"""
+[agent]
+id = "drop-crash-test"
+plant = "plant-test"
+
+[buffer]
+path = "{tmp_path / "buffer.db"}"
+
+[metrics]
+listen = "127.0.0.1:{_free_port()}"
+
+[forwarder]
+linger_ms = 5
+backoff_initial = "50ms"
+backoff_max = "200ms"
+
+[sinks.https]
+url = "{gw.url}"
+ca_file = "{gw.ca_file}"
+
+[sources.mes_drop]
+type = "drop_folder"
+path = "{inbox}"
+poll_interval = "50ms"
+""",
+        encoding="utf-8",
+    )
+    return cfg
+
+
+def wait_for(predicate: Callable[[], bool], what: str, agent: AgentProcess, within: float = 30):
+    deadline = time.monotonic() + within
+    while not predicate():
+        if agent.proc is not None and agent.proc.poll() is not None:
+            raise AssertionError(f"agent exited while waiting for {what}:\n{agent.output()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}:\n{agent.output()}")
+        time.sleep(0.05)
+
+
+def gateway_values(gw: Any) -> Counter[tuple[str, int]]:
+    return Counter(
+        (e["data"]["work_order"], e["data"]["good"]["value"]) for e in gw.events("mes_drop")
+    )
+
+
+def test_real_agent_killed_after_commit_before_move_forwards_each_event_once(
+    tmp_path: Path, gateway: Callable[..., Any], agent_factory: Callable[[Path], AgentProcess]
+) -> None:
+    gw = gateway()
+    inbox = tmp_path / "drop"
+    inbox.mkdir()
+    (inbox / "processed").write_text("a file where the directory should be: moves fail\n")
+    write_file(inbox, 1, 5)
+    agent = agent_factory(write_agent_config(tmp_path, gw, inbox)).start()
+
+    # committed and forwarded, but the move failed: the file is still in the inbox
+    wait_for(lambda: sum(gateway_values(gw).values()) >= 5, "5 events at the gateway", agent)
+    assert (inbox / "export-001.jsonl").exists()
+    agent.kill()
+
+    (inbox / "processed").unlink()
+    agent.start()
+    wait_for(lambda: (inbox / "processed" / "export-001.jsonl").exists(), "the move", agent)
+    write_file(inbox, 2, 5)  # and it keeps working
+    wait_for(lambda: (inbox / "processed" / "export-002.jsonl").exists(), "file 2", agent)
+    wait_for(lambda: sum(gateway_values(gw).values()) >= 10, "10 events", agent)
+    time.sleep(0.5)  # a duplicate, if any, would arrive now
+    assert agent.stop() == 0, agent.output()
+
+    values = gateway_values(gw)
+    assert set(values) == {(f"WO-{f}", n) for f in (1, 2) for n in range(5)}
+    assert max(values.values()) == 1, f"duplicates at the gateway: {values}"
+
+
+def test_real_agent_sigkilled_repeatedly_mid_import_forwards_each_event_once(
+    tmp_path: Path, gateway: Callable[..., Any], agent_factory: Callable[[Path], AgentProcess]
+) -> None:
+    gw = gateway()
+    inbox = tmp_path / "drop"
+    inbox.mkdir()
+    files, per_file = 30, 20
+    for f in range(files):
+        write_file(inbox, f, per_file)
+    agent = agent_factory(write_agent_config(tmp_path, gw, inbox))
+    rng = random.Random(4)
+    for _ in range(4):
+        agent.start()
+        wait_for(lambda: (inbox / "processed").exists(), "the first import", agent)
+        time.sleep(rng.uniform(0.0, 0.4))
+        agent.kill()
+    agent.start()
+    wait_for(lambda: not any(inbox.glob("*.jsonl")), "every file imported", agent, within=60)
+    wait_for(lambda: sum(gateway_values(gw).values()) >= files * per_file, "all events", agent)
+    time.sleep(0.5)
+    assert agent.stop() == 0, agent.output()
+
+    values = gateway_values(gw)
+    assert set(values) == {(f"WO-{f}", n) for f in range(files) for n in range(per_file)}
+    assert max(values.values()) == 1, "an event arrived twice"
+    assert len(list((inbox / "processed").iterdir())) == files
