@@ -19,15 +19,14 @@ from tests.adapters.opcua_helpers import (
 )
 
 
-@pytest.fixture(scope="module")
-def plain(opcua_module_server):
-    """One plain server shared by the tests that do not stop it (a start costs seconds)."""
-    return opcua_module_server(tick=0.05)
+@pytest.fixture
+def plain(opcua_plain_server):
+    return opcua_plain_server
 
 
-@pytest.fixture(scope="module")
-def secure(opcua_module_server):
-    return opcua_module_server(secure=True, secure_only=True, users={"operator": "s3cret"})
+@pytest.fixture
+def secure(opcua_secure_server):
+    return opcua_secure_server
 
 
 def _ts(s: str) -> datetime:
