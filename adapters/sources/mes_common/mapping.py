@@ -11,7 +11,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from agent.config import Model
 from agent.vocabulary import TYPES
@@ -72,14 +72,14 @@ class FieldMapping(Model):
             check_target(dst)
         return v
 
-    @model_validator(mode="after")
-    def _type_constant(self) -> FieldMapping:
-        t = self.constants.get("type")
-        if t is not None and t not in TYPES:
-            raise ValueError(
-                f"constants: type '{t}' is not a canonical type (one of: {', '.join(TYPES)})"
-            )
-        return self
+    @field_validator("constants")
+    @classmethod
+    def _type_constant(cls, v: dict[str, Any]) -> dict[str, Any]:
+        t = v.get("type")
+        if t is not None and (t not in TYPES or t.startswith("mfg.agent.")):
+            names = ", ".join(n for n in TYPES if not n.startswith("mfg.agent."))
+            raise ValueError(f"type '{t}' is not a canonical MES event type (one of: {names})")
+        return v
 
     def source_of(self, canonical: str) -> str | None:
         """The MES field that feeds ``canonical`` (or one of its parents), for messages."""
