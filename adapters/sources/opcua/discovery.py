@@ -59,7 +59,7 @@ async def browse(
             start = await client.nodes.root.get_child(qualified)
         except ua.UaStatusCodeError as exc:
             raise SourceError(f"browse path '{path}' not found ({exc})") from exc
-        prefix = "/".join(qualified)
+        prefix = "/".join(q[2:] if q.startswith("0:") else q for q in qualified)
     rows: list[BrowseRow] = []
     frontier = [(start, prefix)]
     for _ in range(depth):
@@ -70,7 +70,8 @@ async def browse(
                     return rows
                 bn = await child.read_browse_name()
                 cls = await child.read_node_class()
-                child_path = f"{base}/{bn.NamespaceIndex}:{bn.Name}"
+                part = f"{bn.NamespaceIndex}:{bn.Name}" if bn.NamespaceIndex else bn.Name
+                child_path = f"{base}/{part}"
                 dtype, value = "", ""
                 if cls == ua.NodeClass.Variable:
                     dtype = await _data_type_name(client, await child.read_data_type())
