@@ -3,7 +3,9 @@
 #
 #   packaging/build_binary.sh                  # fresh build venv in build/venv (CI, release)
 #   packaging/build_binary.sh --use-current    # the active/project venv (fast, for tests)
-#   PYTHON=/usr/bin/python3.11 packaging/build_binary.sh
+#   PYTHON=/usr/bin/python3.11 packaging/build_binary.sh   # base of the build venv
+#   (with --use-current, PYTHON names the interpreter whose environment is bundled)
+#   packaging/build_binary.sh --use-current --dist DIR --work DIR   # elsewhere (tests)
 #
 # The binary links against the build machine's glibc: build on the oldest distribution you
 # deploy to (Debian 12 builds run on Debian 12 and newer). Output: dist/edge-agent.
@@ -14,16 +16,22 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 use_current=0
-for arg in "$@"; do
-  case "$arg" in
-    --use-current) use_current=1 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
-    *) echo "build_binary.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
+DIST="$ROOT/dist"
+WORK="$ROOT/build/pyinstaller"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --use-current) use_current=1; shift ;;
+    --dist) DIST="$(realpath -m "$2")"; shift 2 ;;
+    --work) WORK="$(realpath -m "$2")"; shift 2 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    *) echo "build_binary.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
 done
 
 if [[ $use_current == 1 ]]; then
-  if [[ -n "${VIRTUAL_ENV:-}" ]]; then
+  if [[ -n "${PYTHON:-}" ]]; then
+    PY="$PYTHON"
+  elif [[ -n "${VIRTUAL_ENV:-}" ]]; then
     PY="$VIRTUAL_ENV/bin/python"
   elif [[ -x "$ROOT/.venv/bin/python" ]]; then
     PY="$ROOT/.venv/bin/python"
@@ -56,7 +64,7 @@ if ! "$PY" -m PyInstaller --version 2>/dev/null | grep -qx "$PYINSTALLER_VERSION
 fi
 
 "$PY" -m PyInstaller --noconfirm --clean --log-level WARN \
-  --distpath "$ROOT/dist" --workpath "$ROOT/build/pyinstaller" \
+  --distpath "$DIST" --workpath "$WORK" \
   "$ROOT/packaging/edge-agent.spec"
 
-echo "built $ROOT/dist/edge-agent ($(du -h "$ROOT/dist/edge-agent" | cut -f1))"
+echo "built $DIST/edge-agent ($(du -h "$DIST/edge-agent" | cut -f1))"

@@ -4,6 +4,7 @@
 #   packaging/build_deb.sh                 # uses dist/edge-agent, builds it if missing
 #   packaging/build_deb.sh --binary PATH   # package an already built binary
 #   packaging/build_deb.sh --config PATH   # another example config (default config/example.toml)
+#   packaging/build_deb.sh --out DIR       # write the .deb (and its staging tree) to DIR
 #
 # Contents: /usr/bin/edge-agent, /lib/systemd/system/edge-agent.service,
 # /etc/edge-agent/edge-agent.toml (conffile, from config/example.toml with the buffer in
@@ -15,11 +16,14 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 BINARY="$ROOT/dist/edge-agent"
 CONFIG="$ROOT/config/example.toml"
+OUTDIR="$ROOT/dist"
+STAGEDIR="$ROOT/build/deb"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --binary) BINARY="$(realpath "$2")"; shift 2 ;;
     --config) CONFIG="$(realpath "$2")"; shift 2 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    --out) OUTDIR="$(realpath -m "$2")"; STAGEDIR="$OUTDIR/stage"; shift 2 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "build_deb.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -39,7 +43,7 @@ ARCH="$(dpkg --print-architecture)"
 GLIBC="$(getconf GNU_LIBC_VERSION | awk '{print $2}')"
 PKG="edge-agent_${VERSION}_${ARCH}"
 MAINTAINER="${DEB_MAINTAINER:-edge-agent maintainers <edge-agent@example.org>}"
-STAGE="$ROOT/build/deb/$PKG"
+STAGE="$STAGEDIR/$PKG"
 rm -rf "$STAGE"
 install -d "$STAGE/DEBIAN" "$STAGE/usr/bin" "$STAGE/lib/systemd/system" \
   "$STAGE/etc/edge-agent" "$STAGE/usr/share/doc/edge-agent"
@@ -118,7 +122,7 @@ CONTROL
     | xargs md5sum > DEBIAN/md5sums )
 chmod 0644 "$STAGE/DEBIAN/control" "$STAGE/DEBIAN/conffiles" "$STAGE/DEBIAN/md5sums"
 
-mkdir -p "$ROOT/dist"
-OUT="$ROOT/dist/$PKG.deb"
+mkdir -p "$OUTDIR"
+OUT="$OUTDIR/$PKG.deb"
 fakeroot dpkg-deb --build -Zgzip --root-owner-group "$STAGE" "$OUT" >/dev/null
 echo "built $OUT"

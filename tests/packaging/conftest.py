@@ -1,0 +1,93 @@
+"""Build the single-file binary and the .deb once per test session.
+
+Building takes a minute or two, so both are session-scoped and every packaging test shares
+them. A CI job that already built the binary can pass it in with
+``EDGE_AGENT_BINARY=dist/edge-agent`` (and the .deb with ``EDGE_AGENT_DEB=dist/...deb``);
+otherwise packaging/build_binary.sh --use-current builds it into a temp directory with the
+test interpreter's environment.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.packaging.helpers import REPO, require_tool
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "packaging: builds the PyInstaller binary and the .deb (slow; CI job 'package')"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.packaging)
+
+
+def _run_build(cmd: list[str], what: str) -> None:
+    env = dict(os.environ, PYTHON=sys.executable)
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+    if res.returncode != 0:
+        raise AssertionError(
+            f"{what} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+        )
+
+
+@pytest.fixture(scope="session")
+def binary_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path | None]:
+    """(path of the binary, PyInstaller work dir or None when given via EDGE_AGENT_BINARY)."""
+    given = os.environ.get("EDGE_AGENT_BINARY")
+    if given:
+        path = Path(given).resolve()
+        assert path.is_file() and os.access(path, os.X_OK), f"EDGE_AGENT_BINARY={given}: no binary"
+        return path, None
+    out = tmp_path_factory.mktemp("binary")
+    _run_build(
+        [
+            "bash",
+            str(REPO / "packaging" / "build_binary.sh"),
+            "--use-current",
+            "--dist",
+            str(out / "dist"),
+            "--work",
+            str(out / "work"),
+        ],
+        "packaging/build_binary.sh",
+    )
+    return out / "dist" / "edge-agent", out / "work"
+
+
+@pytest.fixture(scope="session")
+def edge_agent_binary(binary_build: tuple[Path, Path | None]) -> Path:
+    return binary_build[0]
+
+
+@pytest.fixture(scope="session")
+def edge_agent_deb(edge_agent_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    given = os.environ.get("EDGE_AGENT_DEB")
+    if given:
+        return Path(given).resolve()
+    require_tool("dpkg-deb", "apt-get install dpkg-dev")
+    require_tool("fakeroot", "apt-get install fakeroot")
+    out = tmp_path_factory.mktemp("deb")
+    _run_build(
+        [
+            "bash",
+            str(REPO / "packaging" / "build_deb.sh"),
+            "--binary",
+            str(edge_agent_binary),
+            "--out",
+            str(out),
+        ],
+        "packaging/build_deb.sh",
+    )
+    (deb,) = out.glob("edge-agent_*.deb")
+    return deb
