@@ -3,7 +3,7 @@
 1. A process running the source against the real Buffer is SIGKILLed at the exact point
    between the commit and the move (the ingest it uses kills the process as soon as
    ``append`` returned); the next run only moves the file.
-2. The real agent (``edge-agent run -c FILE``) forwarding to the reference gateway: the
+2. The real agent (``python -m agent run -c FILE``) forwarding to the reference gateway: the
    move is made to fail (processed/ is a plain file), the agent is SIGKILLed with the
    events committed and the file still in the inbox, then restarted; and the agent is
    SIGKILLed at random points while importing many files. Every event reaches the gateway
@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
+
+from tests.fixtures.common import AgentProcess, agent_config, https_sink
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -131,118 +130,24 @@ def test_sigkill_between_commit_and_move_imports_exactly_once(tmp_path: Path) ->
 # ----------------------------------------------------------------------------- real agent
 
 
-def _agent_command() -> list[str]:
-    exe = Path(sys.executable).with_name("edge-agent")
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("edge-agent")
-    if found:
-        return [found]
-    raise AssertionError(
-        "edge-agent console script not found: run `.venv/bin/pip install -e .` in the checkout"
+def agent_config_for(tmp_path: Path, gw: Any, inbox: Path) -> dict[str, Any]:
+    return agent_config(
+        tmp_path,
+        sinks={"https": https_sink(gw)},
+        sources={"mes_drop": {"type": "drop_folder", "path": str(inbox), "poll_interval": "50ms"}},
+        forwarder={"linger_ms": 5},
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class AgentProcess:
-    """``edge-agent run -c FILE`` as a subprocess; killed at teardown."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config = config
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> AgentProcess:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [*_agent_command(), "run", "-c", str(self.config)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=self.config.parent,
-            )
-        return self
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-        self.proc = None
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        finally:
-            self.proc = None
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
-
-
-@pytest.fixture
-def agent_factory(tmp_path: Path) -> Iterator[Callable[[Path], AgentProcess]]:
-    agents: list[AgentProcess] = []
-
-    def make(config: Path) -> AgentProcess:
-        agent = AgentProcess(config, tmp_path / "agent.log")
-        agents.append(agent)
-        return agent
-
-    yield make
-    for a in agents:
-        a.kill()
-
-
-def write_agent_config(tmp_path: Path, gw: Any, inbox: Path) -> Path:
-    cfg = tmp_path / "edge-agent.toml"
-    cfg.write_text(
-        f"""
-[agent]
-id = "drop-crash-test"
-plant = "plant-test"
-
-[buffer]
-path = "{tmp_path / "buffer.db"}"
-
-[metrics]
-listen = "127.0.0.1:{_free_port()}"
-
-[forwarder]
-linger_ms = 5
-backoff_initial = "50ms"
-backoff_max = "200ms"
-
-[sinks.https]
-url = "{gw.url}"
-ca_file = "{gw.ca_file}"
-
-[sources.mes_drop]
-type = "drop_folder"
-path = "{inbox}"
-poll_interval = "50ms"
-""",
-        encoding="utf-8",
-    )
-    return cfg
-
-
-def wait_for(predicate: Callable[[], bool], what: str, agent: AgentProcess, within: float = 30):
+def wait_for(
+    predicate: Callable[[], bool], what: str, agent: AgentProcess, within: float = 30
+) -> None:
     deadline = time.monotonic() + within
     while not predicate():
         if agent.proc is not None and agent.proc.poll() is not None:
-            raise AssertionError(f"agent exited while waiting for {what}:\n{agent.output()}")
+            raise AssertionError(f"agent exited while waiting for {what}:\n{agent.log()[-4000:]}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}:\n{agent.output()}")
+            raise AssertionError(f"timed out waiting for {what}:\n{agent.log()[-4000:]}")
         time.sleep(0.05)
 
 
@@ -253,14 +158,14 @@ def gateway_values(gw: Any) -> Counter[tuple[str, int]]:
 
 
 def test_real_agent_killed_after_commit_before_move_forwards_each_event_once(
-    tmp_path: Path, gateway: Callable[..., Any], agent_factory: Callable[[Path], AgentProcess]
+    tmp_path: Path, gateway: Callable[..., Any], agent_process: Callable[..., AgentProcess]
 ) -> None:
     gw = gateway()
     inbox = tmp_path / "drop"
     inbox.mkdir()
     (inbox / "processed").write_text("a file where the directory should be: moves fail\n")
     write_file(inbox, 1, 5)
-    agent = agent_factory(write_agent_config(tmp_path, gw, inbox)).start()
+    agent = agent_process(agent_config_for(tmp_path, gw, inbox)).start(wait_ready=False)
 
     # committed and forwarded, but the move failed: the file is still in the inbox
     wait_for(lambda: sum(gateway_values(gw).values()) >= 5, "5 events at the gateway", agent)
@@ -268,13 +173,13 @@ def test_real_agent_killed_after_commit_before_move_forwards_each_event_once(
     agent.kill()
 
     (inbox / "processed").unlink()
-    agent.start()
+    agent.start(wait_ready=False)
     wait_for(lambda: (inbox / "processed" / "export-001.jsonl").exists(), "the move", agent)
     write_file(inbox, 2, 5)  # and it keeps working
     wait_for(lambda: (inbox / "processed" / "export-002.jsonl").exists(), "file 2", agent)
     wait_for(lambda: sum(gateway_values(gw).values()) >= 10, "10 events", agent)
     time.sleep(0.5)  # a duplicate, if any, would arrive now
-    assert agent.stop() == 0, agent.output()
+    assert agent.stop() == 0, agent.log()[-4000:]
 
     values = gateway_values(gw)
     assert set(values) == {(f"WO-{f}", n) for f in (1, 2) for n in range(5)}
@@ -282,26 +187,33 @@ def test_real_agent_killed_after_commit_before_move_forwards_each_event_once(
 
 
 def test_real_agent_sigkilled_repeatedly_mid_import_forwards_each_event_once(
-    tmp_path: Path, gateway: Callable[..., Any], agent_factory: Callable[[Path], AgentProcess]
+    tmp_path: Path, gateway: Callable[..., Any], agent_process: Callable[..., AgentProcess]
 ) -> None:
     gw = gateway()
     inbox = tmp_path / "drop"
     inbox.mkdir()
-    files, per_file = 30, 20
+    files, per_file = 20, 20
     for f in range(files):
         write_file(inbox, f, per_file)
-    agent = agent_factory(write_agent_config(tmp_path, gw, inbox))
+    agent = agent_process(agent_config_for(tmp_path, gw, inbox))
     rng = random.Random(4)
-    for _ in range(4):
-        agent.start()
-        wait_for(lambda: (inbox / "processed").exists(), "the first import", agent)
-        time.sleep(rng.uniform(0.0, 0.4))
+
+    def moved() -> int:
+        done = inbox / "processed"
+        return len(list(done.glob("*.jsonl"))) if done.exists() else 0
+
+    for _ in range(2):  # killed while it is busy importing, at a random moment
+        before = moved()
+        agent.start(wait_ready=False)
+        wait_for(lambda: moved() > before, "progress", agent)  # noqa: B023
+        time.sleep(rng.uniform(0.0, 0.15))
         agent.kill()
-    agent.start()
+    assert moved() < files, "the kills should come before the end of the import"
+    agent.start(wait_ready=False)
     wait_for(lambda: not any(inbox.glob("*.jsonl")), "every file imported", agent, within=60)
     wait_for(lambda: sum(gateway_values(gw).values()) >= files * per_file, "all events", agent)
     time.sleep(0.5)
-    assert agent.stop() == 0, agent.output()
+    assert agent.stop() == 0, agent.log()[-4000:]
 
     values = gateway_values(gw)
     assert set(values) == {(f"WO-{f}", n) for f in range(files) for n in range(per_file)}
