@@ -166,7 +166,14 @@ def gateway(
     token = _read_token(token_file) if token_file is not None else None
 
     import asyncio
+    import logging
     import ssl
+
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
     from agent.gateway.server import Faults, GatewaySettings, serve_forever
     from agent.gateway.store import GatewayDbError

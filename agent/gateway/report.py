@@ -19,7 +19,7 @@ Interval = tuple[int, int]
 _RUNS = """
 SELECT MIN(seq), MAX(seq) FROM (
     SELECT seq, seq - ROW_NUMBER() OVER (ORDER BY seq) AS island
-    FROM (SELECT DISTINCT seq FROM events WHERE stream = ? AND epoch = ? AND source = ?)
+    FROM (SELECT DISTINCT seq FROM events WHERE sk = ?)
 ) GROUP BY island ORDER BY 1
 """
 
@@ -50,23 +50,23 @@ def _complement(covered: list[Interval], upper: int) -> list[Interval]:
     return out
 
 
-def _stream_report(conn: sqlite3.Connection, key: tuple[str, str, str], stats: tuple) -> dict:
-    source, stream, epoch = key
-    received, duplicates, out_of_order, id_conflicts, highest, batches = stats
-    runs: list[Interval] = [tuple(r) for r in conn.execute(_RUNS, (stream, epoch, source))]
+def _stream_report(conn: sqlite3.Connection, row: tuple) -> dict:
+    sk, source, stream, epoch, received, duplicates, out_of_order, id_conflicts, highest = row[:9]
+    batches = row[9]
+    runs: list[Interval] = [tuple(r) for r in conn.execute(_RUNS, (sk,))]
     explained_rows = conn.execute(
         "SELECT first_sequence, last_sequence, count, reason, kind, event_id FROM explained"
-        " WHERE source = ? AND stream = ? AND epoch = ? ORDER BY first_sequence, kind",
-        key,
+        " WHERE sk = ? ORDER BY first_sequence, kind",
+        (sk,),
     ).fetchall()
     explained = [
         {"first_sequence": a, "last_sequence": b, "count": c, "reason": r, "kind": k, "id": eid}
         for a, b, c, r, k, eid in explained_rows
     ]
     cp_row = conn.execute(
-        "SELECT seq, id, last_sequence, count, epoch, time FROM checkpoints"
-        " WHERE source = ? AND stream = ? AND epoch = ? ORDER BY seq DESC, at DESC LIMIT 1",
-        key,
+        "SELECT seq, id, last_sequence, count, time FROM checkpoints"
+        " WHERE sk = ? ORDER BY seq DESC, at DESC LIMIT 1",
+        (sk,),
     ).fetchone()
     covered = _merge(runs + [(a, b) for a, b, *_ in explained_rows])
     upper = max(highest, cp_row[2] if cp_row else 0)
@@ -76,11 +76,11 @@ def _stream_report(conn: sqlite3.Connection, key: tuple[str, str, str], stats: t
     explained_count = sum(b - a + 1 for a, b in covered) - received_distinct
     checkpoint = None
     if cp_row:
-        seq, cid, last, count, cp_epoch, cp_time = cp_row
+        seq, cid, last, count, cp_time = cp_row
         checkpoint = {
             "sequence": seq,
             "id": cid,
-            "streamepoch": cp_epoch,
+            "streamepoch": epoch,
             "last_sequence": last,
             "count": count,
             "time": cp_time,
@@ -110,19 +110,11 @@ def _stream_report(conn: sqlite3.Connection, key: tuple[str, str, str], stats: t
 
 def build_report(conn: sqlite3.Connection, *, db_path: str | Path | None = None) -> dict:
     """The report as a JSON-ready dict (see docs/gateway.md for each figure)."""
-    stats: dict[tuple[str, str, str], tuple] = {}
-    for row in conn.execute(
-        "SELECT source, stream, epoch, received, duplicates, out_of_order, id_conflicts,"
-        " highest, batches FROM stream_stats"
-    ):
-        stats[(row[0], row[1], row[2])] = tuple(row[3:])
-    # A stream whose only batch was refused has explained sequences but no stats yet.
-    for row in conn.execute("SELECT DISTINCT source, stream, epoch FROM explained"):
-        stats.setdefault((row[0], row[1], row[2]), (0, 0, 0, 0, 0, 0))
-    streams = [
-        _stream_report(conn, key, stats[key])
-        for key in sorted(stats, key=lambda k: (k[1], k[0], k[2]))
-    ]
+    rows = conn.execute(
+        "SELECT sk, source, stream, epoch, received, duplicates, out_of_order, id_conflicts,"
+        " highest, batches FROM streams ORDER BY stream, source, first_at, sk"
+    ).fetchall()
+    streams = [_stream_report(conn, row) for row in rows]
     totals = {"streams": len(streams)}
     for name in ("received", "duplicates", "out_of_order", "id_conflicts", "batches"):
         totals[name] = sum(s[name] for s in streams)

@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from agent.gateway.report import build_report
 from agent.gateway.store import GatewayStore, read_events_json
@@ -221,7 +222,19 @@ class GatewayApp:
                 {"error": f"Content-Encoding {encoding!r} not supported (use gzip or none)"},
                 {"Accept-Encoding": "gzip"},
             )
-        body = await request.read()  # aiohttp has already undone gzip/deflate
+        try:
+            body = await request.read()  # aiohttp undoes gzip/deflate as it reads
+        except RequestPayloadError as exc:
+            self.store.bump("rejected_400")
+            encoding = request.headers.get("Content-Encoding", "none")
+            log.warning("unreadable body (Content-Encoding %s): %s", encoding, exc.__cause__)
+            return _json(
+                400,
+                {
+                    "error": f"body could not be decoded as Content-Encoding {encoding!r} says "
+                    "(corrupt or truncated?)"
+                },
+            )
         try:
             batch = parse_batch(request.headers, body)
         except BatchError as exc:

@@ -29,51 +29,53 @@ from agent.gateway.validate import ParsedBatch
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    n          INTEGER PRIMARY KEY,      -- arrival order
-    source     TEXT NOT NULL,
-    stream     TEXT NOT NULL,
-    epoch      TEXT NOT NULL,
-    seq        INTEGER NOT NULL,
-    id         TEXT NOT NULL,
-    type       TEXT NOT NULL,
-    subject    TEXT,
-    batch      TEXT NOT NULL,            -- Idempotency-Key it arrived under
-    at         REAL NOT NULL,            -- unix time received
-    body       BLOB NOT NULL             -- the CloudEvent as JSON
-);
-CREATE UNIQUE INDEX IF NOT EXISTS events_by_id ON events (source, id);
-CREATE INDEX IF NOT EXISTS events_by_seq ON events (stream, epoch, source, seq);
-
-CREATE TABLE IF NOT EXISTS stream_stats (
+-- One row per (source, stream, epoch) with its counters; events refer to it by sk.
+CREATE TABLE IF NOT EXISTS streams (
+    sk INTEGER PRIMARY KEY,
     source TEXT NOT NULL, stream TEXT NOT NULL, epoch TEXT NOT NULL,
-    received INTEGER NOT NULL, duplicates INTEGER NOT NULL, out_of_order INTEGER NOT NULL,
-    id_conflicts INTEGER NOT NULL, highest INTEGER NOT NULL, batches INTEGER NOT NULL,
-    first_at REAL NOT NULL, last_at REAL NOT NULL,
-    PRIMARY KEY (source, stream, epoch)
-) WITHOUT ROWID;
+    received INTEGER NOT NULL DEFAULT 0, duplicates INTEGER NOT NULL DEFAULT 0,
+    out_of_order INTEGER NOT NULL DEFAULT 0, id_conflicts INTEGER NOT NULL DEFAULT 0,
+    highest INTEGER NOT NULL DEFAULT 0, batches INTEGER NOT NULL DEFAULT 0,
+    first_at REAL, last_at REAL,
+    UNIQUE (source, stream, epoch)
+);
+-- Dedupe is on (source, id) across epochs, so sources get their own small key.
+CREATE TABLE IF NOT EXISTS sources (src INTEGER PRIMARY KEY, source TEXT NOT NULL UNIQUE);
+
+-- Accepted batches: the Idempotency-Key, the answer given, and the body as received
+-- (events point into it by index, so nothing is re-encoded on the hot path).
+CREATE TABLE IF NOT EXISTS batches (
+    bn INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, sk INTEGER NOT NULL,
+    first_sequence INTEGER NOT NULL, last_sequence INTEGER NOT NULL,
+    status INTEGER NOT NULL, response BLOB NOT NULL, at REAL NOT NULL, body BLOB NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS events (
+    n       INTEGER PRIMARY KEY,         -- arrival order
+    src     INTEGER NOT NULL,
+    sk      INTEGER NOT NULL,
+    seq     INTEGER NOT NULL,
+    id      TEXT NOT NULL,
+    type    TEXT NOT NULL,
+    bn      INTEGER NOT NULL,            -- batch it arrived in
+    idx     INTEGER NOT NULL             -- its index in that batch's body
+);
+CREATE UNIQUE INDEX IF NOT EXISTS events_by_id ON events (src, id);
+CREATE INDEX IF NOT EXISTS events_by_seq ON events (sk, seq);
 
 -- Sequences the gateway knows will never arrive, and why: ranges announced by an
 -- mfg.agent.gap event (kind 'gap') and events it refused itself (kind 'rejected').
 CREATE TABLE IF NOT EXISTS explained (
-    source TEXT NOT NULL, stream TEXT NOT NULL, epoch TEXT NOT NULL,
-    first_sequence INTEGER NOT NULL, last_sequence INTEGER NOT NULL,
+    sk INTEGER NOT NULL, first_sequence INTEGER NOT NULL, last_sequence INTEGER NOT NULL,
     count INTEGER NOT NULL, reason TEXT NOT NULL, kind TEXT NOT NULL,
     event_id TEXT, at REAL NOT NULL,
-    PRIMARY KEY (source, stream, epoch, kind, first_sequence, last_sequence)
+    PRIMARY KEY (sk, kind, first_sequence, last_sequence)
 ) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS checkpoints (
-    source TEXT NOT NULL, stream TEXT NOT NULL, epoch TEXT NOT NULL,
-    seq INTEGER NOT NULL, id TEXT NOT NULL, last_sequence INTEGER NOT NULL,
-    count INTEGER, time TEXT NOT NULL, at REAL NOT NULL
+    sk INTEGER NOT NULL, seq INTEGER NOT NULL, id TEXT NOT NULL,
+    last_sequence INTEGER NOT NULL, count INTEGER, time TEXT NOT NULL, at REAL NOT NULL
 );
-
-CREATE TABLE IF NOT EXISTS batches (
-    key TEXT PRIMARY KEY, stream TEXT NOT NULL, epoch TEXT NOT NULL,
-    first_sequence INTEGER NOT NULL, last_sequence INTEGER NOT NULL,
-    status INTEGER NOT NULL, response BLOB NOT NULL, at REAL NOT NULL
-) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
 """
@@ -91,18 +93,12 @@ COUNTERS = (
 )
 
 _INSERT_EVENT = (
-    "INSERT OR IGNORE INTO events (source, stream, epoch, seq, id, type, subject, batch, at, body)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT OR IGNORE INTO events (src, sk, seq, id, type, bn, idx) VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
-_UPSERT_STATS = """
-INSERT INTO stream_stats (source, stream, epoch, received, duplicates, out_of_order,
-                          id_conflicts, highest, batches, first_at, last_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (source, stream, epoch) DO UPDATE SET
-    received = excluded.received, duplicates = excluded.duplicates,
-    out_of_order = excluded.out_of_order, id_conflicts = excluded.id_conflicts,
-    highest = excluded.highest, batches = excluded.batches, last_at = excluded.last_at
-"""
+_UPDATE_STATS = (
+    "UPDATE streams SET received = ?, duplicates = ?, out_of_order = ?, id_conflicts = ?,"
+    " highest = ?, batches = ?, first_at = ?, last_at = ? WHERE sk = ?"
+)
 
 
 class GatewayDbError(Exception):
@@ -111,6 +107,7 @@ class GatewayDbError(Exception):
 
 @dataclass(slots=True)
 class StreamStats:
+    sk: int
     received: int = 0
     duplicates: int = 0
     out_of_order: int = 0
@@ -181,6 +178,10 @@ class GatewayStore:
         self._conn = conn
         self.path = path
         self._stats: dict[tuple[str, str, str], StreamStats] = {}
+        self._sources: dict[str, int] = {}
+        #: Cache entries created inside the open transaction: dropped again on rollback.
+        self._pending: list[tuple[str, Any]] = []
+        self._next_bn = 1
 
     @classmethod
     def open(cls, path: str | Path, *, fsync: bool = False) -> GatewayStore:
@@ -189,6 +190,9 @@ class GatewayStore:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+            conn.execute("PRAGMA cache_size=-65536")  # 64 MiB: indexes stay in memory
+            # Checkpoint (and, under NORMAL, fsync) every ~16 MiB of WAL, not every 4 MiB.
+            conn.execute("PRAGMA wal_autocheckpoint=4000")
             conn.executescript(_SCHEMA)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             conn.executemany(
@@ -199,10 +203,12 @@ class GatewayStore:
             raise GatewayDbError(f"{path}: cannot set up the gateway database ({exc})") from exc
         store = cls(conn, path)
         for row in conn.execute(
-            "SELECT source, stream, epoch, received, duplicates, out_of_order, id_conflicts,"
-            " highest, batches, first_at FROM stream_stats"
+            "SELECT source, stream, epoch, sk, received, duplicates, out_of_order, id_conflicts,"
+            " highest, batches, first_at FROM streams"
         ):
-            store._stats[(row[0], row[1], row[2])] = StreamStats(*row[3:])
+            store._stats[(row[0], row[1], row[2])] = StreamStats(*row[3:10], row[10] or 0.0)
+        store._sources = dict(conn.execute("SELECT source, src FROM sources").fetchall())
+        store._next_bn = conn.execute("SELECT COALESCE(MAX(bn), 0) + 1 FROM batches").fetchone()[0]
         return store
 
     def close(self) -> None:
@@ -224,8 +230,8 @@ class GatewayStore:
 
     def lookup_batch(self, key: str) -> StoredBatch | None:
         row = self._conn.execute(
-            "SELECT stream, epoch, first_sequence, last_sequence, status, response"
-            " FROM batches WHERE key = ?",
+            "SELECT s.stream, s.epoch, b.first_sequence, b.last_sequence, b.status, b.response"
+            " FROM batches b JOIN streams s USING (sk) WHERE b.key = ?",
             (key,),
         ).fetchone()
         return StoredBatch(*row) if row else None
@@ -241,7 +247,7 @@ class GatewayStore:
         source: str,
         stream: str,
         epoch: str,
-        rejected: Iterable[tuple[int, str, str]],
+        rejected: Iterable[tuple[int, str | None, str]],
         status: int,
     ) -> None:
         """Remember events refused on purpose: (sequence, id, reason).
@@ -250,30 +256,63 @@ class GatewayStore:
         as explained instead of missing.
         """
         now = time.time()
-        self._conn.executemany(
-            "INSERT OR REPLACE INTO explained (source, stream, epoch, first_sequence,"
-            " last_sequence, count, reason, kind, event_id, at)"
-            " VALUES (?, ?, ?, ?, ?, 1, ?, 'rejected', ?, ?)",
-            [
-                (
-                    source,
-                    stream,
-                    epoch,
-                    seq,
-                    seq,
-                    f"rejected by the gateway ({status}): {reason}",
-                    eid,
-                    now,
-                )
-                for seq, eid, reason in rejected
-            ],
-        )
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            sk = self._stream_key((source, stream, epoch)).sk
+            conn.executemany(
+                "INSERT OR REPLACE INTO explained (sk, first_sequence, last_sequence, count,"
+                " reason, kind, event_id, at) VALUES (?, ?, ?, 1, ?, 'rejected', ?, ?)",
+                [
+                    (sk, seq, seq, f"rejected by the gateway ({status}): {reason}", eid, now)
+                    for seq, eid, reason in rejected
+                ],
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self._rolled_back()
+            raise
+        self._pending.clear()
 
     # ------------------------------------------------------------------ the batch
 
-    def _stream_stats(self, key: tuple[str, str, str]) -> StreamStats:
+    def _stream_key(self, key: tuple[str, str, str]) -> StreamStats:
+        """The counters of (source, stream, epoch), creating its row (inside a transaction)."""
         st = self._stats.get(key)
-        return StreamStats() if st is None else st
+        if st is None:
+            cur = self._conn.execute(
+                "INSERT INTO streams (source, stream, epoch) VALUES (?, ?, ?)"
+                " ON CONFLICT DO UPDATE SET sk = sk RETURNING sk",
+                key,
+            )
+            st = StreamStats(cur.fetchone()[0])
+            self._stats[key] = st
+            self._pending.append(("stats", key))
+        return st
+
+    def _source_key(self, source: str) -> int:
+        src = self._sources.get(source)
+        if src is None:
+            cur = self._conn.execute(
+                "INSERT INTO sources (source) VALUES (?)"
+                " ON CONFLICT DO UPDATE SET src = src RETURNING src",
+                (source,),
+            )
+            src = cur.fetchone()[0]
+            self._sources[source] = src
+            self._pending.append(("source", source))
+        return src
+
+    def _rolled_back(self) -> None:
+        """Forget cache entries whose rows the rollback removed."""
+        for kind, key in self._pending:
+            if kind == "stats":
+                self._stats.pop(key, None)
+            else:
+                self._sources.pop(key, None)
+        self._pending.clear()
 
     def store_batch(self, batch: ParsedBatch, response_for: Any) -> tuple[int, int, bytes]:
         """Store the new events of ``batch`` in one transaction.
@@ -283,49 +322,44 @@ class GatewayStore:
         body).
         """
         key = (batch.source, batch.stream, batch.epoch)
-        old = self._stream_stats(key)
         now = time.time()
-        src, stream, epoch, bkey = batch.source, batch.stream, batch.epoch, batch.key
-        rows = [
-            (
-                src,
-                stream,
-                epoch,
-                int(ev["sequence"]),
-                ev["id"],
-                ev["type"],
-                ev.get("subject"),
-                bkey,
-                now,
-                orjson.dumps(ev),
-            )
-            for ev in batch.events
-        ]
         conn = self._conn
-        new_events: list[int] = []  # indexes of events stored for the first time
-        out_of_order = conflicts = 0
         conn.execute("BEGIN IMMEDIATE")
         try:
+            old = self._stream_key(key)
+            src = self._source_key(batch.source)
+            sk = old.sk
+            bn = self._next_bn
+            first = batch.first
+            rows = [
+                (src, sk, first + i, ev["id"], ev["type"], bn, i)
+                for i, ev in enumerate(batch.events)
+            ]
+            new_events: list[int] = []  # indexes of events stored for the first time
+            out_of_order = conflicts = 0
             fast = False
-            if batch.first > old.highest:
+            if first > old.highest:
                 # The normal case: the batch lies beyond everything seen in this stream, so
                 # no sequence can collide; one executemany tells whether any id was known.
+                conn.execute("SAVEPOINT fast")
                 cur = conn.executemany(_INSERT_EVENT, rows)
                 if cur.rowcount == len(rows):
                     fast = True
                     new_events = list(range(len(rows)))
+                    conn.execute("RELEASE fast")
                 else:
-                    conn.execute("ROLLBACK")
-                    conn.execute("BEGIN IMMEDIATE")
+                    conn.execute("ROLLBACK TO fast")
+                    conn.execute("RELEASE fast")
             if not fast:
-                new_events, out_of_order, conflicts = self._classify(batch, old.highest)
+                new_events, out_of_order, conflicts = self._classify(batch, src, sk, old.highest)
                 conn.executemany(_INSERT_EVENT, [rows[i] for i in new_events])
             accepted = len(new_events)
             duplicates = len(rows) - accepted
             highest = old.highest
             if new_events:  # in increasing order
-                highest = max(highest, batch.first + new_events[-1])
+                highest = max(highest, first + new_events[-1])
             st = StreamStats(
+                sk=sk,
                 received=old.received + accepted,
                 duplicates=old.duplicates + duplicates,
                 out_of_order=old.out_of_order + out_of_order,
@@ -335,11 +369,8 @@ class GatewayStore:
                 first_at=old.first_at or now,
             )
             conn.execute(
-                _UPSERT_STATS,
+                _UPDATE_STATS,
                 (
-                    src,
-                    stream,
-                    epoch,
                     st.received,
                     st.duplicates,
                     st.out_of_order,
@@ -348,26 +379,32 @@ class GatewayStore:
                     st.batches,
                     st.first_at,
                     now,
+                    sk,
                 ),
             )
-            new_set = set(new_events)
-            self._record_gaps_and_checkpoints(batch, new_set, now)
+            if batch.gaps or batch.checkpoints:
+                self._record_gaps_and_checkpoints(batch, sk, set(new_events), now)
             body = response_for(accepted, duplicates)
             conn.execute(
-                "INSERT INTO batches (key, stream, epoch, first_sequence, last_sequence, status,"
-                " response, at) VALUES (?, ?, ?, ?, ?, 200, ?, ?)",
-                (bkey, stream, epoch, batch.first, batch.last, body, now),
+                "INSERT INTO batches (bn, key, sk, first_sequence, last_sequence, status,"
+                " response, at, body) VALUES (?, ?, ?, ?, ?, 200, ?, ?, ?)",
+                (bn, batch.key, sk, batch.first, batch.last, body, now, batch.body),
             )
             conn.execute("UPDATE counters SET n = n + 1 WHERE name = 'accepted_batches'")
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            self._rolled_back()
             raise
+        self._pending.clear()
         self._stats[key] = st
+        self._next_bn = bn + 1
         return accepted, duplicates, body
 
-    def _classify(self, batch: ParsedBatch, highest: int) -> tuple[list[int], int, int]:
+    def _classify(
+        self, batch: ParsedBatch, src: int, sk: int, highest: int
+    ) -> tuple[list[int], int, int]:
         """Slow path: which events are new, and how many arrive late or clash by sequence."""
         conn = self._conn
         ids = [ev["id"] for ev in batch.events]
@@ -377,45 +414,45 @@ class GatewayStore:
             known.update(
                 r[0]
                 for r in conn.execute(
-                    f"SELECT id FROM events WHERE source = ? AND id IN ({marks})",
-                    (batch.source, *chunk),
+                    f"SELECT id FROM events WHERE src = ? AND id IN ({marks})", (src, *chunk)
                 )
             )
-        by_seq: dict[int, set[str]] = {}
-        for seq, eid in conn.execute(
-            "SELECT seq, id FROM events WHERE stream = ? AND epoch = ? AND source = ?"
-            " AND seq BETWEEN ? AND ?",
-            (batch.stream, batch.epoch, batch.source, batch.first, batch.last),
-        ):
-            by_seq.setdefault(seq, set()).add(eid)
+        taken = {
+            r[0]
+            for r in conn.execute(
+                "SELECT seq FROM events WHERE sk = ? AND seq BETWEEN ? AND ?",
+                (sk, batch.first, batch.last),
+            )
+        }
         new: list[int] = []
         out_of_order = conflicts = 0
-        for i, ev in enumerate(batch.events):
-            eid = ev["id"]
+        for i, eid in enumerate(ids):
             if eid in known:
                 continue  # a duplicate: the same event again
             known.add(eid)
             seq = batch.first + i
             if seq < highest:
                 out_of_order += 1
-            if by_seq.get(seq):
+            if seq in taken:
                 conflicts += 1  # this (stream, epoch, sequence) already has another id
             new.append(i)
         return new, out_of_order, conflicts
 
-    def _record_gaps_and_checkpoints(self, batch: ParsedBatch, new: set[int], now: float) -> None:
+    def _record_gaps_and_checkpoints(
+        self, batch: ParsedBatch, sk: int, new: set[int], now: float
+    ) -> None:
         conn = self._conn
         for i, gap in batch.gaps:
             if i not in new:
                 continue
+            gap_sk = sk
+            if gap["streamepoch"] != batch.epoch:  # a gap reported for another epoch
+                gap_sk = self._stream_key((batch.source, batch.stream, gap["streamepoch"])).sk
             conn.execute(
-                "INSERT OR REPLACE INTO explained (source, stream, epoch, first_sequence,"
-                " last_sequence, count, reason, kind, event_id, at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, 'gap', ?, ?)",
+                "INSERT OR REPLACE INTO explained (sk, first_sequence, last_sequence, count,"
+                " reason, kind, event_id, at) VALUES (?, ?, ?, ?, ?, 'gap', ?, ?)",
                 (
-                    batch.source,
-                    batch.stream,
-                    gap["streamepoch"],
+                    gap_sk,
                     gap["first_sequence"],
                     gap["last_sequence"],
                     gap["count"],
@@ -429,19 +466,9 @@ class GatewayStore:
                 continue
             ev = batch.events[i]
             conn.execute(
-                "INSERT INTO checkpoints (source, stream, epoch, seq, id, last_sequence, count,"
-                " time, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    batch.source,
-                    batch.stream,
-                    cp["streamepoch"],
-                    batch.first + i,
-                    ev["id"],
-                    cp["last_sequence"],
-                    cp["count"],
-                    ev["time"],
-                    now,
-                ),
+                "INSERT INTO checkpoints (sk, seq, id, last_sequence, count, time, at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (sk, batch.first + i, ev["id"], cp["last_sequence"], cp["count"], ev["time"], now),
             )
 
 
@@ -469,13 +496,21 @@ def read_events_json(
         where, args = [], []
         for column, value in (("stream", stream), ("epoch", epoch), ("source", source)):
             if value is not None:
-                where.append(f"{column} = ?")
+                where.append(f"s.{column} = ?")
                 args.append(value)
-        sql = "SELECT body FROM events"
+        sql = "SELECT e.bn, e.idx FROM events e JOIN streams s USING (sk)"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        bodies = [r[0] for r in conn.execute(sql + " ORDER BY n", args)]
+        picks = conn.execute(sql + " ORDER BY e.n", args).fetchall()
+        bodies: dict[int, list[Any]] = {}
+        out = []
+        for bn, idx in picks:
+            events = bodies.get(bn)
+            if events is None:
+                row = conn.execute("SELECT body FROM batches WHERE bn = ?", (bn,)).fetchone()
+                events = bodies[bn] = orjson.loads(row[0])
+            out.append(events[idx])
     finally:
         if conn is not db:
             conn.close()
-    return b"[" + b",".join(bodies) + b"]"
+    return orjson.dumps(out)
