@@ -136,7 +136,7 @@ def parse_mes_payload(
             valid_data = validate_data(type_, data, extra_uom_codes=extra_uom_codes)
         except VocabularyError as exc:
             errors += [(f"data.{p}" if p else "data", m) for p, m in exc.errors]
-        if event is not None and event.dataschema not in (None, dataschema(type_)):
+        if canonical.get("dataschema") not in (None, dataschema(type_)):
             errors.append(
                 ("dataschema", f"must be {dataschema(type_)} for {type_} (or leave it out)")
             )
