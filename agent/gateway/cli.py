@@ -114,6 +114,13 @@ def _read_token(path: Path) -> str:
     help="An event whose id or subject equals VALUE makes its batch 422 (repeatable).",
 )
 @click.option(
+    "--drop-acks",
+    type=click.IntRange(-1),
+    default=0,
+    help="Commit this many accepted batches, then cut the connection instead of answering "
+    "(lost acknowledgements); -1 = forever.",
+)
+@click.option(
     "--control",
     is_flag=True,
     help="Enable GET/POST /control to change failure injection at runtime.",
@@ -145,6 +152,7 @@ def gateway(
     retry_after: float | None,
     latency_ms: float,
     poison: tuple[str, ...],
+    drop_acks: int,
     control: bool,
     fsync: bool,
     max_body: int,
@@ -184,6 +192,7 @@ def gateway(
         retry_after=retry_after,
         latency_ms=latency_ms,
         poison=set(poison),
+        drop_acks=drop_acks,
     )
     settings = GatewaySettings(
         host=host,

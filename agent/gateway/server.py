@@ -52,6 +52,9 @@ class Faults:
     retry_after: float | None = None
     latency_ms: float = 0.0
     poison: set[str] = field(default_factory=set)
+    #: How many accepted batches are committed and then answered by cutting the connection
+    #: (a lost acknowledgement: the agent must resend under the same Idempotency-Key).
+    drop_acks: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -60,21 +63,21 @@ class Faults:
             "retry_after": self.retry_after,
             "latency_ms": self.latency_ms,
             "poison": sorted(self.poison),
+            "drop_acks": self.drop_acks,
         }
 
     def update(self, changes: dict[str, Any]) -> None:
         """Apply a /control body; raise ValueError naming the bad key (nothing applied)."""
-        unknown = set(changes) - {
-            "fail_status",
-            "fail_count",
-            "retry_after",
-            "latency_ms",
-            "poison",
-        }
+        unknown = set(changes) - set(self.as_dict())
         if unknown:
             raise ValueError(f"unknown key(s) {sorted(unknown)} (known: {sorted(self.as_dict())})")
         new = Faults(
-            self.fail_status, self.fail_count, self.retry_after, self.latency_ms, set(self.poison)
+            self.fail_status,
+            self.fail_count,
+            self.retry_after,
+            self.latency_ms,
+            set(self.poison),
+            self.drop_acks,
         )
         if "fail_status" in changes:
             v = changes["fail_status"]
@@ -107,6 +110,11 @@ class Faults:
             if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
                 raise ValueError("poison: must be a list of event ids or subjects")
             new.poison = set(v)
+        if "drop_acks" in changes:
+            v = changes["drop_acks"]
+            if not isinstance(v, int) or isinstance(v, bool) or v < -1:
+                raise ValueError("drop_acks: must be an integer >= 0, or -1 for forever")
+            new.drop_acks = v
         for name in self.__slots__:  # type: ignore[attr-defined]
             setattr(self, name, getattr(new, name))
 
@@ -117,6 +125,14 @@ class Faults:
         if self.fail_count > 0:
             self.fail_count -= 1
         return self.fail_status
+
+    def take_drop(self) -> bool:
+        """Whether to cut this accepted batch's answer, consuming one from drop_acks."""
+        if self.drop_acks == 0:
+            return False
+        if self.drop_acks > 0:
+            self.drop_acks -= 1
+        return True
 
 
 @dataclass(slots=True)
@@ -243,7 +259,7 @@ class GatewayApp:
             return _json(400, exc.body())
         stored = self.store.lookup_batch(batch.key)
         if stored is not None:
-            return self._replay(batch, stored)
+            return self._lose_ack(request, self._replay(batch, stored))
         if faults.poison and (rejected := self._poisoned(batch)):
             self.store.record_rejected(
                 batch.source,
@@ -271,7 +287,15 @@ class GatewayApp:
             return _json(
                 503, {"error": f"gateway could not store the batch: {exc}"}, {"Retry-After": "1"}
             )
-        return web.Response(status=200, body=body, content_type=_JSON)
+        return self._lose_ack(request, web.Response(status=200, body=body, content_type=_JSON))
+
+    def _lose_ack(self, request: web.Request, response: web.Response) -> web.Response:
+        """Injected lost acknowledgement: the batch is committed, the answer never arrives."""
+        if response.status == 200 and self.faults.take_drop():
+            self.store.bump("dropped_acks")
+            if request.transport is not None:
+                request.transport.close()
+        return response
 
     def _poisoned(self, batch: ParsedBatch) -> list[dict[str, Any]]:
         poison = self.faults.poison

@@ -90,6 +90,7 @@ COUNTERS = (
     "idempotency_conflicts",
     "unauthorized",
     "injected_failures",
+    "dropped_acks",
 )
 
 _INSERT_EVENT = (

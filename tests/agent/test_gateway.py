@@ -110,6 +110,7 @@ _NO_FAULTS = {
     "retry_after": None,
     "latency_ms": 0,
     "poison": [],
+    "drop_acks": 0,
 }
 
 
@@ -367,6 +368,20 @@ def test_fail_forever_until_told_otherwise(gateway):
             assert r.status_code == 503 and r.headers["Retry-After"] == "0.5"
         gw.control(fail_status=None)
         assert post(client, gw, events(1, 1)).status_code == 200
+
+
+def test_lost_acknowledgement_is_committed_then_replayed(gateway, stream):
+    gw = gateway(drop_acks=1)
+    sent = events(1, 3)
+    with gw.client(timeout=10) as client:
+        with pytest.raises(httpx.RemoteProtocolError):
+            post(client, gw, sent, key=f"{stream}-k")
+        # Committed before the connection was cut: the retry gets the recorded answer.
+        r = post(client, gw, sent, key=f"{stream}-k")
+    assert r.status_code == 200 and r.headers["Idempotent-Replayed"] == "true"
+    assert r.json() == {"accepted": 3, "duplicates": 0}
+    assert seqs(gw.events(stream)) == [1, 2, 3]
+    assert gw.report()["requests"]["dropped_acks"] == 1
 
 
 def test_injected_latency(gw, client):
@@ -670,3 +685,11 @@ def test_serve_cli_errors_are_one_line(tmp_path):
 def test_port_in_use_is_a_clear_error(gw, tmp_path):
     out = _cli("--listen", f"127.0.0.1:{gw.port}", "--db", str(tmp_path / "g.db"))
     assert out.returncode == 1 and "cannot listen" in out.stderr
+
+
+def test_body_over_max_body_is_413(gateway, stream):
+    gw = gateway(extra_args=["--max-body", "4096"])
+    with gw.client(timeout=10) as client:
+        assert post(client, gw, events(1, 2)).status_code == 200
+        assert post(client, gw, events(3, 40)).status_code == 413
+    assert seqs(gw.events(stream)) == [1, 2]
