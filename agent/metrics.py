@@ -16,6 +16,8 @@ running, heartbeat_age_seconds              gauge
 status_ok                                   gauge   (0 when the snapshot could not be taken)
 events_ingested_total / _forwarded_total    counter stream, sink
 events_dropped_total / _dead_lettered_total counter stream, sink
+events_refused_total                        counter stream, sink
+buffer_refused_total                        counter
 backlog_events, backlog_bytes               gauge   stream, sink, priority
 oldest_unsent_age_seconds                   gauge   stream, sink (0 when nothing is unsent)
 dead_letters                                gauge   stream, sink
@@ -72,8 +74,9 @@ __all__ = [
 DEFAULT_LISTEN = "127.0.0.1:9464"
 
 #: Source/sink states that count as "up" (1) for source_connected / sink_connected. A
-#: listening server source (MES HTTP) is up without a peer connection.
-UP_STATES = frozenset({"connected", "listening", "running", "ok"})
+#: listening server source (MES HTTP) is up without a peer connection, and a source that
+#: finished its work (a bounded simulator run) is not down either.
+UP_STATES = frozenset({"connected", "listening", "running", "ok", "finished"})
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -180,6 +183,13 @@ class SnapshotCollector(Collector):
                 g = GaugeMetricFamily(name, doc)
                 g.add_metric([], _num(buf.get(key)))
                 yield g
+        if "refused_total" in buf:
+            c = CounterMetricFamily(
+                "edge_agent_buffer_refused",
+                "Events refused because the buffer was full (on_full = block)",
+            )
+            c.add_metric([], _num(buf.get("refused_total")))
+            yield c
         if "full_in_s" in buf:
             full = buf.get("full_in_s")
             g = GaugeMetricFamily(
@@ -200,6 +210,7 @@ class SnapshotCollector(Collector):
                 ("forwarded_total", "forwarded", "Events accepted by the sink"),
                 ("dropped_total", "dropped", "Events dropped (buffer full, drop_oldest)"),
                 ("dead_lettered_total", "dead_lettered", "Events the sink rejected for good"),
+                ("refused_total", "refused", "Events refused at ingest (buffer full, block)"),
             )
         }
         gauges = {

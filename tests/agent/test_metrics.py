@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import json
 import math
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -35,6 +40,7 @@ SNAPSHOT: dict[str, Any] = {
         "epoch": 3,
         "ingest_rate_eps": 120.5,
         "full_in_s": 111_600.0,
+        "refused_total": 17,
     },
     "streams": [
         {
@@ -53,6 +59,7 @@ SNAPSHOT: dict[str, Any] = {
             "forwarded_total": 500,
             "dropped_total": 0,
             "dead_lettered_total": 2,
+            "refused_total": 17,
         },
         {
             "stream": "mes",
@@ -70,6 +77,7 @@ SNAPSHOT: dict[str, Any] = {
             "forwarded_total": 10,
             "dropped_total": 3,
             "dead_lettered_total": 0,
+            "refused_total": 0,
         },
     ],
     "sinks": [
@@ -162,6 +170,7 @@ async def test_metrics_equal_the_status_snapshot(served) -> None:
     assert value(m, "edge_agent_buffer_used_bytes") == buf["used_bytes"]
     assert value(m, "edge_agent_buffer_max_bytes") == buf["max_bytes"]
     assert value(m, "edge_agent_buffer_full_in_seconds") == buf["full_in_s"]
+    assert value(m, "edge_agent_buffer_refused_total") == buf["refused_total"]
     assert value(m, "edge_agent_buffer_ingest_rate_events_per_second") == buf["ingest_rate_eps"]
 
     for st in snap["streams"]:
@@ -170,6 +179,7 @@ async def test_metrics_equal_the_status_snapshot(served) -> None:
         assert value(m, "edge_agent_events_forwarded_total", **lv) == st["forwarded_total"]
         assert value(m, "edge_agent_events_dropped_total", **lv) == st["dropped_total"]
         assert value(m, "edge_agent_events_dead_lettered_total", **lv) == st["dead_lettered_total"]
+        assert value(m, "edge_agent_events_refused_total", **lv) == st["refused_total"]
         assert value(m, "edge_agent_backlog_events", **lv) == st["backlog_events"]
         assert value(m, "edge_agent_backlog_bytes", **lv) == st["backlog_bytes"]
         assert value(m, "edge_agent_oldest_unsent_age_seconds", **lv) == (
@@ -272,3 +282,134 @@ def test_parse_listen() -> None:
     assert parse_listen("[::1]:9464") == ("::1", 9464)
     with pytest.raises(ValueError, match="HOST:PORT"):
         parse_listen("9464")
+
+
+# --------------------------------------------------------------------------- real agent
+
+STREAM_KEYS = (
+    "ingested_total",
+    "forwarded_total",
+    "dropped_total",
+    "dead_lettered_total",
+    "backlog_events",
+    "backlog_bytes",
+    "dead_letters",
+    "last_sequence",
+    "forwarded_sequence",
+)
+
+
+def _status(exe: Path, cfg: Path) -> dict[str, Any]:
+    res = subprocess.run(
+        [str(exe), "status", "--json", "-c", str(cfg)], capture_output=True, text=True, timeout=30
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    return json.loads(res.stdout)
+
+
+def _stream_numbers(status: dict[str, Any]) -> dict[str, tuple[Any, ...]]:
+    return {s["stream"]: tuple(s[k] for k in STREAM_KEYS) for s in status["streams"]}
+
+
+async def test_running_agent_metrics_equal_status(tmp_path: Path) -> None:
+    """The real agent: MES events in, sink down; /metrics over HTTP == `status --json`."""
+    exe = Path(sys.executable).with_name("edge-agent")
+    assert exe.exists(), "edge-agent console script missing: `.venv/bin/pip install -e .`"
+    mes_port, metrics_port, sink_port = _free_port(), _free_port(), _free_port()
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        f"""
+[agent]
+id = "metrics-test"
+plant = "p1"
+[buffer]
+path = "{tmp_path / "buffer.db"}"
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+[sinks.central]
+type = "https"
+url = "http://127.0.0.1:{sink_port}/v1/batches"
+[sources.mes]
+type = "mes_http"
+listen = "127.0.0.1:{mes_port}"
+""",
+        encoding="utf-8",
+    )
+    log = (tmp_path / "agent.log").open("wb")
+    proc = subprocess.Popen(  # noqa: ASYNC220 - Popen returns at once; no waiting here
+        [str(exe), "run", "-c", str(cfg), "--log-format", "json"], stdout=log, stderr=log
+    )
+    try:
+        async with httpx.AsyncClient(timeout=5) as client:
+            base = f"http://127.0.0.1:{metrics_port}"
+            for _ in range(100):
+                try:
+                    if (await client.get(f"{base}/healthz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert proc.poll() is None, (tmp_path / "agent.log").read_text()
+                await asyncio.sleep(0.1)
+            events = [
+                {
+                    "type": "mfg.production.completed",
+                    "time": "2026-11-23T10:15:02.123Z",
+                    "id": f"MES-{i}",
+                    "data": {
+                        "work_order": f"WO-{i}",
+                        "item": "PN-100",
+                        "good": {"value": i, "uom": "EA"},
+                    },
+                }
+                for i in range(25)
+            ]
+            r = await client.post(f"http://127.0.0.1:{mes_port}/v1/events", json=events)
+            assert r.status_code == 202, r.text
+            # wait until status is stable (heartbeat written, nothing moving)
+            previous: dict[str, Any] = {}
+            for _ in range(40):
+                await asyncio.sleep(0.5)
+                status = await asyncio.to_thread(_status, exe, cfg)
+                if status["agent"]["running"] and _stream_numbers(status) == previous:
+                    break
+                previous = _stream_numbers(status)
+            m = samples((await client.get(f"{base}/metrics")).text)
+            after = await asyncio.to_thread(_status, exe, cfg)
+            assert _stream_numbers(after) == previous, "status still moving"
+            assert (await client.get(f"{base}/readyz")).status_code == 503  # sink is down
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
+
+    (mes,) = [s for s in after["streams"] if s["stream"] == "mes"]
+    assert mes["ingested_total"] >= 25 and mes["forwarded_total"] == 0
+    for st in after["streams"]:
+        lv = {"stream": st["stream"], "sink": st["sink"]}
+        assert value(m, "edge_agent_events_ingested_total", **lv) == st["ingested_total"]
+        assert value(m, "edge_agent_events_forwarded_total", **lv) == st["forwarded_total"]
+        assert value(m, "edge_agent_backlog_events", **lv) == st["backlog_events"]
+        assert value(m, "edge_agent_backlog_bytes", **lv) == st["backlog_bytes"]
+        assert value(m, "edge_agent_last_sequence", **lv) == st["last_sequence"]
+        assert value(m, "edge_agent_dead_letters", **lv) == st["dead_letters"]
+    assert value(m, "edge_agent_buffer_max_bytes") == after["buffer"]["max_bytes"]
+    assert value(m, "edge_agent_buffer_used_bytes") == after["buffer"]["used_bytes"]
+    for src in after["sources"]:
+        assert (
+            value(
+                m,
+                "edge_agent_source_state",
+                source=src["name"],
+                type=src["type"],
+                state=src["state"],
+            )
+            == 1
+        )
+    for sink in after["sinks"]:
+        assert value(
+            m,
+            "edge_agent_sink_connected",
+            sink=sink["name"],
+            type=sink["type"],
+            state=sink["state"],
+        ) == (1 if sink["state"] == "connected" else 0)
