@@ -334,15 +334,24 @@ async def test_buffer_full_is_503_with_retry_after_and_nothing_stored(tmp_path):
     try:
         async with serving(buf, retry_after="7s") as (src, url):
             async with httpx.AsyncClient(base_url=url) as client:
-                # fits: a few events
                 assert (await post(client, [event(1), event(2)])).status_code == 202
                 # does not fit: append raises BufferFull for the whole request
                 r = await post(client, [event(i) for i in range(10, 30)])
                 assert r.status_code == 503
                 assert r.headers["Retry-After"] == "7"
-                n = len(await stored(buf))
-                assert n == 2
-                # fill it exactly, so the buffer says it has no room: refused before reading
+                assert r.json()["error"] == "buffer_full" and r.json()["stored"] == 0
+                assert len(await stored(buf)) == 2
+                assert src.state().detail["rejected"] == {"buffer_full": 1}
+    finally:
+        await buf.close()
+
+
+async def test_no_room_is_503_before_the_body_is_read(tmp_path):
+    buf = await open_buffer(tmp_path / "small.db", max_bytes=3000)
+    try:
+        async with serving(buf, retry_after=2) as (src, url):
+            async with httpx.AsyncClient(base_url=url) as client:
+                # fill the buffer exactly, so it reports no room
                 before = buf.used_bytes
                 assert (await post(client, padded(3, 10))).status_code == 202
                 size_at_10 = buf.used_bytes - before
@@ -350,10 +359,11 @@ async def test_buffer_full_is_503_with_retry_after_and_nothing_stored(tmp_path):
                 r = await post(client, padded(4, 10 + room - size_at_10))
                 assert r.status_code == 202, r.text
                 assert not buf.has_room()
-                r = await post(client, event(999))
-                assert r.status_code == 503 and r.headers["Retry-After"] == "7"
-                assert len(await stored(buf)) == 4
-                assert src.state().detail["rejected"]["buffer_full"] >= 2
+                r = await client.post(
+                    "/v1/events", content=b"{not json", headers={"Content-Type": "application/json"}
+                )
+                assert r.status_code == 503 and r.headers["Retry-After"] == "2"  # not 400
+                assert len(await stored(buf)) == 2
     finally:
         await buf.close()
 
