@@ -281,7 +281,7 @@ async def test_broker_killed_mid_stream_nothing_lost_order_kept(
     assert during.outcome is Outcome.RETRY
 
     mosquitto.start()
-    await asyncio.to_thread(sub.ready.wait, 10)
+    await asyncio.to_thread(sub.wait_subscriptions, 2)
     await wait_state(sink, "connected")
     # a batch queued before the outage must not overtake the resend of the earlier ones
     early = await sink.send(sent[18])
@@ -295,52 +295,65 @@ async def test_broker_killed_mid_stream_nothing_lost_order_kept(
     assert [m.payload for m in msgs] == [b.payload for b in sent]
 
 
-async def test_broker_restarts_under_continuous_load(
+async def test_broker_killed_under_continuous_load(
     mosquitto: Mosquitto, mqtt_subscriber: Any, make_sink: Any
 ) -> None:
-    """A forwarder-like loop keeps 8 batches in flight and resends what is not acknowledged.
+    """A forwarder-like loop keeps 8 batches in flight and resends what is not acknowledged;
+    the broker is SIGKILLed at a random moment of the stream and restarted.
 
-    The broker is killed at a random moment and restarted: at the subscriber, every batch
-    arrives, first arrivals are in order, and a duplicate is always the same batch id with
-    the same bytes.
+    Every batch without a PUBACK at the kill arrives after the restart, first arrivals are
+    in order, and a duplicate is always the same batch id with the same bytes. (A broker
+    without persistence may lose what it acknowledged but had not yet written to the
+    subscriber: that is the broker's durability, so those batches are the only ones allowed
+    to be missing. test_broker_killed_mid_stream_nothing_lost_order_kept pins the kill to a
+    moment where the broker holds nothing it acknowledged and requires every batch.)
     """
     sub = mqtt_subscriber(mosquitto, topic_of("line1"))
     sink = await make_sink(mosquitto, max_in_flight=8, ack_timeout=5)
     sent = batches("line1", 200, size=20)
-    acked = 0
+    accepted: set[str] = set()
+    retries = 0
     sixty = asyncio.Event()
 
     async def forwarder() -> None:
-        nonlocal acked
-        while acked < len(sent):
-            window = sent[acked : acked + sink.max_in_flight]
+        nonlocal retries
+        done = 0
+        while done < len(sent):
+            window = sent[done : done + sink.max_in_flight]
             results = await asyncio.gather(*(sink.send(b) for b in window))
-            for r in results:  # in-order acknowledgement
+            for b, r in zip(window, results, strict=True):
+                if r.outcome is Outcome.ACCEPTED:
+                    accepted.add(b.batch_id)
+            for r in results:  # acknowledgements apply in order only
                 if r.outcome is not Outcome.ACCEPTED:
                     assert r.outcome is Outcome.RETRY, r
+                    retries += 1
                     await asyncio.sleep(0.05)
-                    # the subscriber must be back, or the broker could drop what we resend
-                    await asyncio.to_thread(sub.ready.wait, 10)
+                    # the subscriber must be back, or the broker drops what we resend
+                    await asyncio.to_thread(sub.wait_subscriptions, 2)
                     break
-                acked += 1
-                if acked >= 60:
+                done += 1
+                if done >= 60:
                     sixty.set()
 
     task = asyncio.create_task(forwarder())
     await asyncio.wait_for(sixty.wait(), 20)
-    # a broker acknowledges a message before writing it to subscribers: freeze it first and
-    # let what it already acknowledged reach the subscriber, so the kill loses only batches
-    # the sink was never told about (a broker without persistence loses the rest)
     import signal
 
     assert mosquitto.proc is not None
-    mosquitto.proc.send_signal(signal.SIGSTOP)
+    mosquitto.proc.send_signal(signal.SIGSTOP)  # no PUBACK leaves the broker from now on
+    await asyncio.sleep(0.2)  # take in those already on their way
+    acked_before_kill = set(accepted)
     mosquitto.kill()
     await asyncio.sleep(0.3)
     mosquitto.start()
     await asyncio.wait_for(task, 30)
+    assert retries >= 1 and len(acked_before_kill) < 200
 
-    msgs = await received(sub, lambda m: len({x.user_properties["batch-id"] for x in m}) >= 200)
+    must_arrive = [b.batch_id for b in sent if b.batch_id not in acked_before_kill]
+    msgs = await received(
+        sub, lambda m: set(must_arrive) <= {x.user_properties["batch-id"] for x in m}
+    )
     by_id = {b.batch_id: b for b in sent}
     first_seen: list[str] = []
     for m in msgs:
@@ -348,9 +361,10 @@ async def test_broker_restarts_under_continuous_load(
         assert m.payload == by_id[bid].payload
         if bid not in first_seen:
             first_seen.append(bid)
-    assert first_seen == [b.batch_id for b in sent]
-    events = [e["id"] for m in msgs for e in orjson.loads(m.payload)]
-    assert set(events) == {i for b in sent for i in b.ids}
+    in_order = [b.batch_id for b in sent if b.batch_id in set(first_seen)]
+    assert first_seen == in_order
+    missing = {b.batch_id for b in sent} - set(first_seen)
+    assert missing <= acked_before_kill
 
 
 # --------------------------------------------------------------------------- refusals
