@@ -221,7 +221,7 @@ def _fast_ok(ev: dict[str, Any]) -> bool:
         and seq.isdigit()
         and seq.isascii()
         and seq != "00000000000000000000"
-        and "data" in ev
+        and type(g("data")) is dict
         and ((v := g("subject")) is None or type(v) is _str)
         and ((v := g("datacontenttype")) is None or type(v) is _str)
         and ((v := g("dataschema")) is None or type(v) is _str)
@@ -278,6 +278,13 @@ def check_event(i: int, ev: Any) -> int:
         )
     if "data" not in ev:
         raise BatchError(f"events[{i}].data: is missing", index=i, field="data", event=ev)
+    if not isinstance(ev["data"], dict):
+        raise BatchError(
+            f"events[{i}].data: must be a JSON object (the payload), got {ev['data']!r:.60}",
+            index=i,
+            field="data",
+            event=ev,
+        )
     _check_time(i, ev["time"], ev)
     return n
 

@@ -449,6 +449,7 @@ def _bad(field: str, value: Any, index: int = 1) -> tuple[list[dict], dict]:
         (lambda evs, h: evs[1].pop("plant"), 1, "plant"),
         (lambda evs, h: evs[1].pop("agentid"), 1, "agentid"),
         (lambda evs, h: evs[1].pop("data"), 1, "data"),
+        (lambda evs, h: evs[1].update(data=[1, 2]), 1, "data"),
         (lambda evs, h: evs[1].update(streamepoch="OTHER"), 1, "streamepoch"),
         (lambda evs, h: evs[2].update(source="edge-agent://plant-test/line9"), 2, "source"),
         (lambda evs, h: evs[2].update(sequence=f"{7:020d}"), 2, "sequence"),
