@@ -25,6 +25,7 @@ liveness check: no publish response or keep-alive within ``liveness_timeout``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import random
@@ -183,7 +184,7 @@ class OpcUaSource(Source):
             "reconnects": self.reconnects,
             "held_back_by_full_buffer": self._buffer_full_since is not None,
         }
-        return self._state
+        return dataclasses.replace(self._state, detail=dict(self._state.detail))
 
     # ------------------------------------------------------------------ lifecycle
 
