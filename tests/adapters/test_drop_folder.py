@@ -400,7 +400,7 @@ def test_sample_toml_validates() -> None:
         ({"processed_dir": "."}, "sources.d", "processed_dir must differ from path"),
         ({"csv": {"delimiter": ";;"}}, "sources.d.csv.delimiter", "one character"),
         ({"poll_interval": "soon"}, "sources.d.poll_interval", "not a duration"),
-        ({"mapping": {"constants": {"type": "nope"}}}, "sources.d.mapping", "canonical type"),
+        ({"mapping": {"constants": {"type": "nope"}}}, "sources.d.mapping", "'nope'"),
         ({"bogus": 1}, "sources.d.bogus", "unknown key"),
     ],
 )

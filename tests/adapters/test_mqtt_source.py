@@ -312,6 +312,27 @@ async def test_unacknowledged_message_is_redelivered_after_restart(
         await roomy.close()
 
 
+async def test_broker_restart_reconnects_and_resubscribes(
+    mosquitto: Mosquitto, buf: Buffer
+) -> None:
+    source = build(STREAM, make_config(mosquitto), CTX)
+    async with running(source, buf):
+        await asyncio.to_thread(mosquitto.restart)  # SIGKILL; no persistence: session gone
+        await wait_until(lambda: source.state().state == "disconnected")
+        assert "disconnected from" in (source.state().last_error or "")
+        await wait_until(
+            lambda: source.state().state == "connected" and source.state().detail["subscribed"],
+            within=15,
+        )
+        pub = await asyncio.to_thread(Publisher, mosquitto)
+        try:
+            await asyncio.to_thread(pub.publish, "plant/mes/a", canonical(1))
+        finally:
+            await asyncio.to_thread(pub.close)
+        [ev] = await wait_stored(buf, 1)
+    assert ev["subject"] == "WO-1"
+
+
 # ----------------------------------------------------------------------------- security
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import fnmatch
 import os
+import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -145,10 +146,27 @@ def move_into(path: Path, directory: Path, tag: str) -> Path:
     rename durable. Returns the new path."""
     directory.mkdir(parents=True, exist_ok=True)
     target = free_name(directory, path.name, tag)
-    os.replace(path, target)
+    _rename(path, target)
     _fsync_dir(directory)
     _fsync_dir(path.parent)
     return target
+
+
+def _rename(src: Path, dst: Path) -> None:
+    """An atomic rename; across filesystems a copy (fsynced) then a delete. A crash in
+    between leaves the file in the inbox, and the next run moves it again (its content
+    hash says it was imported), so the worst case is a second copy, never a re-import."""
+    try:
+        os.replace(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        shutil.copy2(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+        os.unlink(src)
 
 
 def reject_into(path: Path, directory: Path, problems: list[str], total_lines: int) -> Path:
@@ -158,7 +176,7 @@ def reject_into(path: Path, directory: Path, problems: list[str], total_lines: i
     directory.mkdir(parents=True, exist_ok=True)
     target = free_name(directory, path.name, _stamp())
     write_report(target.with_name(target.name + ".errors.txt"), path.name, problems, total_lines)
-    os.replace(path, target)
+    _rename(path, target)
     _fsync_dir(directory)
     _fsync_dir(path.parent)
     return target

@@ -392,9 +392,11 @@ class MqttSource(Source):
         client = self._client
         if client is None:
             return
+        connected = client.is_connected()
         for msg in group:
-            # A PUBACK only makes sense on the connection that delivered the message.
-            if msg.qos > 0 and msg.generation == self._thread_generation:
+            # A PUBACK only makes sense on the connection that delivered the message; on
+            # another one its packet id may name a different message.
+            if msg.qos > 0 and connected and msg.generation == self._thread_generation:
                 client.ack(msg.mid, msg.qos)
 
     def _decode(self, msg: _Message) -> list[NewEvent]:
