@@ -1,0 +1,109 @@
+"""mes_http inside the real agent process, forwarding to the reference gateway over HTTPS.
+
+What only the whole agent shows: events an MES pushed reach the gateway exactly once,
+even when the MES retries after the agent was SIGKILLed between commit and answer, and
+status shows the channel's counters.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import Any
+
+import httpx
+import jsonschema
+
+from agent.vocabulary import envelope_schema
+from tests.adapters.test_mes_http import event
+from tests.fixtures.common import agent_config, free_port, https_sink
+
+TOKEN = "agent-test-token-42"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def mes_source(port: int) -> dict[str, Any]:
+    return {
+        "type": "mes_http",
+        "stream": "mes",
+        "listen": f"127.0.0.1:{port}",
+        "token": TOKEN,
+    }
+
+
+def wait_listening(agent: Any, port: int, timeout: float = 30) -> None:
+    """Poll the port itself (cheaper than `status`, which starts a Python process)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert agent.proc.poll() is None, f"agent exited:\n{agent.log()[-3000:]}"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(
+        f"mes_http not listening on {port} after {timeout}s\n{agent.log()[-3000:]}"
+    )
+
+
+def source_status(agent: Any) -> dict[str, Any]:
+    [src] = [s for s in agent.status()["sources"] if s["name"] == "mes"]
+    return src
+
+
+def test_pushed_events_reach_the_gateway_once_across_retries_and_sigkill(
+    gateway, agent_process, tmp_path
+):
+    gw = gateway()
+    port = free_port()
+    cfg = agent_config(
+        tmp_path, sinks={"central": https_sink(gw)}, sources={"mes": mes_source(port)}
+    )
+    agent = agent_process(cfg, workdir=tmp_path).start(wait_ready=False)
+    wait_listening(agent, port)
+    url = f"http://127.0.0.1:{port}/v1/events"
+    batch = [event(i) for i in range(1, 21)]
+    with httpx.Client(timeout=10) as client:
+        r = client.post(url, json=batch, headers=AUTH)
+        assert r.status_code == 202, r.text
+        first_ids = [e["id"] for e in r.json()["events"]]
+        bad = client.post(url, json=[event(99), {"type": "mfg.production.completed"}], headers=AUTH)
+        assert bad.status_code == 422
+        assert client.post(url, json=batch).status_code == 401
+    gw.wait_received(20, stream="mes", timeout=30)
+
+    # the answer was lost: the agent dies, the MES retries the same events after restart
+    agent.kill()
+    agent.start(wait_ready=False)
+    wait_listening(agent, port)
+    with httpx.Client(timeout=10) as client:
+        r = client.post(url, json=batch + [event(21)], headers=AUTH)
+    assert r.status_code == 202, r.text
+    acks = r.json()["events"]
+    assert [a["duplicate"] for a in acks] == [True] * 20 + [False]
+    assert [a["id"] for a in acks[:20]] == first_ids
+    gw.wait_received(21, stream="mes", timeout=30)
+
+    events = gw.events("mes")
+    events = [e if isinstance(e, dict) else json.loads(e) for e in events]
+    business = [e for e in events if e["type"] == "mfg.production.completed"]
+    assert sorted(e["data"]["work_order"] for e in business) == sorted(
+        f"WO-{4700 + i}" for i in range(1, 22)
+    )
+    assert len({e["id"] for e in business}) == 21
+    validator = jsonschema.Draft202012Validator(envelope_schema())
+    for e in events:
+        assert list(validator.iter_errors(e)) == [], e
+
+    src = source_status(agent)
+    assert src["state"] == "connected"
+    assert src["detail"]["duplicates"] == 20 and src["detail"]["accepted"] == 1
+    assert agent.stop() == 0
+    with httpx.Client(timeout=2) as client:
+        try:
+            client.post(url, json=event(30), headers=AUTH)
+            raise AssertionError("still listening after the agent stopped")
+        except httpx.ConnectError:
+            pass
+    assert TOKEN not in agent.log()
