@@ -333,6 +333,35 @@ async def test_broker_restart_reconnects_and_resubscribes(
     assert ev["subject"] == "WO-1"
 
 
+async def test_held_message_survives_a_broker_that_lost_the_session(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """Held back (buffer full) when the broker restarts without persistence: the broker
+    will not send it again, so the source commits what it holds once there is room."""
+    small = await Buffer.open(
+        tmp_path / "small.db", plant="p", agent_id="a", max_bytes=1000, on_full="block"
+    )
+    try:
+        source = build(STREAM, make_config(mosquitto), CTX)
+        async with running(source, small):
+            pub = await asyncio.to_thread(Publisher, mosquitto)
+            for n in range(1, 4):
+                await asyncio.to_thread(pub.publish, "plant/line1/a/counted", mes_counted(n))
+            await asyncio.to_thread(pub.close)
+            await wait_until(lambda: source.state().detail["held_back"])
+            await asyncio.to_thread(mosquitto.restart)
+            await wait_until(lambda: source.state().detail["subscribed"], within=15)
+            rows = await small.read_next(STREAM, 0, 1000, 1 << 30)
+            values = [orjson.loads(b)["data"]["good"]["value"] for _, _, b in rows]
+            await small.ack(await small.open_batch(STREAM, rows))
+            await wait_until(lambda: not source.state().detail["held_back"])
+        rows = await small.read_next(STREAM, 0, 1000, 1 << 30)
+        values += [orjson.loads(b)["data"]["good"]["value"] for _, _, b in rows]
+        assert values == [1, 2, 3]
+    finally:
+        await small.close()
+
+
 # ----------------------------------------------------------------------------- security
 
 
