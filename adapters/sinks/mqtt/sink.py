@@ -269,25 +269,23 @@ class MqttSink(Sink):
         topic = f"{self._prefix}/{batch.stream}"
         props = self._batch_properties(batch) if self._v5 else None
         size = publish_packet_size(topic.encode(), props.pack() if props else b"", len(payload))
-        if cfg.max_packet_size is not None and size > cfg.max_packet_size:
-            return SendResult.too_large(
-                f"{len(batch)} events make a {size}-byte PUBLISH, over max_packet_size "
-                f"{cfg.max_packet_size}"
-            )
         async with self._order:  # FIFO: publishes leave in call order
             ready = await self._ready()
             if isinstance(ready, SendResult):
                 self._hold(batch)
                 return ready
             conn = ready
-            if conn.max_packet_size is not None and size > conn.max_packet_size:
-                return SendResult.too_large(
-                    f"{len(batch)} events make a {size}-byte PUBLISH, over the broker's "
-                    f"Maximum Packet Size {conn.max_packet_size}"
-                )
             held = self._held(batch)
             if held is not None:
                 return SendResult.retry(held)
+            for limit, what in (
+                (cfg.max_packet_size, "max_packet_size"),
+                (conn.max_packet_size, "the broker's Maximum Packet Size"),
+            ):
+                if limit is not None and size > limit:
+                    return SendResult.too_large(
+                        f"{len(batch)} events make a {size}-byte PUBLISH, over {what} {limit}"
+                    )
             sent = self._publish(conn, topic, payload, props, False, batch)
             if isinstance(sent, SendResult):
                 self._hold(batch)
