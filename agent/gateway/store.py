@@ -473,6 +473,18 @@ class GatewayStore:
             )
 
 
+def received_count(db: str | Path, stream: str | None = None) -> int:
+    """Unique events stored (of one stream): cheap enough to poll while waiting."""
+    conn = connect(db, readonly=True)
+    try:
+        sql, args = "SELECT COALESCE(SUM(received), 0) FROM streams", ()
+        if stream is not None:
+            sql, args = sql + " WHERE stream = ?", (stream,)
+        return int(conn.execute(sql, args).fetchone()[0])
+    finally:
+        conn.close()
+
+
 def read_events(
     db: str | Path | sqlite3.Connection,
     stream: str | None = None,
