@@ -309,6 +309,18 @@ async def test_same_content_again_is_not_imported_twice(inbox: Path, buf: Buffer
     assert source.state().detail["files_already_imported"] == 1
 
 
+async def test_events_with_known_mes_ids_are_not_stored_again(inbox: Path, buf: Buffer) -> None:
+    source = make_source(inbox)
+    (inbox / "a.jsonl").write_bytes(jsonl(event(1), event(2)))
+    await settle(source, buf)
+    # a corrected re-export: different bytes, two events the MES already sent (same ids)
+    (inbox / "b.jsonl").write_bytes(jsonl(event(2), event(1), event(3)))
+    await settle(source, buf)
+    assert [e["data"]["good"]["value"] for e in await stored(buf)] == [1, 2, 3]
+    assert source.state().detail["accepted"] == 3
+    assert source.state().detail["duplicates"] == 2
+
+
 async def test_committed_but_not_moved_is_only_moved_after_restart(
     inbox: Path, buf: Buffer
 ) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from adapters.registry import AdapterContext
 from agent.errors import BufferFull
-from agent.interfaces import ComponentState, Ingest, Source
+from agent.interfaces import Committed, ComponentState, Ingest, Source
 
 from . import files
 from .config import Config
@@ -56,6 +56,8 @@ class DropFolderSource(Source):
         self._accepted_files = 0
         self._rejected: Counter[str] = Counter()
         self._already_imported = 0
+        #: events whose MES id the buffer had already committed (a re-sent export)
+        self._duplicates = 0
         self._held_back = 0
         #: files that failed for a reason that may pass (unreadable, vanished): not retried
         #: until they change, so the log is not flooded every poll
@@ -67,6 +69,7 @@ class DropFolderSource(Source):
         self._state.detail = {
             "path": str(self.config.path),
             "accepted": self._accepted_events,
+            "duplicates": self._duplicates,
             "files_imported": self._accepted_files,
             "files_already_imported": self._already_imported,
             "rejected": dict(self._rejected),
@@ -161,9 +164,10 @@ class DropFolderSource(Source):
             await self._reject(path, decoded.reason, decoded.problems, decoded.lines)
             return True
 
+        committed: list[Committed] = []
         if decoded.events:
             try:
-                await ingest.append(
+                committed = await ingest.append(
                     self.stream, decoded.events, marks=[(self.mark_namespace, read.sha256)]
                 )
             except BufferFull as exc:
@@ -171,7 +175,9 @@ class DropFolderSource(Source):
                 self._set("connected", str(exc))
                 log.warning("buffer full: %s stays until there is room", path.name, extra=extra)
                 return False
-        self._accepted_events += len(decoded.events)
+        dups = sum(c.duplicate for c in committed)
+        self._accepted_events += len(committed) - dups
+        self._duplicates += dups
         self._accepted_files += 1
         await self._move(path, self.config.dir("processed_dir"), read.sha256)
         log.info("imported %s", path.name, extra={**extra, "events": len(decoded.events)})

@@ -258,7 +258,7 @@ class MqttSource(Source):
                 topic: str | None = msg.topic
             except UnicodeDecodeError:
                 topic = None
-            post(_Message(self._thread_generation, msg.mid, msg.qos, topic, msg.payload))
+            post(_Message(self._thread_generation, msg.mid, msg.qos, topic, bytes(msg.payload)))
 
         client.on_connect = on_connect
         client.on_subscribe = on_subscribe
