@@ -38,8 +38,9 @@ class Config(SourceConfig):
     patterns: list[str] = ["*.jsonl", "*.csv"]
     #: how often the directory is listed; a file is read once it is unchanged for one interval
     poll_interval: Duration = Field(default=2.0, gt=0)
-    #: larger files are rejected with a report (the whole file is held in memory)
-    max_file_size: ByteSize = parse_bytes("64MiB")
+    #: larger files are rejected with a report. A file is imported in one transaction, so
+    #: it is held in memory: peak memory is roughly 30x the file size (see README)
+    max_file_size: ByteSize = parse_bytes("8MiB")
     #: the MES's own field names -> canonical fields; a fixed event type for every row is
     #: ``mapping.constants.type`` (see adapters/sources/mes_common)
     mapping: FieldMapping = FieldMapping()
