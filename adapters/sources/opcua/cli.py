@@ -107,7 +107,7 @@ def test(config_path: Path, only: str | None) -> None:
     }
     if not sources:
         _fail(f"{config_path}: no OPC UA source{f' named {only}' if only else ''} configured")
-    state_dir = cfg.buffer.path.parent / "state"
+    state_dir = cfg.buffer.path.parent  # as the runtime: adapter state next to the buffer
     failed = 0
     for name, scfg in sources.items():
         click.echo(f"[sources.{name}] {scfg.endpoint} ({scfg.security_policy}/{scfg.mode})")
