@@ -47,11 +47,6 @@ def wait_listening(agent: Any, port: int, timeout: float = 30) -> None:
     )
 
 
-def source_status(agent: Any) -> dict[str, Any]:
-    [src] = [s for s in agent.status()["sources"] if s["name"] == "mes"]
-    return src
-
-
 def test_pushed_events_reach_the_gateway_once_across_retries_and_sigkill(
     gateway, agent_process, tmp_path
 ):
@@ -96,9 +91,18 @@ def test_pushed_events_reach_the_gateway_once_across_retries_and_sigkill(
     for e in events:
         assert list(validator.iter_errors(e)) == [], e
 
-    src = source_status(agent)
-    assert src["state"] == "connected"
+    # status is the agent's periodic heartbeat: wait for it to catch up
+    status = agent.wait(
+        lambda s: any(
+            x["name"] == "mes" and x["state"] == "connected" and x["detail"].get("duplicates")
+            for x in s["sources"]
+        ),
+        timeout=30,
+        what="mes_http status with counters",
+    )
+    [src] = [x for x in status["sources"] if x["name"] == "mes"]
     assert src["detail"]["duplicates"] == 20 and src["detail"]["accepted"] == 1
+    assert src["detail"]["listening"] is True
     assert agent.stop() == 0
     with httpx.Client(timeout=2) as client:
         try:

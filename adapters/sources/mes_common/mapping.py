@@ -93,6 +93,8 @@ class FieldMapping(Model):
         return None
 
 
+_IDENTITY = FieldMapping()
+
 # --------------------------------------------------------------------------- dotted paths
 
 
@@ -164,7 +166,17 @@ def apply_mapping(
     ``mapping.constants``, then run-time ``constants`` (e.g. the type from an MQTT topic).
     ``drop_empty`` treats "" as absent (CSV cells).
     """
-    m = mapping or FieldMapping()
+    m = mapping or _IDENTITY
+    if (
+        not (m.fields or m.values or m.constants or constants)
+        and m.unmapped == "keep"
+        and not any("." in k for k in obj)
+    ):
+        # Already canonical (the common case for HTTP): nothing is written into nested
+        # objects, so a shallow copy suffices and the input is never mutated.
+        if drop_empty:
+            return {k: v for k, v in obj.items() if v != ""}, []
+        return dict(obj), []
     errors: list[tuple[str, str]] = []
     out: dict[str, Any] = {}
 
