@@ -394,6 +394,30 @@ async def test_missing_directory_is_an_error_state_then_recovers(
     assert len(await stored(buf)) == 1
 
 
+async def test_move_failure_is_reported_and_retried_later(
+    inbox: Path, buf: Buffer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapters.sources.drop_folder import source as source_module
+
+    monkeypatch.setattr(source_module, "FAILED_RETRY", 0.5)
+    (inbox / "processed").write_text("a file where the directory should be")
+    (inbox / "a.jsonl").write_bytes(jsonl(event(1)))
+    source = make_source(inbox)
+    await settle(source, buf)
+    assert len(await stored(buf)) == 1  # committed, but it could not be moved
+    st = source.state()
+    assert st.state == "error" and "cannot move" in (st.last_error or "")
+    await settle(source, buf)  # not retried at every poll
+    assert (inbox / "a.jsonl").exists()
+
+    (inbox / "processed").unlink()  # the operator fixes it
+    await asyncio.sleep(0.5)
+    await source.poll_once(buf)
+    assert (inbox / "processed" / "a.jsonl").exists()
+    assert len(await stored(buf)) == 1
+    assert source.state().state == "connected"
+
+
 # ----------------------------------------------------------------------------- config
 
 

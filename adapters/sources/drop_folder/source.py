@@ -37,6 +37,9 @@ from .decode import Decoded, decode_file
 
 log = logging.getLogger("edge_agent.sources.drop_folder")
 
+#: seconds before a file that could not be read or moved is tried again (unless it changes)
+FAILED_RETRY = 30.0
+
 
 @dataclass(frozen=True, slots=True)
 class _Read:
@@ -59,9 +62,9 @@ class DropFolderSource(Source):
         #: events whose MES id the buffer had already committed (a re-sent export)
         self._duplicates = 0
         self._held_back = 0
-        #: files that failed for a reason that may pass (unreadable, vanished): not retried
-        #: until they change, so the log is not flooded every poll
-        self._failed: dict[Path, files.FileStat] = {}
+        #: files that failed for a reason an operator may fix (unreadable, cannot be moved):
+        #: retried when they change or after FAILED_RETRY seconds, not at every poll
+        self._failed: dict[Path, tuple[files.FileStat, float]] = {}
 
     # ------------------------------------------------------------------ status
 
@@ -113,10 +116,11 @@ class DropFolderSource(Source):
                 log.error(msg, extra={"source": self.name})
             self._set("error", msg)
             return
-        if self._state.state in ("starting", "error"):
+        if self._state.state in ("starting", "error", "stopped"):
             self._set("connected")
         for path, stat in self._tracker.update(listing):
-            if self._failed.get(path) == stat:
+            failed = self._failed.get(path)
+            if failed is not None and failed[0] == stat and time.monotonic() < failed[1]:
                 continue
             self._failed.pop(path, None)
             if not await self._import(ingest, path, stat):
@@ -144,7 +148,7 @@ class DropFolderSource(Source):
             msg = f"cannot read {path}: {exc.strerror or exc} (check permissions)"
             log.error(msg, extra=extra)
             self._set("connected", msg)
-            self._failed[path] = stat
+            self._failed[path] = (stat, time.monotonic() + FAILED_RETRY)
             return True
         if read is None:  # still open for writing, or changed while we read it
             self._tracker.forget(path)
@@ -218,7 +222,7 @@ class DropFolderSource(Source):
 
     def _note_move_error(self, path: Path, exc: OSError) -> None:
         with contextlib.suppress(OSError):
-            self._failed[path] = files.FileStat.of(os.stat(path))
+            self._failed[path] = (files.FileStat.of(os.stat(path)), time.monotonic() + FAILED_RETRY)
         msg = f"cannot move {path}: {exc.strerror or exc} (check permissions of the folders)"
         log.error(msg, extra={"source": self.name, "file": path.name})
         self._set("error", msg)
