@@ -207,7 +207,17 @@ class GatewayStore:
             "SELECT source, stream, epoch, sk, received, duplicates, out_of_order, id_conflicts,"
             " highest, batches, first_at FROM streams"
         ):
-            store._stats[(row[0], row[1], row[2])] = StreamStats(*row[3:10], row[10] or 0.0)
+            sk, received, duplicates, out_of_order, id_conflicts, highest, batches = row[3:10]
+            store._stats[(row[0], row[1], row[2])] = StreamStats(
+                sk=sk,
+                received=received,
+                duplicates=duplicates,
+                out_of_order=out_of_order,
+                id_conflicts=id_conflicts,
+                highest=highest,
+                batches=batches,
+                first_at=row[10] or 0.0,
+            )
         store._sources = dict(conn.execute("SELECT source, src FROM sources").fetchall())
         store._next_bn = conn.execute("SELECT COALESCE(MAX(bn), 0) + 1 FROM batches").fetchone()[0]
         return store
@@ -477,7 +487,8 @@ def received_count(db: str | Path, stream: str | None = None) -> int:
     """Unique events stored (of one stream): cheap enough to poll while waiting."""
     conn = connect(db, readonly=True)
     try:
-        sql, args = "SELECT COALESCE(SUM(received), 0) FROM streams", ()
+        sql = "SELECT COALESCE(SUM(received), 0) FROM streams"
+        args: tuple[str, ...] = ()
         if stream is not None:
             sql, args = sql + " WHERE stream = ?", (stream,)
         return int(conn.execute(sql, args).fetchone()[0])

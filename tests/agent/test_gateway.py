@@ -694,3 +694,23 @@ def test_body_over_max_body_is_413(gateway, stream):
         assert post(client, gw, events(1, 2)).status_code == 200
         assert post(client, gw, events(3, 40)).status_code == 413
     assert seqs(gw.events(stream)) == [1, 2]
+
+
+async def test_in_process_server_serves_and_stops(tmp_path, stream):
+    """GatewayServer, for embedding (benchmarks, demo): same routes, clean stop, data kept."""
+    from agent.gateway.server import GatewayServer, GatewaySettings
+
+    settings = GatewaySettings(port=0, db=tmp_path / "gw.sqlite3")
+    async with GatewayServer(settings) as server:
+        assert server.url == f"http://127.0.0.1:{server.port}/v1/batches"
+        evs = events(1, 3)
+        async with httpx.AsyncClient() as client:
+            r = await client.post(server.url, content=orjson.dumps(evs), headers=headers_for(evs))
+        assert r.json() == {"accepted": 3, "duplicates": 0}
+        server.faults.update({"fail_status": 503, "fail_count": 1})
+        async with httpx.AsyncClient() as client:
+            r = await client.post(server.url, content=orjson.dumps(evs), headers=headers_for(evs))
+        assert r.status_code == 503
+    from agent.gateway import read_events
+
+    assert read_events(settings.db, stream) == evs
