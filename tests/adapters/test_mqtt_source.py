@@ -333,6 +333,24 @@ async def test_broker_restart_reconnects_and_resubscribes(
     assert ev["subject"] == "WO-1"
 
 
+async def test_broker_down_at_start_then_up(
+    mosquitto_factory: Callable[..., Mosquitto], buf: Buffer
+) -> None:
+    broker = mosquitto_factory(start=False)
+    source = build(STREAM, make_config(broker), CTX)
+    task = asyncio.create_task(source.run(buf))
+    try:
+        await wait_until(lambda: source.state().state == "disconnected", task=task)
+        assert "cannot connect to" in (source.state().last_error or "")
+        await asyncio.to_thread(broker.start)
+        await wait_until(lambda: source.state().detail["subscribed"], within=15, task=task)
+        assert source.state().state == "connected"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 async def test_held_message_survives_a_broker_that_lost_the_session(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:

@@ -250,6 +250,15 @@ class MqttSource(Source):
             ]
             post(_Subscribed(refused))
 
+        def on_connect_fail(_c: paho.Client, _u: Any) -> None:
+            post(
+                _Problem(
+                    "disconnected",
+                    f"cannot connect to {self.config.url} (is the broker running and "
+                    "reachable from here?); retrying",
+                )
+            )
+
         def on_disconnect(_c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
             post(_Problem("disconnected", f"disconnected from {self.config.url}: {reason}"))
 
@@ -262,6 +271,7 @@ class MqttSource(Source):
 
         client.on_connect = on_connect
         client.on_subscribe = on_subscribe
+        client.on_connect_fail = on_connect_fail
         client.on_disconnect = on_disconnect
         client.on_message = on_message
 
