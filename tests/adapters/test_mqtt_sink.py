@@ -498,13 +498,11 @@ async def test_payload_over_broker_maximum_packet_size_is_too_large(
         props = sink._batch_properties(b).pack()
         return publish_packet_size(topic_of("line1").encode(), props, len(b.payload))
 
-    # pad one event until the PUBLISH is exactly at the limit, then one byte over
-    pad = 0
-    while packet(make_batch("line1", 1, 1, pad=pad)) < limit:
-        pad += 1
+    # pad one event so the PUBLISH is exactly at the limit (a pad character is one byte;
+    # ids and batch ids have fixed lengths), then one byte over
+    pad = limit - packet(make_batch("line1", 1, 1))
     exact = make_batch("line1", 1, 1, pad=pad)
-    if packet(exact) != limit:  # ids differ by batch; batch ids and ULIDs have fixed length
-        raise AssertionError(f"could not hit the limit exactly: {packet(exact)}")
+    assert packet(exact) == limit
     over = make_batch("line1", 2, 1, pad=pad + 1)
     assert packet(over) == limit + 1
 

@@ -508,17 +508,16 @@ class MqttSink(Sink):
             detail = conn.errors[-1] if conn.errors else mqtt.error_string(rc)
             raise self._early_close(f"cannot send CONNECT to {where}: {detail}", conn)
         self._attach(conn)
-        await asyncio.wait(
-            {conn.connack, conn.lost}, timeout=cfg.connect_timeout, return_when="FIRST_COMPLETED"
-        )
+        either: set[asyncio.Future[Any]] = {conn.connack, conn.lost}
+        await asyncio.wait(either, timeout=cfg.connect_timeout, return_when="FIRST_COMPLETED")
         if conn.connack.done():
             code, props = conn.connack.result()
             if code.is_failure:
                 self._close(conn, "refused")
-                hint = _CONNACK_HINTS.get(code.value)
+                advice = _CONNACK_HINTS.get(code.value)
                 raise _Refused(
                     f"the broker at {where} refused the connection: {_rc_text(code)}"
-                    + (f" ({hint})" if hint else ""),
+                    + (f" ({advice})" if advice else ""),
                     auth=code.value in AUTH_CONNACK,
                 )
             conn.max_packet_size = getattr(props, "MaximumPacketSize", None)
