@@ -12,6 +12,7 @@ import pytest
 from asyncua import Client, ua
 
 from tests.adapters.opcua_helpers import (
+    CutProxy,
     make_config,
     node,
     read_events,
@@ -284,3 +285,29 @@ async def test_counter_state_and_hold_mapping(plain, tmp_path):
     # raw = false: no signal for the counter and state nodes; the hold node keeps its raw signal
     raw_nodes = {e["data"]["node_id"] for e in events if e["type"] == "mfg.signal.sampled"}
     assert raw_nodes == {"nsu=urn:edge-agent:test-server;s=Line1.Hold"}
+
+
+async def test_outage_gap_is_backfilled_from_history_in_order(opcua_server, tmp_path):
+    srv = opcua_server(tick=0.1, history=True)
+    proxy = await CutProxy(srv.port).start()
+    cfg = make_config(proxy.endpoint, [node("Counter", queue_size=20, backfill=True)])
+    try:
+        async with running_source(cfg, tmp_path) as (src, buf):
+            await wait_for(lambda: _enough(buf, "Line1.Counter", 5), 20, "5 samples", src)
+            proxy.cut()  # the server keeps ticking (and recording history) meanwhile
+            await wait_for(lambda: src.state().state == "disconnected", 5, "loss", src)
+            await asyncio.sleep(1.5)
+            proxy.restore()
+            await wait_for(lambda: src.state().state == "connected", 10, "reconnect", src)
+            n = len(await signals(buf, "line1", "Line1.Counter"))
+            got = await wait_for(lambda: _enough(buf, "Line1.Counter", n + 5), 10, "more", src)
+            st = src.state()
+    finally:
+        await proxy.close()
+    values = [e["data"]["value"] for e in got]
+    # no gap, no duplicate, in source-timestamp order: the outage was filled from history
+    assert values == list(range(values[0], values[0] + len(values))), values
+    times = [_ts(e["data"]["source_timestamp"]) for e in got]
+    assert times == sorted(times)
+    assert st.detail["backfilled"] >= 10, st.detail
+    assert st.detail["reconnects"] == 1

@@ -230,6 +230,11 @@ class NodeMapper:
         if self.extra:
             self._static["attributes"] = dict(self.extra)
 
+    @property
+    def last_source_timestamp(self) -> datetime | None:
+        """Source timestamp of the last sample turned into events (the backfill start)."""
+        return self._last[0] if self._last is not None else None
+
     def is_repeat(self, sample: Sample) -> bool:
         if sample.source_timestamp is None:
             return False

@@ -31,7 +31,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +147,8 @@ class OpcUaSource(Source):
         self._sessions = 0
         self.monitored = 0
         self.failed_nodes: dict[str, str] = {}
+        self.backfilled = 0
+        self.backfill_errors: dict[str, str] = {}
         self._rate_mark = (time.monotonic(), 0)
         self._rate = 0.0
         self._buffer_full_since: float | None = None
@@ -182,6 +184,8 @@ class OpcUaSource(Source):
             "lost_in_flight": self.lost_in_flight,
             "pending": q.qsize() if q is not None else 0,
             "reconnects": self.reconnects,
+            "backfilled": self.backfilled,
+            "backfill_errors": dict(self.backfill_errors),
             "held_back_by_full_buffer": self._buffer_full_since is not None,
         }
         return dataclasses.replace(self._state, detail=dict(self._state.detail))
@@ -303,6 +307,8 @@ class OpcUaSource(Source):
                 )
             item.node_id = node_id
             by_sub.setdefault(item.node.subscription, []).append(item)
+        if self._sessions:
+            await self._backfill(client, [it for items in by_sub.values() for it in items])
         monitored = 0
         for sub_name, items in by_sub.items():
             sub_id = await self._create_subscription(client, sub_name)
@@ -332,6 +338,49 @@ class OpcUaSource(Source):
                 f"{len(self.failed_nodes)} node(s) not monitored, e.g. "
                 f"{next(iter(self.failed_nodes.values()))}"
             )
+
+    async def _backfill(self, client: Client, items: list[_Item]) -> None:
+        """Read the outage gap from the server's history, before the subscriptions exist.
+
+        For nodes with ``backfill = true``: the raw history from the last source timestamp
+        collected to now (at most ``backfill_max``), merged across nodes in source-timestamp
+        order and queued ahead of any new notification. Values at or before what was
+        already collected are skipped, and the subscription's first value repeating the
+        last backfilled one is not emitted again (NodeMapper.is_repeat).
+        """
+        now = datetime.now(UTC)
+        earliest = now - timedelta(seconds=self.cfg.backfill_max)
+        found: list[tuple[datetime, int, _Item, ua.DataValue]] = []
+        for item in items:
+            last = item.mapper.last_source_timestamp if item.mapper is not None else None
+            if not item.node.backfill or last is None or item.node_id is None:
+                continue
+            start = max(last, earliest)
+            try:
+                values = await client.get_node(item.node_id).read_raw_history(
+                    start, now, numvalues=0, return_bounds=False
+                )
+            except ua.UaStatusCodeError as exc:
+                why = f"no backfill for {item.node.label}: {ua.StatusCode(int(exc.code)).name}"
+                self.backfill_errors[item.node.label] = why
+                log.warning("source %s: %s", self.name, why)
+                continue
+            self.backfill_errors.pop(item.node.label, None)
+            for dv in values:
+                ts = dv.SourceTimestamp
+                if ts is None:
+                    continue
+                ts = ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+                if ts > last:
+                    found.append((ts, item.index, item, dv))
+        if not found:
+            return
+        found.sort(key=lambda f: (f[0], f[1]))
+        assert self._queue is not None
+        for _, _, item, dv in found:
+            await self._queue.put((item, dv, now))
+        self.backfilled += len(found)
+        log.info("source %s: backfilled %d values from history", self.name, len(found))
 
     async def _create_subscription(self, client: Client, sub_name: str) -> int:
         sub = self.cfg.subscription(sub_name)
