@@ -427,15 +427,6 @@ def test_wrong_content_type_is_415(gw, client, stream):
     assert gw.events(stream) == [] and gw.report()["requests"]["rejected_415"] == refused + 2
 
 
-def _bad(field: str, value: Any, index: int = 1) -> tuple[list[dict], dict]:
-    evs = events(1, 3)
-    if value is None:
-        del evs[index][field]
-    else:
-        evs[index][field] = value
-    return evs, {}
-
-
 @pytest.mark.parametrize(
     ("mutate", "index", "field"),
     [
