@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import sys
+import time
 
 log = logging.getLogger("edge_agent.sdnotify")
 
@@ -126,8 +127,12 @@ class SystemdNotifier:
         return self.notify("STOPPING=1")
 
     def reloading(self) -> bool:
-        """A config reload has begun; call ``ready()`` again when it is done."""
-        return self.notify("RELOADING=1")
+        """A config reload has begun; call ``ready()`` again when it is done.
+
+        MONOTONIC_USEC lets systemd >= 253 match the reload to its request.
+        """
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        return self.notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
 
     def ping(self) -> bool:
         """One watchdog keep-alive."""

@@ -109,12 +109,12 @@ def test_ready_status_stopping_reloading(
     assert n.reloading()
     assert n.stopping()
     n.close()
-    assert notify_socket.drain() == [
-        "READY=1",
-        "STATUS=forwarding 3 streams",
-        "RELOADING=1",
-        "STOPPING=1",
-    ]
+    ready, status, reloading, stopping = notify_socket.drain()
+    assert (ready, status, stopping) == ("READY=1", "STATUS=forwarding 3 streams", "STOPPING=1")
+    first, second = reloading.split("\n")
+    assert first == "RELOADING=1"
+    usec = int(second.removeprefix("MONOTONIC_USEC="))
+    assert abs(usec - time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000) < 10_000_000
 
 
 def test_abstract_socket(abstract_notify_socket: NotifySocket) -> None:
@@ -235,6 +235,14 @@ def run_agent_with_notify(
             pings = [m for m in ns.drain()[first:] if m == "WATCHDOG=1"]
             assert len(pings) >= 2, ns.messages
             assert proc.poll() is None, "agent exited while it should be running"
+            # ExecReload=/bin/kill -HUP $MAINPID: RELOADING=1, then READY=1 again
+            seen = len(ns.drain())
+            proc.send_signal(signal.SIGHUP)
+            ns.wait_for("RELOADING=1", 15, proc)
+            deadline = time.monotonic() + 15
+            while "READY=1" not in ns.drain()[seen:] and time.monotonic() < deadline:
+                assert proc.poll() is None, "agent exited on SIGHUP"
+            assert "READY=1" in ns.messages[seen:], ns.messages[seen:]
         except AssertionError as exc:
             raise AssertionError(f"{exc}\nagent output:\n{_read(tmp_path / 'agent.log')}") from None
         proc.send_signal(signal.SIGTERM)
