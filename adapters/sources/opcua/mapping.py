@@ -219,6 +219,7 @@ class NodeMapper:
         self.state: str | None = None
         self.held: bool | None = None
         self.unmapped = 0
+        self.last_error: str | None = None
         #: last sample turned into events: a re-sent initial value after a reconnect
         #: (same source timestamp, value and status) is not emitted twice
         self._last: tuple[datetime | None, Any, int] | None = None
@@ -249,7 +250,14 @@ class NodeMapper:
         if self.node.event == SIGNAL or self.node.raw:
             out.append(self._signal(sample, when, data_type))
         if self.node.event != SIGNAL and is_good(sample.status_code):
-            business = self._business(sample, when)
+            try:
+                business = self._business(sample, when)
+            except vocabulary.VocabularyError as exc:
+                # e.g. a reason code longer than the vocabulary allows: the raw signal still
+                # goes out; the mapping problem is counted and shown, not fatal
+                self.unmapped += 1
+                self.last_error = f"{self.subject}: {exc}"
+                business = None
             if business is not None:
                 out.append(business)
         return out

@@ -169,6 +169,7 @@ class OpcUaSource(Source):
             self._rate = (self.notifications - mark_n) / (now - mark_t)
             self._rate_mark = (now, self.notifications)
         q = self._queue
+        mappers = [it.mapper for it in self._items if it.mapper is not None]
         self._state.detail = {
             "endpoint": self.cfg.endpoint,
             "security": f"{self.cfg.security_policy}/{self.cfg.mode}",
@@ -184,6 +185,8 @@ class OpcUaSource(Source):
             "lost_in_flight": self.lost_in_flight,
             "pending": q.qsize() if q is not None else 0,
             "reconnects": self.reconnects,
+            "unmapped_values": sum(m.unmapped for m in mappers),
+            "mapping_error": next((m.last_error for m in mappers if m.last_error), None),
             "backfilled": self.backfilled,
             "backfill_errors": dict(self.backfill_errors),
             "held_back_by_full_buffer": self._buffer_full_since is not None,
@@ -216,6 +219,9 @@ class OpcUaSource(Source):
                 self._disconnected(str(exc))
             except (OSError, TimeoutError, ua.UaError) as exc:
                 self._disconnected(str(translate(exc, self.cfg)))
+            except Exception as exc:  # noqa: BLE001 - a library quirk must not end the source
+                log.exception("source %s: unexpected error in the session", self.name)
+                self._set_state("error", str(translate(exc, self.cfg)))
             if not wait:
                 if time.monotonic() - started > 2 * self.cfg.reconnect_max:
                     delay = self.cfg.reconnect_initial  # it was up for a while: start over
