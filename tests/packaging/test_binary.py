@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,30 @@ def test_config_check_refuses_a_bad_config(edge_agent_binary: Path, tmp_path: Pa
     res = run([str(edge_agent_binary), "config", "check", str(bad)], tmp_path)
     assert res.returncode != 0
     assert "sinks.central.url" in res.stdout + res.stderr
+
+
+def all_samples_config(path: Path) -> Path:
+    """Every adapter's sample.toml in one config (sink names made unique)."""
+    parts = []
+    for sample in sorted(REPO.glob("adapters/*/*/sample.toml")):
+        text = sample.read_text(encoding="utf-8")
+        kind, type_ = sample.parts[-3], sample.parts[-2]
+        if kind == "sinks":
+            text = re.sub(r"(?m)^(\[+)sinks\.", rf"\1sinks.{type_}_", text)
+        parts.append(f"# ---- {sample.relative_to(REPO)}\n{text}")
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
+
+
+def test_every_adapter_sample_checks_with_the_binary(
+    edge_agent_binary: Path, tmp_path: Path
+) -> None:
+    """Each adapter package imports and validates inside the frozen binary."""
+    cfg = all_samples_config(tmp_path / "all.toml")
+    res = run([str(edge_agent_binary), "config", "check", str(cfg)], tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    samples = list(REPO.glob("adapters/*/*/sample.toml"))
+    assert samples and "ok" in res.stdout
 
 
 def test_demo_runs_from_the_binary(edge_agent_binary: Path, tmp_path: Path) -> None:
