@@ -5,9 +5,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -130,3 +135,87 @@ def test_secret_in_a_real_process_stderr() -> None:
     )
     doc = json.loads(res.stderr.strip().splitlines()[-1])  # stderr is a pipe: JSON
     assert doc["msg"] == "token=***" and doc["sink"] == "s"
+
+
+# --------------------------------------------------------------------------- real agent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "process exited before listening"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"nothing listens on {port} after {timeout}s")
+
+
+def test_real_agent_json_logs_carry_batches_and_no_secrets(tmp_path: Path) -> None:
+    """The real agent + reference gateway: JSON lines, batch fields, the token never shown."""
+    exe = Path(sys.executable).with_name("edge-agent")
+    assert exe.exists(), "edge-agent console script missing: `.venv/bin/pip install -e .`"
+    token = "tok-" + "Zq8" * 8
+    (tmp_path / "token").write_text(token + "\n")
+    gw_port = _free_port()
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        f"""
+[agent]
+id = "logs-test"
+plant = "p1"
+[buffer]
+path = "{tmp_path / "buffer.db"}"
+[metrics]
+enabled = false
+[sinks.central]
+type = "https"
+url = "http://127.0.0.1:{gw_port}/v1/batches"
+token = "${{EDGE_TEST_TOKEN}}"
+[sources.sim]
+type = "simulator"
+""",
+        encoding="utf-8",
+    )
+    gw_log = (tmp_path / "gateway.log").open("wb")
+    gateway = subprocess.Popen(
+        [str(exe), "gateway", "--listen", f"127.0.0.1:{gw_port}", "--db",
+         str(tmp_path / "gw.sqlite3"), "--token-file", str(tmp_path / "token")],
+        stdout=gw_log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    agent_proc = None
+    try:
+        _wait_port(gw_port, gateway)
+        env = dict(os.environ, EDGE_TEST_TOKEN=token)
+        agent_proc = subprocess.Popen(
+            [str(exe), "run", "-c", str(cfg), "--log-level", "debug"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        time.sleep(5)
+        agent_proc.send_signal(signal.SIGTERM)
+        out, err = agent_proc.communicate(timeout=20)
+    finally:
+        for p in (agent_proc, gateway):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        gw_log.close()
+    text = (out + err).decode()
+    assert token not in text
+    lines = [json.loads(line) for line in err.decode().splitlines() if line.strip()]
+    assert lines, "the agent logged nothing"
+    batch_lines = [d for d in lines if "batch_id" in d]
+    assert batch_lines, f"no log line about a batch: {[d['msg'] for d in lines][:20]}"
+    for d in batch_lines:
+        assert {"stream", "first_sequence", "last_sequence", "sink"} <= d.keys(), d
+        assert d["first_sequence"] <= d["last_sequence"]
+    about_a_batch = [d for d in lines if "batch" in d["msg"].lower() and "batch_id" not in d]
+    assert not about_a_batch, f"lines about a batch without batch_id: {about_a_batch}"
