@@ -383,10 +383,9 @@ class MetricsServer:
                 "(another process uses the port? change [metrics] listen or set enabled = false)",
             ) from exc
         self._runner, self._site = runner, site
-        server = site._server  # aiohttp exposes the bound sockets only here
-        sockets = getattr(server, "sockets", None) or []
-        if sockets:
-            self._bound_port = sockets[0].getsockname()[1]
+        addresses = runner.addresses  # the bound sockets' names: the real port for port 0
+        if addresses:
+            self._bound_port = addresses[0][1]
         _active.append(self)
         log.info("metrics on %s/metrics", self.url)
 

@@ -96,7 +96,7 @@ def test_lintian(edge_agent_deb: Path) -> None:
     tags = re.findall(r"(?m)^([EWX]): edge-agent[^:]*: (\S+)", res.stdout)
     unexpected = [f"{level}: {tag}" for level, tag in tags if tag not in LINTIAN_ACCEPTED]
     assert not unexpected, res.stdout
-    assert res.returncode in (0, 2) or not unexpected, res.stdout + res.stderr
+    assert tags or res.returncode == 0, res.stdout + res.stderr  # lintian itself worked
 
 
 INSTALL_SCRIPT = r"""
