@@ -23,6 +23,7 @@ from agent.errors import SourceError
 
 from . import security
 from .config import Config
+from .mapping import status_name
 from .security import AuthRefused
 
 log = logging.getLogger("edge_agent.source.opcua")
@@ -125,7 +126,7 @@ def make_client(cfg: Config, name: str) -> Client:
 def _message_of(exc: BaseException) -> str:
     if isinstance(exc, uaerrors.UaStatusCodeError):
         code = exc.code if isinstance(exc.code, int) else int(exc.code)
-        return ua.StatusCode(code).name
+        return status_name(code)
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
@@ -136,7 +137,7 @@ def translate(exc: BaseException, cfg: Config, own: OwnCertificate | None = None
         return exc
     if isinstance(exc, uaerrors.UaStatusCodeError):
         code = int(exc.code)
-        name = ua.StatusCode(code).name
+        name = status_name(code)
         if code in _LOGIN_CODES:
             who = f"user '{cfg.username}'" if cfg.username else "anonymous login"
             fix = (

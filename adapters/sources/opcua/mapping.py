@@ -285,7 +285,7 @@ class NodeMapper:
     def _business(self, s: Sample, when: datetime) -> NewEvent | None:
         n = self.node
         data: dict[str, Any] | None = None
-        kind = n.event
+        kind: str = n.event
         if n.event == COUNTED:
             assert self.counter is not None
             number = _number(s.value)

@@ -42,7 +42,7 @@ from agent.interfaces import ComponentState, Ingest, NewEvent, Source
 
 from .config import Config, NodeConfig
 from .connection import AuthRefused, close_quietly, open_client, translate
-from .mapping import NodeMapper, overflowed, sample_from_datavalue
+from .mapping import NodeMapper, overflowed, sample_from_datavalue, status_name
 
 log = logging.getLogger("edge_agent.source.opcua")
 
@@ -91,7 +91,7 @@ async def resolve_node(client: Client, node: NodeConfig, ns_array: list[str]) ->
         target = await client.nodes.root.get_child(path)
     except ua.UaStatusCodeError as exc:
         raise SourceError(
-            f"browse_path '{node.browse_path}' not found ({ua.StatusCode(int(exc.code)).name}); "
+            f"browse_path '{node.browse_path}' not found ({status_name(int(exc.code))}); "
             "list the server's nodes with: edge-agent opcua browse ENDPOINT"
         ) from exc
     return target.nodeid
@@ -367,7 +367,7 @@ class OpcUaSource(Source):
                     start, now, numvalues=0, return_bounds=False
                 )
             except ua.UaStatusCodeError as exc:
-                why = f"no backfill for {item.node.label}: {ua.StatusCode(int(exc.code)).name}"
+                why = f"no backfill for {item.node.label}: {status_name(int(exc.code))}"
                 self.backfill_errors[item.node.label] = why
                 log.warning("source %s: %s", self.name, why)
                 continue
