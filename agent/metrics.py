@@ -235,10 +235,10 @@ class SnapshotCollector(Collector):
         )
         for s in streams:
             lv = [_s(s.get("stream")), _s(s.get("sink"))]
-            for key, fam in counters.items():
-                fam.add_metric(lv, _num(s.get(key)))
-            for key, fam in gauges.items():
-                fam.add_metric(lv, _num(s.get(key)))
+            for key, counter in counters.items():
+                counter.add_metric(lv, _num(s.get(key)))
+            for key, gauge in gauges.items():
+                gauge.add_metric(lv, _num(s.get(key)))
             ts = _timestamp(s.get("last_forwarded_at"))
             if ts is not None:
                 last_fwd.add_metric(lv, ts)
