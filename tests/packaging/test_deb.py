@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tomllib
 from pathlib import Path
@@ -111,8 +112,29 @@ st confdir /etc/edge-agent
 st conf /etc/edge-agent/edge-agent.toml
 [ -e /etc/systemd/system/multi-user.target.wants/edge-agent.service ] && echo enabled=yes || echo enabled=no
 runuser -u edge-agent -- /usr/bin/edge-agent config check /etc/edge-agent/edge-agent.toml >/dev/null && echo user-can-read-config=yes
-runuser -u edge-agent -- sh -c 'umask 077; echo x > /var/lib/edge-agent/buffer.db'
+echo "== run"
+# the agent as the unit runs it (user, umask, working dir), on a loopback test config
+cp /etc/edge-agent/edge-agent.toml /root/packaged.toml
+cat > /etc/edge-agent/edge-agent.toml <<CONF
+[agent]
+plant = "p1"
+[buffer]
+path = "/var/lib/edge-agent/buffer.db"
+[metrics]
+enabled = false
+[sinks.central]
+type = "https"
+url = "http://127.0.0.1:@SINK_PORT@/v1/batches"
+[sources.sim]
+type = "simulator"
+CONF
+cd /var/lib/edge-agent
+runuser -u edge-agent -- sh -c 'umask 0077; exec timeout -s TERM 6 /usr/bin/edge-agent run -c /etc/edge-agent/edge-agent.toml' >/root/run.log 2>&1 || true
+cd /
+/usr/bin/edge-agent status -c /etc/edge-agent/edge-agent.toml >/dev/null && echo root-status=ok
+find /var/lib/edge-agent -mindepth 1 -exec stat -c "file %n %a %U:%G %F" {} +
 runuser -u nobody -- cat /var/lib/edge-agent/buffer.db >/dev/null 2>&1 && echo other-can-read-buffer=yes || echo other-can-read-buffer=no
+cp /root/packaged.toml /etc/edge-agent/edge-agent.toml
 echo "== reinstall"
 dpkg -i /pkg/edge-agent.deb >/dev/null
 st state /var/lib/edge-agent
@@ -180,11 +202,15 @@ def _host_state() -> tuple[bool, bool, bool]:
 
 def test_install_remove_purge(edge_agent_deb: Path, tmp_path: Path) -> None:
     host_before = _host_state()
-    res = in_throwaway_root(tmp_path, edge_agent_deb, INSTALL_SCRIPT)
+    with socket.socket() as sock:  # nothing listens: the agent buffers
+        sock.bind(("127.0.0.1", 0))
+        script = INSTALL_SCRIPT.replace("@SINK_PORT@", str(sock.getsockname()[1]))
+    res = in_throwaway_root(tmp_path, edge_agent_deb, script)
     assert _host_state() == host_before, "the install test leaked into the host"
     out = res.stdout
     assert res.returncode == 0, out + res.stderr
-    install, rest = out.split("== reinstall")
+    install, rest = out.split("== run")
+    ran, rest = rest.split("== reinstall")
     reinstall, rest = rest.split("== remove")
     remove, purge = rest.split("== purge")
     assert "passwd edge-agent:/var/lib/edge-agent:/usr/sbin/nologin" in install
@@ -194,7 +220,15 @@ def test_install_remove_purge(edge_agent_deb: Path, tmp_path: Path) -> None:
     assert "conf 640 root:edge-agent" in install
     assert "enabled=no" in install  # not started before it is configured
     assert "user-can-read-config=yes" in install
-    assert "other-can-read-buffer=no" in install
+    # the buffer the agent created, and everything else it wrote, is its own and private;
+    # root's `edge-agent status` (read-only) left no root-owned file behind
+    assert "root-status=ok" in ran, ran
+    files = [line.split() for line in ran.splitlines() if line.startswith("file ")]
+    assert any(f[1] == "/var/lib/edge-agent/buffer.db" for f in files), ran
+    for _, name, mode, owner, *kind in files:
+        assert owner == "edge-agent:edge-agent", f"{name} is owned by {owner}"
+        assert mode == ("700" if kind == ["directory"] else "600"), f"{name} has mode {mode}"
+    assert "other-can-read-buffer=no" in ran
     assert "systemctl enable --now edge-agent" in install  # tells the admin what is next
     assert "state 700 edge-agent:edge-agent" in reinstall
     assert remove.split() == ["binary=no", "buffer=yes", "conf=yes", "user=yes"]
