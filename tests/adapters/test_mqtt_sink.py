@@ -495,8 +495,9 @@ async def test_payload_over_broker_maximum_packet_size_is_too_large(
     assert sink.state().detail["max_packet_size"] == limit
 
     def packet(b: Batch) -> int:
-        props = sink._batch_properties(b).pack()
-        return publish_packet_size(topic_of("line1").encode(), props, len(b.payload))
+        props, props_len = sink._batch_properties(b)
+        assert props_len == len(props.pack())
+        return publish_packet_size(topic_of("line1").encode(), props_len, len(b.payload))
 
     # pad one event so the PUBLISH is exactly at the limit (a pad character is one byte;
     # ids and batch ids have fixed lengths), then one byte over

@@ -15,7 +15,7 @@ from paho.mqtt.properties import Properties
 import adapters.sinks.mqtt as pkg
 from adapters.registry import AdapterContext
 from adapters.sinks.mqtt import Config, MqttSink, build
-from adapters.sinks.mqtt.sink import publish_packet_size
+from adapters.sinks.mqtt.sink import batch_properties_len, publish_packet_size
 from agent.config import parse_config
 from agent.errors import ConfigError, SinkError
 
@@ -133,6 +133,30 @@ def test_packet_size_matches_paho_encoding(payload_len: int, v5: bool) -> None:
     client.publish("edge/plant-a/line1", b"x" * payload_len, qos=1, properties=props)
     (packet,) = packets
     expected = publish_packet_size(
-        b"edge/plant-a/line1", props.pack() if props else b"", payload_len
+        b"edge/plant-a/line1", len(props.pack()) if props else 0, payload_len
     )
     assert len(packet) == expected
+
+
+@pytest.mark.parametrize("gzip", [False, True])
+@pytest.mark.parametrize("stream", ["l", "line-ü-" + "x" * 200])
+def test_property_length_matches_paho_packing(tmp_path: Path, gzip: bool, stream: str) -> None:
+    from agent.interfaces import Batch
+
+    sink = MqttSink(
+        "c",
+        load({"url": "mqtt://127.0.0.1", "gzip": gzip}),
+        AdapterContext("a", "p", tmp_path, "1"),
+    )
+    b = Batch(stream, "01JD3W5Q8R6B1N9X2K4T7V0M3C", "E" * 26, 1, 10**15, ["x"], [b"{}"])
+    props, length = sink._batch_properties(b)
+    assert length == len(props.pack())
+    assert batch_properties_len("a/b", [("k", "v" * 200)]) == len(_pack("a/b", [("k", "v" * 200)]))
+
+
+def _pack(content_type: str, user: list[tuple[str, str]]) -> bytes:
+    props = Properties(PacketTypes.PUBLISH)
+    props.ContentType = content_type
+    props.PayloadFormatIndicator = 1
+    props.UserProperty = user
+    return bytes(props.pack())

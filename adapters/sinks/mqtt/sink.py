@@ -106,6 +106,21 @@ class _Hold:
     until: float
 
 
+class _PahoLog:
+    """Takes paho's log calls: keeps its errors (socket, TLS) on the connection, since the
+    last one explains a drop, and passes everything on at debug level. Formats lazily."""
+
+    def __init__(self, conn: _Connection, sink: str) -> None:
+        self._conn = conn
+        self._sink = sink
+
+    def log(self, level: int, fmt: str, *args: Any) -> None:
+        if level >= logging.ERROR:
+            self._conn.errors.append(fmt % args)  # deque.append: fine from any thread
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("sink %s: paho: " + fmt, self._sink, *args)
+
+
 class _Connection:
     """One paho client and its socket. A new one for every connect attempt."""
 
@@ -121,14 +136,23 @@ class _Connection:
         self.errors: deque[str] = deque(maxlen=5)
 
 
-def publish_packet_size(topic: bytes, properties: bytes, payload_len: int) -> int:
+def publish_packet_size(topic: bytes, properties_len: int, payload_len: int) -> int:
     """Bytes of a QoS 1 PUBLISH on the wire, as a broker's Maximum Packet Size counts them.
 
-    ``properties`` is the packed MQTT 5 property block including its length prefix
-    (empty for MQTT 3.1.1).
+    ``properties_len`` is the length of the MQTT 5 property block including its own length
+    prefix (0 for MQTT 3.1.1).
     """
-    remaining = 2 + len(topic) + 2 + len(properties) + payload_len
+    remaining = 2 + len(topic) + 2 + properties_len + payload_len
     return 1 + _varint_len(remaining) + remaining
+
+
+def batch_properties_len(content_type: str, user: list[tuple[str, str]]) -> int:
+    """Length of the property block _batch_properties builds, without paho packing it
+    twice per batch: payload format indicator (2 bytes), content type (1 + 2 + n), each
+    user property (1 + 2 + k + 2 + v), then the block's own variable-length prefix."""
+    body = 2 + 3 + len(content_type.encode())
+    body += sum(5 + len(k.encode()) + len(v.encode()) for k, v in user)
+    return _varint_len(body) + body
 
 
 def _varint_len(n: int) -> int:
@@ -267,8 +291,8 @@ class MqttSink(Sink):
         if cfg.gzip:
             payload = gzip.compress(payload, compresslevel=5, mtime=0)
         topic = f"{self._prefix}/{batch.stream}"
-        props = self._batch_properties(batch) if self._v5 else None
-        size = publish_packet_size(topic.encode(), props.pack() if props else b"", len(payload))
+        props, props_len = self._batch_properties(batch) if self._v5 else (None, 0)
+        size = publish_packet_size(topic.encode(), props_len, len(payload))
         async with self._order:  # FIFO: publishes leave in call order
             ready = await self._ready()
             if isinstance(ready, SendResult):
@@ -295,9 +319,11 @@ class MqttSink(Sink):
             self._hold(batch)
         return result
 
-    def _batch_properties(self, batch: Batch) -> Properties:
+    def _batch_properties(self, batch: Batch) -> tuple[Properties, int]:
+        """The contract's MQTT 5 properties and their packed length."""
+        content_type = CONTENT_TYPE_GZIP if self._cfg.gzip else CONTENT_TYPE
         props = Properties(PacketTypes.PUBLISH)
-        props.ContentType = CONTENT_TYPE_GZIP if self._cfg.gzip else CONTENT_TYPE
+        props.ContentType = content_type
         props.PayloadFormatIndicator = 0 if self._cfg.gzip else 1
         user = [
             ("batch-id", batch.batch_id),
@@ -309,7 +335,7 @@ class MqttSink(Sink):
         if self._cfg.gzip:
             user.append(("content-encoding", "gzip"))
         props.UserProperty = user
-        return props
+        return props, batch_properties_len(content_type, user)
 
     async def _ready(self) -> _Connection | SendResult:
         """The live connection; while a connect attempt runs, wait for it (bounded)."""
@@ -595,7 +621,8 @@ class MqttSink(Sink):
         client.on_connect = on(self._on_connect)
         client.on_disconnect = on(self._on_disconnect)
         client.on_publish = on(self._on_publish)
-        client.on_log = self._on_log_for(conn)
+        # a logger, not on_log: paho formats every debug line for on_log (costly per PUBLISH)
+        client.enable_logger(self._paho_log(conn))  # type: ignore[arg-type]
         return conn
 
     # ------------------------------------------------------------------ socket plumbing
@@ -766,13 +793,8 @@ class MqttSink(Sink):
             return SendResult.rejected(text, rc.value)
         return SendResult.retry(text, rc.value)
 
-    def _on_log_for(self, conn: _Connection) -> Callable[..., None]:
-        def on_log(_c: Any, _u: Any, level: int, buf: str) -> None:
-            if level == mqtt.MQTT_LOG_ERR:
-                conn.errors.append(buf)  # deque.append is atomic: fine from any thread
-                log.debug("sink %s: paho: %s", self.name, buf)
-
-        return on_log
+    def _paho_log(self, conn: _Connection) -> _PahoLog:
+        return _PahoLog(conn, self.name)
 
     # ------------------------------------------------------------------ helpers
 
