@@ -147,9 +147,9 @@ async def test_watchdog_pings_while_loop_is_healthy(
     n = SystemdNotifier()
     task = asyncio.create_task(n.watchdog())
     try:
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.4)  # ~8 pings; a loaded CI machine may manage fewer
         healthy = len(notify_socket.drain())
-        assert healthy >= 4, notify_socket.messages
+        assert healthy >= 3, notify_socket.messages
         assert set(notify_socket.messages) == {"WATCHDOG=1"}
         # A wedged loop (blocking call) must starve the watchdog: no pings while blocked.
         before = len(notify_socket.drain())
