@@ -46,9 +46,11 @@ async def read_events(buf: Buffer, stream: str) -> list[dict[str, Any]]:
 
 @contextlib.asynccontextmanager
 async def running_source(
-    cfg: Config, tmp: Path, *, name: str = "line1"
+    cfg: Config, tmp: Path, *, name: str = "line1", max_bytes: int = 1 << 30
 ) -> AsyncIterator[tuple[OpcUaSource, Buffer]]:
-    buf = await Buffer.open(tmp / "buffer.db", plant="p1", agent_id="a1", on_full="block")
+    buf = await Buffer.open(
+        tmp / "buffer.db", plant="p1", agent_id="a1", on_full="block", max_bytes=max_bytes
+    )
     ctx = AdapterContext(agent_id="a1", plant="p1", state_dir=tmp / "state", version="test")
     src = build(name, cfg, ctx)
     task = asyncio.create_task(src.run(buf))

@@ -8,6 +8,7 @@ import signal
 import time
 from datetime import datetime
 
+import orjson
 import pytest
 from asyncua import Client, ua
 
@@ -311,3 +312,47 @@ async def test_outage_gap_is_backfilled_from_history_in_order(opcua_server, tmp_
     assert times == sorted(times)
     assert st.detail["backfilled"] >= 10, st.detail
     assert st.detail["reconnects"] == 1
+
+
+async def test_full_buffer_holds_the_server_back_and_nothing_is_lost(plain, tmp_path):
+    nodes = [node(n, queue_size=400) for n in ("Counter", "Temperature", "Quality")]
+    cfg = make_config(
+        plain.endpoint, nodes, max_pending=100, batch_max=50, liveness_timeout="1500ms"
+    )
+    async with running_source(cfg, tmp_path, max_bytes=40_000) as (src, buf):
+        # the buffer fills, then the source's queue, then the client stops asking for more
+        await wait_for(
+            lambda: (
+                src.state().detail["held_back_by_full_buffer"]
+                and src.state().detail["pending"] >= 100
+            ),
+            20,
+            "held back",
+            src,
+        )
+        await asyncio.sleep(2.0)  # the server keeps the values meanwhile
+        st = src.state()
+        # holding the server back (longer than liveness_timeout) is not a lost connection
+        assert st.state == "connected" and st.detail["reconnects"] == 0, st
+        assert not buf.has_room()
+        # now play the forwarder: acknowledge what is stored and reclaim the space, until the
+        # values the server held meanwhile have all come in
+        delivered: list[dict] = []
+
+        async def drain() -> bool:
+            rows = await buf.read_next("line1", 0, 100_000, 1 << 40)
+            if rows:
+                await buf.ack(await buf.open_batch("line1", rows))
+                await buf.housekeeping()
+                delivered.extend(orjson.loads(body) for _, _, body in rows)
+            d = src.state().detail
+            return not rows and d["pending"] == 0 and not d["held_back_by_full_buffer"]
+
+        await wait_for(drain, 30, "drained", src)
+        await asyncio.sleep(0.5)
+        await drain()
+        st = src.state()
+    assert st.detail["server_queue_overflows"] == 0 and st.detail["lost_in_flight"] == 0
+    values = [e["data"]["value"] for e in delivered if e["data"]["node_id"].endswith("Counter")]
+    assert len(values) > 60
+    assert values == list(range(values[0], values[0] + len(values))), "no value lost or repeated"
