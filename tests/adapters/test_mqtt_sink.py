@@ -367,6 +367,43 @@ async def test_broker_killed_under_continuous_load(
     assert missing <= acked_before_kill
 
 
+async def test_no_puback_within_ack_timeout_drops_the_connection(
+    mosquitto: Mosquitto, mqtt_subscriber: Any, make_sink: Any
+) -> None:
+    import signal
+
+    sub = mqtt_subscriber(mosquitto, topic_of("line1"))
+    sink = await make_sink(mosquitto, ack_timeout=1)
+    await wait_state(sink, "connected")
+    assert mosquitto.proc is not None
+    mosquitto.proc.send_signal(signal.SIGSTOP)  # alive, connected, silent
+    b = make_batch("line1", 1, 3)
+    started = time.monotonic()
+    r = await sink.send(b)
+    assert r.outcome is Outcome.RETRY and "ack_timeout" in r.reason, r
+    assert 1 <= time.monotonic() - started < 4
+    mosquitto.proc.send_signal(signal.SIGCONT)
+    await wait_state(sink, "connected")
+    assert (await sink.send(b)).outcome is Outcome.ACCEPTED
+    msgs = await received(sub, lambda m: len(m) >= 1)
+    assert {m.user_properties["batch-id"] for m in msgs} == {b.batch_id}
+
+
+async def test_broker_receive_maximum_is_respected(
+    mosquitto_factory: MosquittoFactory, mqtt_subscriber: Any, make_sink: Any
+) -> None:
+    broker = mosquitto_factory(extra="max_inflight_messages 5")
+    sub = mqtt_subscriber(broker, topic_of("line1"))
+    sink = await make_sink(broker, max_in_flight=16)
+    await wait_state(sink, "connected")
+    assert sink.state().detail["receive_maximum"] == 5
+    sent = batches("line1", 40)
+    results = await asyncio.gather(*(sink.send(b) for b in sent))
+    assert all(r.outcome is Outcome.ACCEPTED for r in results)
+    msgs = await received(sub, lambda m: len(m) >= 40)
+    assert [m.user_properties["batch-id"] for m in msgs] == [b.batch_id for b in sent]
+
+
 # --------------------------------------------------------------------------- refusals
 
 ACL_ALLOW_LINE1 = f"""

@@ -277,6 +277,7 @@ class MqttSink(Sink):
             "client_id": self._client_id,
             "in_flight": len(conn.pending) if conn else 0,
             "max_packet_size": conn.max_packet_size if conn else None,
+            "receive_maximum": self._inflight_limit,
             "denied_streams": dict(self._denied),
             **self._stats,
         }
