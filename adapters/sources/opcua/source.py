@@ -304,7 +304,9 @@ class OpcUaSource(Source):
                 self.failed_nodes[item.node.label] = str(exc)
                 log.warning("source %s: %s", self.name, exc)
                 continue
-            if item.mapper is None or item.node_id != node_id:
+            # keep a node's mapper (counter baseline, last state) across reconnects; only a
+            # browse path that now leads to another node starts afresh
+            if item.mapper is None or (item.node.node_id is None and item.node_id != node_id):
                 item.mapper = NodeMapper(
                     item.node,
                     node_id=item.node.node_id or node_id.to_string(),
@@ -333,6 +335,16 @@ class OpcUaSource(Source):
                 for it, res in zip(chunk, results, strict=True):
                     if res.StatusCode.is_good():
                         monitored += 1
+                        if res.RevisedQueueSize and res.RevisedQueueSize < it.node.queue_size:
+                            log.warning(
+                                "source %s: server revised queue_size of %s from %d to %d: "
+                                "values may be discarded between publishes (counted as "
+                                "server_queue_overflows)",
+                                self.name,
+                                it.node.label,
+                                it.node.queue_size,
+                                res.RevisedQueueSize,
+                            )
                         continue
                     self._handles.pop(it.index + 1, None)
                     why = f"cannot monitor {it.node.label}: {res.StatusCode.name}"
