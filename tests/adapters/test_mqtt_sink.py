@@ -585,3 +585,27 @@ async def test_stop_answers_waiting_sends_and_is_idempotent(
     assert r.outcome is Outcome.RETRY
     await sink.stop()
     mosquitto.proc.send_signal(signal.SIGCONT)
+
+
+async def test_stop_while_connecting_leaves_nothing_open(
+    mosquitto: Mosquitto, make_sink: Any
+) -> None:
+    import os
+    import signal
+
+    assert mosquitto.proc is not None
+    mosquitto.proc.send_signal(signal.SIGSTOP)  # TCP is accepted by the kernel, no CONNACK
+    try:
+        fds = len(os.listdir("/proc/self/fd"))
+        loop = asyncio.get_running_loop()
+        watched = len(loop._selector.get_map())  # type: ignore[attr-defined]
+        sink = await make_sink(mosquitto, connect_timeout=30)
+        pending = asyncio.create_task(sink.send(make_batch("line1", 1, 1)))
+        await asyncio.sleep(0.3)
+        assert sink.state().state == "starting" and not pending.done()
+        await asyncio.wait_for(sink.stop(), 3)
+        assert (await pending).outcome is Outcome.RETRY
+        assert len(loop._selector.get_map()) == watched  # type: ignore[attr-defined]
+        assert len(os.listdir("/proc/self/fd")) <= fds + 1  # the idle connect thread's nothing
+    finally:
+        mosquitto.proc.send_signal(signal.SIGCONT)

@@ -536,7 +536,11 @@ class MqttSink(Sink):
             raise self._early_close(f"cannot send CONNECT to {where}: {detail}", conn)
         self._attach(conn)
         either: set[asyncio.Future[Any]] = {conn.connack, conn.lost}
-        await asyncio.wait(either, timeout=cfg.connect_timeout, return_when="FIRST_COMPLETED")
+        try:
+            await asyncio.wait(either, timeout=cfg.connect_timeout, return_when="FIRST_COMPLETED")
+        except asyncio.CancelledError:
+            self._close(conn, "sink stopped")
+            raise
         if conn.connack.done():
             code, props = conn.connack.result()
             if code.is_failure:
