@@ -100,3 +100,25 @@ async def test_node_opcua_wrong_password_is_a_clear_error(node_opcua_server, tmp
         assert await read_events(buf, "line1") == []
     assert f"server {srv.endpoint} refused user 'user1'" in st.last_error
     assert "check username and password_file" in st.last_error
+
+
+async def test_server_side_queue_overflow_is_counted_not_hidden(node_opcua_server, tmp_path):
+    # a queue of 2 sampled every 50 ms but published every second: the server must discard
+    # values and says so with the Overflow bit, which the agent counts and shows
+    srv = node_opcua_server
+    nodes = [
+        {
+            "node_id": f"nsu={srv.namespace};s=FanSpeed",
+            "sampling_interval": "50ms",
+            "queue_size": 2,  # (with 1 the spec says the Overflow bit is never set)
+        }
+    ]
+    cfg = make_config(srv.endpoint, nodes, publishing_interval="1s")
+    async with running_source(cfg, tmp_path) as (src, buf):
+        st = await wait_for(
+            lambda: src.state() if src.state().detail["server_queue_overflows"] >= 2 else None,
+            15,
+            "overflow counted",
+            src,
+        )
+    assert st.detail["server_queue_overflows"] <= st.detail["notifications_total"]
