@@ -120,6 +120,48 @@ def test_agent_to_broker_survives_broker_kill(
     assert agent.stop() == 0
 
 
+def test_denied_topic_keeps_the_backlog_until_the_acl_is_fixed(
+    mosquitto_factory: MosquittoFactory, mqtt_subscriber: Any, agent_process: Any, tmp_path: Path
+) -> None:
+    deny = f"topic read #\ntopic write edge/{PLANT}/agents/#\n"
+    broker = mosquitto_factory(acl=deny)
+    sub = mqtt_subscriber(broker, TOPIC)
+    total = 200
+    workdir = tmp_path / "agent"
+    agent: AgentProcess = agent_process(
+        agent_config(
+            workdir,
+            sinks={"central": mqtt_sink(broker)},
+            sources={"sim": {"type": "simulator", "rate": 400, "limit": total, "seed": 3}},
+        ),
+        workdir,
+    )
+    agent.start()
+    status = agent.wait(
+        lambda s: (
+            any("Not authorized" in (st.get("last_error") or "") for st in s["streams"])
+            and sum(st["last_sequence"] for st in s["streams"]) >= total
+        ),
+        30,
+        "the denied topic in the stream's status",
+    )
+    (stream,) = status["streams"]
+    assert stream["backlog_events"] >= total and stream["forwarded_sequence"] == 0
+    assert "ACL" in stream["last_error"]
+    (sink,) = status["sinks"]
+    assert sink["state"] == "connected" and "Not authorized" in (sink["last_error"] or "")
+    assert not sub.snapshot()  # nothing got through, nothing was dropped
+
+    broker.write_acl(deny + f"topic write edge/{PLANT}/sim\n")
+    agent.wait(
+        lambda s: all(st["backlog_events"] == 0 for st in s["streams"]), 30, "backlog drained"
+    )
+    wait_until(lambda: len(events_of(sub)) >= total, 10, "all events at the subscriber")
+    seqs = [int(e["sequence"]) for e in events_of(sub)]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert agent.stop() == 0
+
+
 def test_presence_online_then_last_will_after_sigkill(
     mosquitto: Mosquitto, mqtt_subscriber: Any, agent_process: Any, tmp_path: Path
 ) -> None:
