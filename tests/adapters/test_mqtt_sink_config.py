@@ -160,3 +160,17 @@ def _pack(content_type: str, user: list[tuple[str, str]]) -> bytes:
     props.PayloadFormatIndicator = 1
     props.UserProperty = user
     return bytes(props.pack())
+
+
+def test_missing_mosquitto_fails_the_test_with_the_install_command(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+    import shutil
+
+    from tests.fixtures import mosquitto as fixture
+
+    monkeypatch.setattr(shutil, "which", lambda _name: None)
+    monkeypatch.setattr(os, "access", lambda _path, _mode: False)
+    with pytest.raises(pytest.fail.Exception, match="apt-get install -y mosquitto"):
+        fixture.mosquitto_binary()
