@@ -79,6 +79,7 @@ MIGRATIONS: list[str] = [
         committed_at REAL NOT NULL,
         size INTEGER NOT NULL,
         body BLOB NOT NULL,
+        ctl INTEGER NOT NULL DEFAULT 0,  -- 1: the agent's own gap/checkpoint: never dropped
         PRIMARY KEY (sid, seq)
     ) WITHOUT ROWID;
     CREATE TABLE batches (
@@ -201,11 +202,14 @@ class Buffer:
         self._writer: asyncio.Task[None] | None = None
         self._used = 0  # bytes of event bodies stored (events + dead letters)
         self._acked_unreclaimed = 0  # forwarded but not yet deleted
+        self._refusing = False  # an append was refused; cleared when room is freed
         self._closed = False
         self.refused_total = 0
         self.refused_by_stream: dict[str, int] = {}
         self.new_stream_listeners: list[Callable[[str], None]] = []
         self.last_write_error: str | None = None
+        #: transactions that committed events: with group commit, far fewer than appends
+        self.commits = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -377,7 +381,7 @@ class Buffer:
     def has_room(self) -> bool:
         if self.on_full != "block":
             return True
-        return self._used - self._acked_unreclaimed < self.max_bytes
+        return not self._refusing and self._used - self._acked_unreclaimed < self.max_bytes
 
     @property
     def used_bytes(self) -> int:
@@ -458,6 +462,7 @@ class Buffer:
                     g.future.set_exception(BufferError_(f"buffer commit failed: {exc}"))
             return
         self.last_write_error = None
+        self.commits += 1
         for g, res in zip(live, results, strict=True):
             if g.future.done():
                 continue
@@ -491,7 +496,7 @@ class Buffer:
         touched: set[str] = set()
         # Work on copies of the stream state; publish only after COMMIT.
         staged: dict[str, list[int]] = {}  # name -> [sid, last_seq, checkpoint_seq]
-        rows: list[tuple[int, int, str, float, int, bytes]] = []
+        rows: list[tuple[int, int, str, float, int, bytes, int]] = []
         dedupe_rows: list[tuple[int, str, int, str, float]] = []
         mark_rows: list[tuple[str, str, float]] = []
         counts: dict[int, list[int]] = {}  # sid -> [events, bytes]
@@ -538,50 +543,63 @@ class Buffer:
                             },
                         )
                     ]
-                committed: list[Committed] = []
                 dup_map = self._existing_dupes(db, sid, events)
-                encoded: list[tuple[int, int, str, float, int, bytes]] = []
-                seq = st[1]
-                seen_here: dict[str, Committed] = {}
-                for ev in events:
-                    sei = ev.source_event_id
-                    if sei is not None:
-                        prior = dup_map.get(sei) or seen_here.get(sei)
-                        if prior is not None:
-                            committed.append(prior)
-                            continue
-                    seq += 1
-                    eid = ids[id_pos]
-                    id_pos += 1
-                    body = envelope.encode(
-                        ev,
-                        id=eid,
-                        source=source,
-                        seq=seq,
-                        epoch=self.epoch,
-                        plant=self.plant,
-                        agent_id=self.agent_id,
-                    )
-                    encoded.append((sid, seq, eid, now, len(body), body))
-                    c = Committed(g.stream, seq, eid)
-                    committed.append(c)
-                    if sei is not None:
-                        seen_here[sei] = Committed(g.stream, seq, eid, duplicate=True)
-                        dedupe_rows.append((sid, sei, seq, eid, now))
+                first_id = id_pos
+                ctl = 1 if g.checkpoint else 0
+
+                def encode_all(base: int) -> tuple[list[Any], list[Committed], list[Any], int]:
+                    """Encode the request on top of sequence ``base`` (again after a drop)."""
+                    pos = first_id
+                    enc: list[tuple[int, int, str, float, int, bytes, int]] = []
+                    out: list[Committed] = []
+                    dd: list[tuple[int, str, int, str, float]] = []
+                    here: dict[str, Committed] = {}
+                    seq = base
+                    for ev in events:
+                        sei = ev.source_event_id
+                        if sei is not None:
+                            prior = dup_map.get(sei) or here.get(sei)
+                            if prior is not None:
+                                out.append(prior)
+                                continue
+                        seq += 1
+                        eid = ids[pos]
+                        pos += 1
+                        body = envelope.encode(
+                            ev,
+                            id=eid,
+                            source=source,
+                            seq=seq,
+                            epoch=self.epoch,
+                            plant=self.plant,
+                            agent_id=self.agent_id,
+                        )
+                        enc.append((sid, seq, eid, now, len(body), body, ctl))
+                        out.append(Committed(g.stream, seq, eid))
+                        if sei is not None:
+                            here[sei] = Committed(g.stream, seq, eid, duplicate=True)
+                            dd.append((sid, sei, seq, eid, now))
+                    return enc, out, dd, seq
+
+                encoded, committed, dd_rows, seq = encode_all(st[1])
+                id_pos += len(encoded)
                 need = sum(r[4] for r in encoded)
                 if encoded and need > room() and not g.checkpoint:
                     if self.on_full == "drop_oldest":
                         self._drop_oldest_sync(db, need - room(), now, staged, rows)
+                        # gap events took the next sequences: this request goes after them
+                        encoded, committed, dd_rows, seq = encode_all(st[1])
                     if need > room():
                         # This request (and the rest of the group) does not fit: refuse whole.
-                        dedupe_rows = [d for d in dedupe_rows if not (d[0] == sid and d[2] > st[1])]
                         full = True
+                        self._refusing = True
                         self.refused_total += len(g.events)
                         self.refused_by_stream[g.stream] = self.refused_by_stream.get(
                             g.stream, 0
                         ) + len(g.events)
                         results.append(BufferFull(self._used, self.max_bytes))
                         continue
+                dedupe_rows.extend(dd_rows)
                 pending_bytes += need
                 rows.extend(encoded)
                 st[1] = seq
@@ -594,7 +612,7 @@ class Buffer:
                 results.append(committed)
                 touched.add(g.stream)
             if rows:
-                db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)", rows)
+                db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             if dedupe_rows:
                 db.executemany("INSERT OR IGNORE INTO dedupe VALUES (?, ?, ?, ?, ?)", dedupe_rows)
             if mark_rows:
@@ -653,16 +671,16 @@ class Buffer:
         need: int,
         now: float,
         staged: dict[str, list[int]],
-        pending_rows: list[tuple[int, int, str, float, int, bytes]],
+        pending_rows: list[tuple[int, int, str, float, int, bytes, int]],
     ) -> None:
         """Free at least ``need`` bytes: forwarded rows first, then the oldest unsent events.
 
-        Frees a little more than asked (1% of max_bytes) so a full buffer does not drop
-        one event per append. Each dropped range becomes an mfg.agent.gap event at the
+        Frees at least 5% of max_bytes at a time, so a full buffer does not drop one
+        event per append (and add one gap event per dropped event). Each dropped range becomes an mfg.agent.gap event at the
         end of its stream, in this same transaction. Counters in the file and in memory are
         updated here directly; a rollback reloads them (_reload_streams_sync).
         """
-        target = max(need, self.max_bytes // 100)
+        target = max(need, self.max_bytes // 20)
         before = self._used - self._acked_unreclaimed
         self._delete_forwarded_sync(None, now, True)
         if before - (self._used - self._acked_unreclaimed) >= need:
@@ -678,7 +696,7 @@ class Buffer:
             for s in self._streams.values():
                 floor = max(s.forwarded_seq, in_flight.get(s.sid, 0))
                 row = db.execute(
-                    "SELECT committed_at, seq FROM events WHERE sid = ? AND seq > ? "
+                    "SELECT committed_at, seq FROM events WHERE sid = ? AND seq > ? AND ctl = 0 "
                     "ORDER BY seq LIMIT 1",
                     (s.sid, floor),
                 ).fetchone()
@@ -688,13 +706,14 @@ class Buffer:
                 break
             _, sid, first = best
             rows = db.execute(
-                "SELECT seq, size FROM events WHERE sid = ? AND seq >= ? ORDER BY seq LIMIT 2000",
+                "SELECT seq, size, ctl FROM events WHERE sid = ? AND seq >= ? ORDER BY seq LIMIT 2000",
                 (sid, first),
             ).fetchall()
             take: list[tuple[int, int]] = []
             acc = 0
-            for seq, size in rows:
-                if freed + acc >= target:
+            for seq, size, is_ctl in rows:
+                # a dropped range is contiguous and never swallows a gap/checkpoint event
+                if freed + acc >= target or is_ctl or (take and seq != take[-1][0] + 1):
                     break
                 take.append((seq, size))
                 acc += size
@@ -734,7 +753,7 @@ class Buffer:
                 plant=self.plant,
                 agent_id=self.agent_id,
             )
-            pending_rows.append((sid, seq, eid, now, len(body), body))
+            pending_rows.append((sid, seq, eid, now, len(body), body, 1))
             st[1] = seq
             db.execute(
                 "UPDATE streams SET ingested_total = ingested_total + 1, ingested_bytes = "
@@ -905,6 +924,7 @@ class Buffer:
         s.forwarded_seq = max(s.forwarded_seq, batch.last_sequence)
         if self.keep_forwarded <= 0:
             self._acked_unreclaimed += size
+            self._refusing = False
 
     async def dead_letter(self, batch: Batch, reason: str, status: int | None) -> None:
         """Move the single event of ``batch`` to the dead-letter table and move on."""
@@ -1091,6 +1111,8 @@ class Buffer:
             if own_tx and db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+        if freed_total:
+            self._refusing = False
         if self.keep_forwarded <= 0 or force:
             self._acked_unreclaimed = max(0, self._acked_unreclaimed - freed_total)
             if force:
@@ -1102,7 +1124,9 @@ class Buffer:
         db.execute("DELETE FROM dedupe WHERE committed_at < ?", (now - self.dedupe_window,))
         free_pages = db.execute("PRAGMA freelist_count").fetchone()[0]
         if free_pages > 256:
-            db.execute("PRAGMA incremental_vacuum(4096)")
+            # It frees one page per sqlite3_step, and the sqlite3 module steps a statement
+            # without result columns only once: executescript runs it to completion.
+            db.executescript("PRAGMA incremental_vacuum(4096);")
         db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     # ------------------------------------------------------------------ meta & status

@@ -229,6 +229,10 @@ def _first_error(exc: ValidationError, prefix: str) -> ConfigError:
     elif err["type"] == "missing":
         msg = "required key is missing"
     msg = re.sub(r"^(Value error|Assertion failed), ", "", msg)
+    # A model-level validator names its key as "key: message" (it has no location).
+    m = re.match(r"^([A-Za-z_][A-Za-z0-9_.\[\]]*): (.+)$", msg)
+    if m and err["type"] == "value_error":
+        loc, msg = (*loc, m.group(1)), m.group(2)
     return ConfigError(_loc(prefix, loc), msg)
 
 

@@ -34,8 +34,8 @@ class BufferFull(BufferError_):
         self.used = used
         self.limit = limit
         super().__init__(
-            f"buffer full: {used} of {limit} bytes used (on_full = 'block'); "
-            "events are refused until the sink drains the backlog or buffer.max_bytes is raised"
+            f"buffer full: {used} of {limit} bytes used; events are refused until the sink "
+            "drains the backlog or buffer.max_bytes is raised"
         )
 
 

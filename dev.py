@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""The two commands of the README, for a fresh machine with only python3 (3.11+).
+
+    python3 dev.py demo    set up .venv if needed, then run `edge-agent demo`
+    python3 dev.py test    set up .venv with test extras, install the real peers the
+                           tests talk to (mosquitto, node-opcua), run the whole suite
+
+Extra arguments go to the command (`python3 dev.py test -k buffer`, `python3 dev.py demo
+--rate 100`). `python3 dev.py bench` runs the benchmarks. Nothing here is skipped
+silently: a peer that cannot be installed stops the run with how to install it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+PY = VENV / "bin" / "python"
+
+
+def say(msg: str) -> None:
+    print(f"[dev] {msg}", flush=True)
+
+
+def fail(msg: str) -> None:
+    print(f"[dev] ERROR: {msg}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def run(cmd: list[str], **kw: object) -> None:
+    res = subprocess.run(cmd, cwd=ROOT, **kw)  # type: ignore[call-overload]
+    if res.returncode != 0:
+        fail(f"command failed ({res.returncode}): {' '.join(map(str, cmd))}")
+
+
+def ensure_venv(extras: str) -> None:
+    if sys.version_info < (3, 11):
+        fail(f"python {sys.version.split()[0]} is too old: edge-agent needs 3.11 or newer")
+    if not PY.exists():
+        say(f"creating virtual environment {VENV}")
+        run([sys.executable, "-m", "venv", str(VENV)])
+    stamp = VENV / f".installed-{extras or 'base'}"
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if stamp.exists() and stamp.read_text() == want:
+        return
+    say(f"installing edge-agent and its dependencies into .venv ({extras or 'base'})")
+    run([str(PY), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--upgrade", "pip"])
+    target = f".[{extras}]" if extras else "."
+    run([str(PY), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-e", target])
+    stamp.write_text(want)
+
+
+def which(name: str) -> str | None:
+    return shutil.which(name) or next(
+        (
+            str(p)
+            for d in ("/usr/sbin", "/sbin", "/usr/local/sbin")
+            if (p := Path(d) / name).exists()
+        ),
+        None,
+    )
+
+
+def apt_install(packages: list[str], why: str) -> None:
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        fail(
+            f"{why} needs {' '.join(packages)}: install it with\n"
+            f"    sudo apt-get install -y {' '.join(packages)}\nthen run this command again"
+        )
+    say(f"installing {' '.join(packages)} from Debian's packages ({why})")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    run(["apt-get", "update", "-qq"], env=env, stdout=subprocess.DEVNULL)
+    run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages], env=env,
+        stdout=subprocess.DEVNULL)  # fmt: skip
+
+
+def ensure_peers() -> None:
+    if not which("mosquitto") or not which("mosquitto_passwd"):
+        apt_install(["mosquitto", "mosquitto-clients"], "the MQTT tests (a real broker)")
+    if not which("systemd-analyze"):
+        apt_install(["systemd"], "the systemd unit check (systemd-analyze verify)")
+    if not which("dpkg-deb"):
+        apt_install(["dpkg"], "the .deb package build")
+    interop = ROOT / "tests" / "interop" / "ensure_node_opcua.py"
+    if interop.exists():
+        if not shutil.which("npm") or not shutil.which("node"):
+            apt_install(["nodejs", "npm"], "the OPC UA interop test (node-opcua sample server)")
+        run([str(PY), str(interop)])
+
+
+def cmd_demo(args: list[str]) -> None:
+    ensure_venv("")
+    os.execv(str(VENV / "bin" / "edge-agent"), ["edge-agent", "demo", *args])
+
+
+def cmd_test(args: list[str]) -> None:
+    ensure_venv("test")
+    ensure_peers()
+    say("running the test suite")
+    res = subprocess.run([str(PY), "-m", "pytest", *(args or ["tests"])], cwd=ROOT)
+    if res.returncode == 5:
+        fail("pytest collected no tests: that is a failure, not a pass")
+    sys.exit(res.returncode)
+
+
+def cmd_bench(args: list[str]) -> None:
+    ensure_venv("test,bench")
+    ensure_peers()
+    res = subprocess.run([str(PY), "-m", "bench", *args], cwd=ROOT)
+    sys.exit(res.returncode)
+
+
+def main() -> None:
+    commands = {"demo": cmd_demo, "test": cmd_test, "bench": cmd_bench}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        print(__doc__)
+        sys.exit(2)
+    commands[sys.argv[1]](sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()

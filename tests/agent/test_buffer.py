@@ -1,0 +1,262 @@
+"""The buffer against a real SQLite file: durability, order, limits, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import orjson
+import pytest
+
+from agent.buffer import MIGRATIONS, SCHEMA_VERSION, Buffer
+from agent.errors import BufferCorrupt, BufferFull
+from agent.interfaces import NewEvent
+
+
+def ev(i: int, pad: int = 0, sei: str | None = None) -> NewEvent:
+    data = {"work_order": "WO-1", "item": "P-1", "good": {"value": i, "uom": "EA"}}
+    if pad:
+        data["pad"] = "x" * pad
+    return NewEvent("mfg.production.counted", data, "2026-11-23T10:00:00.000Z", subject=f"s{i}",
+                    source_event_id=sei)  # fmt: skip
+
+
+async def open_buffer(path: Path, **kw) -> Buffer:
+    return await Buffer.open(path, plant="p1", agent_id="a1", **kw)
+
+
+async def drain_all(b: Buffer, stream: str) -> list[dict]:
+    out = []
+    while rows := await b.read_next(stream, 0, 1000, 1 << 20):
+        batch = await b.open_batch(stream, rows)
+        out.extend(orjson.loads(x) for x in batch.bodies)
+        await b.ack(batch)
+    return out
+
+
+async def test_envelope_sequence_and_ids_assigned_at_commit(tmp_path: Path) -> None:
+    b = await open_buffer(tmp_path / "b.db")
+    c1 = await b.append("line1", [ev(1), ev(2)])
+    c2 = await b.append("line2", [ev(3)])
+    c3 = await b.append("line1", [ev(4)])
+    assert [c.sequence for c in c1 + c3] == [1, 2, 3]
+    assert c2[0].sequence == 1
+    events = await drain_all(b, "line1")
+    assert [e["sequence"] for e in events] == [f"{i:020d}" for i in (1, 2, 3)]
+    assert [e["id"] for e in events] == [c.id for c in c1 + c3]
+    e = events[0]
+    assert e["specversion"] == "1.0" and e["source"] == "edge-agent://p1/line1"
+    assert e["streamepoch"] == b.epoch and e["plant"] == "p1" and e["agentid"] == "a1"
+    assert e["dataschema"] == "urn:edge-agent:schema:mfg.production.counted:1"
+    assert e["time"] == "2026-11-23T10:00:00.000Z" and e["data"]["good"] == {
+        "value": 1,
+        "uom": "EA",
+    }
+    assert len({x["id"] for x in events}) == 3 and all(len(x["id"]) == 26 for x in events)
+    await b.close()
+
+
+async def test_committed_events_survive_reopen_with_same_ids(tmp_path: Path) -> None:
+    b = await open_buffer(tmp_path / "b.db")
+    committed = await b.append("s", [ev(i) for i in range(50)])
+    epoch = b.epoch
+    # no close(): the file is what a crash leaves behind
+    b2 = await open_buffer(tmp_path / "b.db")
+    assert b2.epoch == epoch
+    events = await drain_all(b2, "s")
+    assert [e["id"] for e in events] == [c.id for c in committed]
+    more = await b2.append("s", [ev(99)])
+    assert more[0].sequence == 51
+    await b2.close()
+    await b.close()
+
+
+async def test_group_commit_shares_transactions(tmp_path: Path) -> None:
+    b = await open_buffer(tmp_path / "b.db")
+    results = await asyncio.gather(*(b.append("s", [ev(i)]) for i in range(500)))
+    seqs = sorted(r[0].sequence for r in results)
+    assert seqs == list(range(1, 501))
+    assert b.commits < 100, f"{b.commits} transactions for 500 concurrent appends"
+    await b.close()
+
+
+async def test_block_policy_refuses_whole_append_and_counts(tmp_path: Path) -> None:
+    b = await open_buffer(tmp_path / "b.db", max_bytes=20_000, on_full="block")
+    n = 0
+    with pytest.raises(BufferFull) as info:
+        while True:
+            await b.append("s", [ev(n, pad=300)])
+            n += 1
+    assert "buffer full" in str(info.value) and "buffer.max_bytes" in str(info.value)
+    assert not b.has_room()
+    assert b.refused_total == 1 and b.refused_by_stream == {"s": 1}
+    rows = await b.stream_rows()
+    assert rows[0]["ingested_total"] == n and rows[0]["last_seq"] == n
+    # forwarding frees room; the refused event was never stored
+    events = await drain_all(b, "s")
+    assert len(events) == n
+    await b.housekeeping()
+    assert b.has_room()
+    await b.append("s", [ev(1000, pad=300)])
+    await b.close()
+
+
+async def test_drop_oldest_leaves_an_explained_gap(tmp_path: Path) -> None:
+    b = await open_buffer(tmp_path / "b.db", max_bytes=100_000, on_full="drop_oldest")
+    for i in range(300):
+        await b.append("s", [ev(i, pad=300)])
+    events = await drain_all(b, "s")
+    rows = (await b.stream_rows())[0]
+    gaps = [e for e in events if e["type"] == "mfg.agent.gap"]
+    assert gaps, "dropping must be told to the central side"
+    dropped = sum(g["data"]["count"] for g in gaps)
+    assert dropped == rows["dropped_total"] > 0
+    seen = {int(e["sequence"]) for e in events}
+    explained = set()
+    for g in gaps:
+        d = g["data"]
+        assert d["reason"] == "buffer_full_drop_oldest" and d["streamepoch"] == b.epoch
+        explained |= set(range(d["first_sequence"], d["last_sequence"] + 1))
+    # every sequence was either delivered or explained by a gap event, none both
+    assert seen | explained == set(range(1, rows["last_seq"] + 1))
+    assert not (seen & explained)
+    # the newest events survived and the order is intact
+    seqs = [int(e["sequence"]) for e in events]
+    assert seqs == sorted(seqs) and seqs[-1] == rows["last_seq"]
+    assert b.used_bytes <= 100_000
+    await b.close()
+
+
+async def test_forwarded_rows_deleted_or_kept_and_space_reclaimed(tmp_path: Path) -> None:
+    b = await open_buffer(tmp_path / "b.db")
+    for _ in range(5):
+        await b.append("s", [ev(i, pad=500) for i in range(1000)])
+    size_full = sum(p.stat().st_size for p in tmp_path.glob("b.db*"))
+    await drain_all(b, "s")
+    while await b.housekeeping():
+        pass
+    await b.close()
+    b = await open_buffer(tmp_path / "b.db")
+    await b.housekeeping()
+    await b.close()
+    assert b.used_bytes == 0
+    size_after = sum(p.stat().st_size for p in tmp_path.glob("b.db*"))
+    assert size_after < size_full / 2, (size_full, size_after)
+
+    k = await open_buffer(tmp_path / "k.db", keep_forwarded=3600)
+    await k.append("s", [ev(i) for i in range(10)])
+    await drain_all(k, "s")
+    await k.housekeeping()
+    kept = await k.read_range("s", 0, 10, 100)
+    assert [r[0] for r in kept] == list(range(1, 11))
+    await k.close()
+
+
+async def test_corrupt_file_is_quarantined_not_overwritten(tmp_path: Path) -> None:
+    path = tmp_path / "b.db"
+    garbage = b"this is not a database" * 500
+    path.write_bytes(garbage)
+    with pytest.raises(BufferCorrupt) as info:
+        await open_buffer(path)
+    msg = str(info.value)
+    assert "moved aside" in msg and "corrupt" in msg
+    moved = list(tmp_path.glob("b.db.corrupt-*"))
+    assert len(moved) == 1 and moved[0].read_bytes() == garbage
+    assert not path.exists()
+    # the next start begins a new buffer, with a new epoch
+    b = await open_buffer(path)
+    assert (await b.append("s", [ev(1)]))[0].sequence == 1
+    await b.close()
+
+
+async def test_damaged_pages_are_detected_and_quarantined(tmp_path: Path) -> None:
+    path = tmp_path / "b.db"
+    b = await open_buffer(path)
+    await b.append("s", [ev(i, pad=200) for i in range(2000)])
+    await b.close()
+    raw = bytearray(path.read_bytes())
+    for off in range(8192, len(raw) - 4096, 4096):  # the b-tree page headers
+        raw[off : off + 64] = b"\xff" * 64
+    path.write_bytes(bytes(raw))
+    with pytest.raises(BufferCorrupt):
+        await open_buffer(path)
+    assert list(tmp_path.glob("b.db.corrupt-*"))
+
+
+async def test_older_schema_is_migrated_keeping_events(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    for stmt in MIGRATIONS[0].split(";"):
+        if stmt.strip():
+            conn.execute(stmt)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("INSERT INTO meta VALUES ('epoch', '01OLDEPOCH00000000000000000')")
+    conn.execute(
+        "INSERT INTO streams (name, last_seq, ingested_total, stored_bytes) VALUES ('s', 1, 1, 10)"
+    )
+    conn.execute("INSERT INTO events VALUES (1, 1, 'ID1', 0, 10, x'7b7d', 0)")
+    conn.close()
+    b = await open_buffer(path)
+    assert b.epoch == "01OLDEPOCH00000000000000000"
+    rows = await b.read_next("s", 0, 10, 1 << 20)
+    assert rows == [(1, "ID1", b"{}")]
+    assert (await b.append("s", [ev(2)]))[0].sequence == 2
+    await b.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+async def test_newer_schema_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "new.db"
+    b = await open_buffer(path)
+    await b.close()
+    sqlite3.connect(path).execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    before = path.read_bytes()
+    with pytest.raises(Exception, match="newer than this agent"):
+        await open_buffer(path)
+    assert path.read_bytes() == before
+
+
+async def test_source_event_ids_deduplicated_and_marks_atomic(tmp_path: Path) -> None:
+    b = await open_buffer(tmp_path / "b.db")
+    first = await b.append("mes", [ev(1, sei="MES-1"), ev(2, sei="MES-2")], marks=[("drop", "h1")])
+    again = await b.append("mes", [ev(1, sei="MES-1"), ev(3, sei="MES-3")])
+    assert again[0].duplicate and again[0].id == first[0].id and again[0].sequence == 1
+    assert not again[1].duplicate and again[1].sequence == 3
+    assert await b.has_mark("drop", "h1") and not await b.has_mark("drop", "h2")
+    rows = (await b.stream_rows())[0]
+    assert rows["ingested_total"] == 3
+    await b.close()
+
+
+async def test_checkpoint_covers_everything_since_the_previous(tmp_path: Path) -> None:
+    b = await open_buffer(tmp_path / "b.db")
+    await b.append("s", [ev(i) for i in range(5)])
+    c1 = await b.append_checkpoint("s")
+    assert c1 is not None and c1.sequence == 6
+    assert await b.append_checkpoint("s") is None  # nothing new since
+    await b.append("s", [ev(9)])
+    c2 = await b.append_checkpoint("s")
+    events = await drain_all(b, "s")
+    cps = [e["data"] for e in events if e["type"] == "mfg.agent.checkpoint"]
+    assert cps[0] == {"streamepoch": b.epoch, "first_sequence": 1, "last_sequence": 5, "count": 5}
+    # the first checkpoint (sequence 6) is itself an event of the stream, not counted again
+    assert cps[1]["first_sequence"] == 7 and cps[1]["last_sequence"] == 7 and cps[1]["count"] == 1
+    assert c2 is not None and c2.sequence == 8
+    await b.close()
+
+
+async def test_persisted_batch_is_resent_with_same_id_after_restart(tmp_path: Path) -> None:
+    b = await open_buffer(tmp_path / "b.db")
+    await b.append("s", [ev(i) for i in range(10)])
+    rows = await b.read_next("s", 0, 4, 1 << 20)
+    batch = await b.open_batch("s", rows)
+    # crash before the acknowledgement
+    b2 = await open_buffer(tmp_path / "b.db")
+    pending = await b2.pending_batches("s")
+    assert len(pending) == 1
+    assert pending[0].batch_id == batch.batch_id and list(pending[0].ids) == list(batch.ids)
+    assert pending[0].payload == batch.payload
+    await b2.close()
+    await b.close()
