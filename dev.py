@@ -83,10 +83,20 @@ def apt_install(packages: list[str], why: str) -> None:
 def ensure_peers() -> None:
     if not which("mosquitto") or not which("mosquitto_passwd"):
         apt_install(["mosquitto", "mosquitto-clients"], "the MQTT tests (a real broker)")
-    if not which("systemd-analyze"):
-        apt_install(["systemd"], "the systemd unit check (systemd-analyze verify)")
-    if not which("dpkg-deb"):
-        apt_install(["dpkg"], "the .deb package build")
+    missing = [
+        pkg
+        for tool, pkg in [
+            ("systemd-analyze", "systemd"),  # the unit check (systemd-analyze verify)
+            ("dpkg-deb", "dpkg"),  # the .deb build
+            ("dpkg-buildflags", "dpkg-dev"),
+            ("fakeroot", "fakeroot"),
+            ("lintian", "lintian"),  # the .deb content check
+            ("promtool", "prometheus"),  # the sample alert rules are checked and tested
+        ]
+        if not which(tool)
+    ]
+    if missing:
+        apt_install(missing, "the service packaging tests")
     interop = ROOT / "tests" / "interop" / "ensure_node_opcua.py"
     if interop.exists():
         if not shutil.which("npm") or not shutil.which("node"):
@@ -100,7 +110,7 @@ def cmd_demo(args: list[str]) -> None:
 
 
 def cmd_test(args: list[str]) -> None:
-    ensure_venv("test")
+    ensure_venv("test,package")
     ensure_peers()
     say("running the test suite")
     res = subprocess.run([str(PY), "-m", "pytest", *(args or ["tests"])], cwd=ROOT)
@@ -110,7 +120,7 @@ def cmd_test(args: list[str]) -> None:
 
 
 def cmd_bench(args: list[str]) -> None:
-    ensure_venv("test,bench")
+    ensure_venv("test,package,bench")
     ensure_peers()
     res = subprocess.run([str(PY), "-m", "bench", *args], cwd=ROOT)
     sys.exit(res.returncode)

@@ -248,6 +248,9 @@ class Buffer:
                 f"cannot open buffer {self.path}: permission denied "
                 "(the agent's user must own it: chown edge-agent and chmod 600)"
             )
+        if not existed:
+            # 0600 from the first byte, whatever the umask (-wal/-shm follow the main file)
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         try:
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
             await self._call(self._init_sync, existed)

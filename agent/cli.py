@@ -43,7 +43,31 @@ def _load(path: Path) -> Config:
     return load_config(path)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class LazyGroup(click.Group):
+    """Commands that live beside their adapters are imported only when used, so that
+    `edge-agent status` does not pay for importing asyncua (seconds on a small box)."""
+
+    lazy = {
+        "gateway": "agent.gateway.cli:gateway",
+        "opcua": "adapters.sources.opcua.cli:opcua",
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy:
+            import importlib
+
+            module, attr = self.lazy[cmd_name].split(":")
+            return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(
+    cls=LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, "-V", "--version", prog_name="edge-agent")
 @click.option("--debug", is_flag=True, hidden=True, help="show tracebacks")
 @click.pass_context
@@ -351,21 +375,6 @@ def demo(
     from agent.demo import run_demo
 
     asyncio.run(run_demo(duration, rate, outage_at, outage_for, workdir))
-
-
-def _attach_optional_groups() -> None:
-    """Commands that live beside their adapters."""
-    with contextlib.suppress(ImportError):
-        from agent.gateway.cli import gateway
-
-        cli.add_command(gateway)
-    with contextlib.suppress(ImportError):
-        from adapters.sources.opcua.cli import opcua
-
-        cli.add_command(opcua)
-
-
-_attach_optional_groups()
 
 
 def main(argv: list[str] | None = None) -> None:
