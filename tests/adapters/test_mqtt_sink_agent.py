@@ -141,6 +141,8 @@ def test_denied_topic_keeps_the_backlog_until_the_acl_is_fixed(
         lambda s: (
             any("Not authorized" in (st.get("last_error") or "") for st in s["streams"])
             and sum(st["last_sequence"] for st in s["streams"]) >= total
+            # sink states reach status with the heartbeat (every 2 s), stream errors at once
+            and any("Not authorized" in (sk.get("last_error") or "") for sk in s["sinks"])
         ),
         30,
         "the denied topic in the stream's status",
