@@ -23,8 +23,14 @@ oldest_unsent_age_seconds                   gauge   stream, sink (0 when nothing
 dead_letters                                gauge   stream, sink
 last_sequence, forwarded_sequence           gauge   stream, sink
 last_forwarded_timestamp_seconds            gauge   stream, sink
+forwarder_state                             gauge   stream, sink, state (1 for current)
+forwarder_up                                gauge   stream, sink (1 idle/sending, else 0)
 source_connected                            gauge   source, type, stream (1 up / 0 down)
 source_state                                gauge   source, type, state (1 for current)
+source_events_accepted_total                counter source
+source_events_rejected_total                counter source, reason
+source_duplicates_total                     counter source
+source_* (OPC UA detail, see SOURCE_DETAIL) mixed   source
 sink_connected                              gauge   sink, type, state (1 up / 0 otherwise)
 buffer_file_bytes, _used_bytes, _max_bytes  gauge
 buffer_ingest_rate_events_per_second        gauge
@@ -64,6 +70,10 @@ log = logging.getLogger("edge_agent.metrics")
 __all__ = [
     "DEFAULT_LISTEN",
     "LATENCY_BUCKETS",
+    "FORWARDER_UP_STATES",
+    "SINK_UP_STATES",
+    "SOURCE_DETAIL",
+    "SOURCE_UP_STATES",
     "UP_STATES",
     "MetricsServer",
     "SnapshotCollector",
@@ -73,10 +83,54 @@ __all__ = [
 
 DEFAULT_LISTEN = "127.0.0.1:9464"
 
-#: Source/sink states that count as "up" (1) for source_connected / sink_connected. A
-#: listening server source (MES HTTP) is up without a peer connection, and a source that
-#: finished its work (a bounded simulator run) is not down either.
-UP_STATES = frozenset({"connected", "listening", "running", "ok", "finished"})
+#: Source states that count as "up" (1) for source_connected. A listening server source
+#: (MES HTTP) is up without a peer connection, and a source that finished its work (a
+#: bounded simulator run, a one-shot import) is not down either. Sources otherwise use
+#: starting / disconnected / auth_failed / error / stopped, all "down".
+SOURCE_UP_STATES = frozenset({"connected", "listening", "finished"})
+#: Sink states: connected is up; disconnected / auth_failed / error / stopped / starting not.
+SINK_UP_STATES = frozenset({"connected"})
+#: Forwarder (per stream) states: idle and sending are healthy; retrying / auth_failed /
+#: error (and "stopped" while the agent is down) are not.
+FORWARDER_UP_STATES = frozenset({"idle", "sending"})
+#: Every state that counts as up somewhere (kept for callers of the old single set).
+UP_STATES = SOURCE_UP_STATES | SINK_UP_STATES
+
+#: Numeric ``sources[].detail`` keys exported per source, beyond accepted / rejected /
+#: duplicates: (detail key, metric name, kind, help). A dict value counts its entries
+#: (failed_nodes: node -> error), a bool is 0/1. Keys a source does not report are skipped.
+SOURCE_DETAIL: tuple[tuple[str, str, str, str], ...] = (
+    ("items_configured", "edge_agent_source_items_configured", "gauge",
+     "OPC UA items in the config"),
+    ("items_monitored", "edge_agent_source_items_monitored", "gauge",
+     "OPC UA items the server accepted for monitoring"),
+    ("failed_nodes", "edge_agent_source_failed_nodes", "gauge",
+     "OPC UA nodes the server refused (see status for the reasons)"),
+    ("notifications_total", "edge_agent_source_notifications", "counter",
+     "OPC UA data change notifications received"),
+    ("notifications_per_second", "edge_agent_source_notifications_per_second", "gauge",
+     "OPC UA notifications per second, recent"),
+    ("bad_or_uncertain_values", "edge_agent_source_bad_or_uncertain_values", "counter",
+     "OPC UA samples with a Bad or Uncertain status code"),
+    ("server_queue_overflows", "edge_agent_source_server_queue_overflows", "counter",
+     "OPC UA server-side queue overflows (samples lost at the server)"),
+    ("lost_in_flight", "edge_agent_source_lost_in_flight", "counter",
+     "OPC UA samples lost between the subscription and the buffer (reconnects)"),
+    ("reconnects", "edge_agent_source_reconnects", "counter",
+     "Reconnects to the source's peer"),
+    ("pending", "edge_agent_source_pending", "gauge",
+     "Samples received and not yet committed to the buffer"),
+    ("unmapped_values", "edge_agent_source_unmapped_values", "counter",
+     "Values with no mapping (e.g. a machine state code not in states)"),
+    ("backfilled", "edge_agent_source_backfilled", "counter",
+     "Events recovered by history backfill after an outage"),
+    ("backfill_errors", "edge_agent_source_backfill_errors", "gauge",
+     "Nodes whose history backfill failed"),
+    ("held_back_by_full_buffer", "edge_agent_source_held_back", "gauge",
+     "1 while the source holds back input because the buffer is full"),
+    ("held_back", "edge_agent_source_held_back", "gauge",
+     "1 while the source holds back input because the buffer is full"),
+)  # fmt: skip
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -114,6 +168,17 @@ def _timestamp(value: Any) -> float | None:
 
 def _s(value: Any) -> str:
     return "" if value is None else str(value)
+
+
+def _detail_num(value: Any) -> float | None:
+    """A detail value as a number: bool -> 0/1, dict/list -> its size, else float or None."""
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    if isinstance(value, dict | list | tuple):
+        return float(len(value))
+    if isinstance(value, int | float):
+        return float(value)
+    return None
 
 
 class SnapshotCollector(Collector):
@@ -233,8 +298,24 @@ class SnapshotCollector(Collector):
             "Unix time of the last accepted batch",
             labels=labels,
         )
+        fwd_state = GaugeMetricFamily(
+            "edge_agent_forwarder_state",
+            "1 for the stream forwarder's current state "
+            "(idle, sending, retrying, auth_failed, error, stopped)",
+            labels=[*labels, "state"],
+        )
+        fwd_up = GaugeMetricFamily(
+            "edge_agent_forwarder_up",
+            "1 while the stream forwarder is idle or sending, 0 when retrying, "
+            "auth_failed, error or stopped",
+            labels=labels,
+        )
         for s in streams:
             lv = [_s(s.get("stream")), _s(s.get("sink"))]
+            if "state" in s:
+                st = _s(s.get("state"))
+                fwd_state.add_metric([*lv, st], 1)
+                fwd_up.add_metric(lv, 1 if st in FORWARDER_UP_STATES else 0)
             for key, counter in counters.items():
                 counter.add_metric(lv, _num(s.get(key)))
             for key, gauge in gauges.items():
@@ -245,6 +326,8 @@ class SnapshotCollector(Collector):
         yield from counters.values()
         yield from gauges.values()
         yield last_fwd
+        yield fwd_state
+        yield fwd_up
 
     @staticmethod
     def _sources(sources: list[dict[str, Any]]) -> Iterator[Any]:
@@ -258,15 +341,58 @@ class SnapshotCollector(Collector):
             "1 for the source's current state",
             labels=["source", "type", "state"],
         )
+        accepted = CounterMetricFamily(
+            "edge_agent_source_events_accepted",
+            "Events the source committed to the buffer (duplicates not counted)",
+            labels=["source"],
+        )
+        rejected = CounterMetricFamily(
+            "edge_agent_source_events_rejected",
+            "Input the source refused, by reason (malformed, unmapped, too large, ...)",
+            labels=["source", "reason"],
+        )
+        duplicates = CounterMetricFamily(
+            "edge_agent_source_duplicates",
+            "Input the buffer recognised as already committed (redelivery, re-import)",
+            labels=["source"],
+        )
+        extra: dict[str, Any] = {}
         for s in sources:
+            name = _s(s.get("name"))
             st = _s(s.get("state"))
             connected.add_metric(
-                [_s(s.get("name")), _s(s.get("type")), _s(s.get("stream"))],
-                1 if st in UP_STATES else 0,
+                [name, _s(s.get("type")), _s(s.get("stream"))],
+                1 if st in SOURCE_UP_STATES else 0,
             )
-            state.add_metric([_s(s.get("name")), _s(s.get("type")), st], 1)
+            state.add_metric([name, _s(s.get("type")), st], 1)
+            detail = s.get("detail") or {}
+            if not isinstance(detail, dict):
+                continue
+            # OPC UA reports what it committed as events_committed; the others as accepted
+            acc = detail.get("accepted", detail.get("events_committed"))
+            if isinstance(acc, int | float) and not isinstance(acc, bool):
+                accepted.add_metric([name], _num(acc))
+            if isinstance(detail.get("rejected"), dict):
+                for reason, n in sorted(detail["rejected"].items()):
+                    rejected.add_metric([name, _s(reason)], _num(n))
+            if isinstance(detail.get("duplicates"), int | float):
+                duplicates.add_metric([name], _num(detail["duplicates"]))
+            for key, metric, kind, doc in SOURCE_DETAIL:
+                v = _detail_num(detail.get(key))
+                if v is None:
+                    continue
+                fam = extra.get(metric)
+                if fam is None:
+                    cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                    fam = extra[metric] = cls(metric, doc, labels=["source"])
+                if not any(x.labels.get("source") == name for x in fam.samples):
+                    fam.add_metric([name], v)
         yield connected
         yield state
+        yield accepted
+        yield rejected
+        yield duplicates
+        yield from extra.values()
 
     @staticmethod
     def _sinks(sinks: list[dict[str, Any]]) -> Iterator[Any]:
@@ -277,7 +403,8 @@ class SnapshotCollector(Collector):
         )
         for s in sinks:
             st = _s(s.get("state"))
-            fam.add_metric([_s(s.get("name")), _s(s.get("type")), st], 1 if st in UP_STATES else 0)
+            up = 1 if st in SINK_UP_STATES else 0
+            fam.add_metric([_s(s.get("name")), _s(s.get("type")), st], up)
         yield fam
 
 

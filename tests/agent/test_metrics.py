@@ -62,6 +62,7 @@ SNAPSHOT: dict[str, Any] = {
             "dropped_total": 0,
             "dead_lettered_total": 2,
             "refused_total": 17,
+            "state": "retrying",
         },
         {
             "stream": "mes",
@@ -80,13 +81,14 @@ SNAPSHOT: dict[str, Any] = {
             "dropped_total": 3,
             "dead_lettered_total": 0,
             "refused_total": 0,
+            "state": "idle",
         },
     ],
     "sinks": [
         {
             "name": "central",
             "type": "https",
-            "state": "retrying",
+            "state": "disconnected",
             "since": "2026-11-23T09:00:01Z",
             "last_error": "connect timeout",
         }
@@ -99,7 +101,27 @@ SNAPSHOT: dict[str, Any] = {
             "state": "connected",
             "since": "2026-11-23T08:00:00Z",
             "last_error": None,
-            "detail": {"nodes": 12},
+            "detail": {  # the shape adapters/sources/opcua/source.py reports
+                "endpoint": "opc.tcp://plc1:4840",
+                "security": "Basic256Sha256/SignAndEncrypt",
+                "items_configured": 120,
+                "items_monitored": 118,
+                "failed_nodes": {"ns=2;s=A": "BadNodeIdUnknown", "ns=2;s=B": "BadNodeIdUnknown"},
+                "notifications_total": 90_000,
+                "notifications_per_second": 450.5,
+                "events_committed": 89_990,
+                "appends": 400,
+                "bad_or_uncertain_values": 7,
+                "server_queue_overflows": 1,
+                "lost_in_flight": 0,
+                "pending": 3,
+                "reconnects": 2,
+                "unmapped_values": 0,
+                "mapping_error": None,
+                "backfilled": 12,
+                "backfill_errors": {},
+                "held_back_by_full_buffer": False,
+            },
         },
         {
             "name": "mes",
@@ -108,7 +130,25 @@ SNAPSHOT: dict[str, Any] = {
             "state": "disconnected",
             "since": "2026-11-23T08:00:00Z",
             "last_error": "bind failed",
-            "detail": {},
+            "detail": {  # the shape adapters/sources/mes_http/source.py reports
+                "listening": False,
+                "listen": "127.0.0.1:8080",
+                "stream": "mes",
+                "requests": 40,
+                "accepted": 1234,
+                "duplicates": 5,
+                "rejected": {"invalid_json": 2, "schema": 1},
+                "last_error": {"reason": "schema", "message": "missing order"},
+            },
+        },
+        {
+            "name": "drop",
+            "type": "drop_folder",
+            "stream": "mes",
+            "state": "finished",
+            "since": "2026-11-23T08:00:00Z",
+            "last_error": None,
+            "detail": {"accepted": 0, "duplicates": 0, "rejected": {}, "held_back": True},
         },
     ],
 }
@@ -200,7 +240,8 @@ async def test_metrics_equal_the_status_snapshot(served) -> None:
     assert value(m, "edge_agent_source_connected", source="mes", type="mes_http", stream="mes") == 0
     assert value(m, "edge_agent_source_state", source="mes", type="mes_http", state="disconnected")
     assert (
-        value(m, "edge_agent_sink_connected", sink="central", type="https", state="retrying") == 0
+        value(m, "edge_agent_sink_connected", sink="central", type="https", state="disconnected")
+        == 0
     )
 
     # Scrape-time: a change in the snapshot shows on the next scrape, nothing cached.
@@ -218,6 +259,89 @@ async def test_buffer_not_filling_is_plus_inf(served) -> None:
     state.snapshot["buffer"]["full_in_s"] = None
     m = samples((await client.get("/metrics")).text)
     assert math.isinf(value(m, "edge_agent_buffer_full_in_seconds"))
+
+
+async def test_source_detail_per_channel(served) -> None:
+    """Issue 4: accepted, rejected by reason, duplicates and OPC UA's numbers per source."""
+    _, state, client = served
+    m = samples((await client.get("/metrics")).text)
+    assert value(m, "edge_agent_source_events_accepted_total", source="mes") == 1234
+    assert value(m, "edge_agent_source_events_accepted_total", source="line1") == 89_990
+    assert value(m, "edge_agent_source_events_accepted_total", source="drop") == 0
+    assert (
+        value(m, "edge_agent_source_events_rejected_total", source="mes", reason="invalid_json")
+        == 2
+    )
+    assert value(m, "edge_agent_source_events_rejected_total", source="mes", reason="schema") == 1
+    assert value(m, "edge_agent_source_duplicates_total", source="mes") == 5
+    assert value(m, "edge_agent_source_duplicates_total", source="drop") == 0
+    opc = {"source": "line1"}
+    assert value(m, "edge_agent_source_items_configured", **opc) == 120
+    assert value(m, "edge_agent_source_items_monitored", **opc) == 118
+    assert value(m, "edge_agent_source_failed_nodes", **opc) == 2
+    assert value(m, "edge_agent_source_notifications_total", **opc) == 90_000
+    assert value(m, "edge_agent_source_notifications_per_second", **opc) == 450.5
+    assert value(m, "edge_agent_source_bad_or_uncertain_values_total", **opc) == 7
+    assert value(m, "edge_agent_source_server_queue_overflows_total", **opc) == 1
+    assert value(m, "edge_agent_source_lost_in_flight_total", **opc) == 0
+    assert value(m, "edge_agent_source_reconnects_total", **opc) == 2
+    assert value(m, "edge_agent_source_pending", **opc) == 3
+    assert value(m, "edge_agent_source_backfilled_total", **opc) == 12
+    assert value(m, "edge_agent_source_backfill_errors", **opc) == 0
+    assert value(m, "edge_agent_source_held_back", **opc) == 0
+    assert value(m, "edge_agent_source_held_back", source="drop") == 1
+    # text fields (endpoint, mapping_error, last_error dicts) are not numbers: not exported
+    assert not any("endpoint" in k[0] or "mapping_error" in k[0] for k in m)
+    # nothing OPC UA-only is invented for a source that does not report it
+    assert ("edge_agent_source_items_monitored", frozenset({("source", "mes")})) not in m
+
+    # a source with an odd or missing detail does not break the scrape
+    state.snapshot["sources"][1]["detail"] = None
+    state.snapshot["sources"][2]["detail"] = {"accepted": "many", "rejected": {"x": None}}
+    m = samples((await client.get("/metrics")).text)
+    assert value(m, "edge_agent_status_ok") == 1
+    assert ("edge_agent_source_events_accepted_total", frozenset({("source", "mes")})) not in m
+    assert value(m, "edge_agent_source_events_rejected_total", source="drop", reason="x") == 0
+
+
+async def test_states_up_or_down(served) -> None:
+    """Up is decided per kind: sources, sinks and forwarders name their states differently."""
+    _, state, client = served
+    m = samples((await client.get("/metrics")).text)
+    src = {"source": "drop", "type": "drop_folder", "stream": "mes"}
+    assert value(m, "edge_agent_source_connected", **src) == 1  # finished is not down
+    lv = {"stream": "line1", "sink": "central"}
+    assert value(m, "edge_agent_forwarder_state", state="retrying", **lv) == 1
+    assert value(m, "edge_agent_forwarder_up", **lv) == 0
+    assert value(m, "edge_agent_forwarder_state", stream="mes", sink="central", state="idle") == 1
+    assert value(m, "edge_agent_forwarder_up", stream="mes", sink="central") == 1
+
+    expect = {
+        "source": {"connected": 1, "listening": 1, "finished": 1, "starting": 0,
+                   "disconnected": 0, "auth_failed": 0, "error": 0, "stopped": 0},
+        "sink": {"connected": 1, "disconnected": 0, "auth_failed": 0, "error": 0,
+                 "stopped": 0, "starting": 0},
+        "forwarder": {"idle": 1, "sending": 1, "retrying": 0, "auth_failed": 0, "error": 0,
+                      "stopped": 0},
+    }  # fmt: skip
+    for kind, states in expect.items():
+        for st, up in states.items():
+            if kind == "source":
+                state.snapshot["sources"][0]["state"] = st
+            elif kind == "sink":
+                state.snapshot["sinks"][0]["state"] = st
+            else:
+                state.snapshot["streams"][0]["state"] = st
+            m = samples((await client.get("/metrics")).text)
+            if kind == "source":
+                got = value(m, "edge_agent_source_connected", source="line1", type="opcua",
+                            stream="line1")  # fmt: skip
+            elif kind == "sink":
+                got = value(m, "edge_agent_sink_connected", sink="central", type="https", state=st)
+            else:
+                got = value(m, "edge_agent_forwarder_up", **lv)
+                assert value(m, "edge_agent_forwarder_state", state=st, **lv) == 1
+            assert got == up, f"{kind} state {st}: up={got}, expected {up}"
 
 
 async def test_batch_histogram_and_outcomes(served) -> None:
