@@ -1,0 +1,99 @@
+"""``python -m bench [--quick] [--only NAME ...]``: run the figures, write the results."""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import importlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from bench.common import REPO, Ctx, kill_children
+from bench.report import write_report
+
+#: in priority order; each is bench/<name>.py with run(ctx) -> {figure name: figure}
+FIGURES = [
+    "ingest",
+    "drain_https",
+    "drain_mqtt",
+    "push",
+    "latency",
+    "memory",
+    "disk",
+    "outage",
+    "opcua",
+    "peers",
+]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="smaller loads: a few minutes")
+    p.add_argument("--only", action="append", choices=FIGURES, help="run only this figure")
+    p.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    args = p.parse_args()
+    names = args.only or FIGURES
+    atexit.register(kill_children)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    work = Path(tempfile.mkdtemp(prefix="edge-bench-"))
+    ctx = Ctx(work, args.quick)
+    results_path = REPO / "bench" / "results.json"
+    try:
+        old = json.loads(results_path.read_text())
+    except (OSError, ValueError):
+        old = {}
+    figures = dict(old.get("figures", {}))
+    runs = dict(old.get("runs", {}))
+    cmd = (
+        "python -m bench"
+        + (" --quick" if args.quick else "")
+        + "".join(f" --only {n}" for n in args.only or [])
+    )
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    failed = []
+    for name in names:
+        t0 = time.monotonic()
+        print(f"== {name}", flush=True)
+        try:
+            mod = importlib.import_module(f"bench.{name}")
+            res = mod.run(ctx)
+        except Exception as exc:  # one broken figure must not hide the others
+            traceback.print_exc()
+            failed.append(name)
+            res = {name: {"error": f"{type(exc).__name__}: {exc}"}}
+        finally:
+            kill_children()
+        ctx.results.update(res)
+        for k, v in res.items():
+            if k.startswith("_"):
+                continue
+            v = dict(v)
+            v["command"] = cmd
+            v["measured_at"] = stamp
+            v["seconds"] = round(time.monotonic() - t0, 1)
+            figures[k] = v
+            print(f"   {k}: {json.dumps(v)}", flush=True)
+        runs[name] = {"command": cmd, "at": stamp, "quick": args.quick}
+        # written after every figure: a long run that dies keeps what it measured
+        out = {
+            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+            "figures": figures,
+            "runs": runs,
+        }
+        results_path.write_text(json.dumps(out, indent=2) + "\n")
+        write_report(out)
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
