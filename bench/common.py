@@ -100,8 +100,8 @@ class Deadline:
             raise TimeoutError(f"benchmark step did not finish in time: {what}")
 
 
-async def wait_until(pred: Any, timeout: float, what: str, interval: float = 0.005) -> None:
-    dl = Deadline(timeout)
+async def wait_until(pred: Any, limit: float, what: str, interval: float = 0.005) -> None:
+    dl = Deadline(limit)
     while not pred():
         dl.check(what)
         await asyncio.sleep(interval)
