@@ -37,6 +37,53 @@ def _ago(ts: float | None) -> str:
     return human_duration(time.time() - ts) + " ago" if ts else "-"
 
 
+#: widest the per-source detail cell gets; the rest of the row must fit in 100 columns
+DETAIL_WIDTH = 32
+
+
+def _count(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return int(value)
+    if isinstance(value, dict):
+        return sum(int(v) for v in value.values() if isinstance(v, int | float))
+    return None
+
+
+def source_detail(detail: Any) -> str:
+    """One short line from a source's ``detail`` dict: what an operator checks first.
+
+    OPC UA: items monitored of configured and the notification rate; the others: events
+    accepted, rejected (all reasons summed) and duplicates when there were any. Keys a
+    source does not report are left out, so this never guesses.
+    """
+    if not isinstance(detail, dict):
+        return ""
+    parts: list[str] = []
+    monitored, configured = detail.get("items_monitored"), detail.get("items_configured")
+    if isinstance(monitored, int):
+        items = f"items {monitored:,}"
+        if isinstance(configured, int) and configured != monitored:
+            items += f"/{configured:,}"
+        parts.append(items)
+    rate = detail.get("notifications_per_second")
+    if isinstance(rate, int | float) and not isinstance(rate, bool):
+        parts.append(f"{rate:,.0f}/s")
+    if not parts:
+        accepted = _count(detail.get("accepted", detail.get("emitted")))
+        if accepted is not None:
+            parts.append(f"accepted {accepted:,}")
+    for key, label in (("rejected", "rejected"), ("duplicates", "dup"),
+                       ("lost_in_flight", "lost")):  # fmt: skip
+        n = _count(detail.get(key))
+        if n:
+            parts.append(f"{label} {n:,}")
+    if detail.get("held_back") or detail.get("held_back_by_full_buffer"):
+        parts.append("held back")
+    return "  ".join(parts)
+
+
 def renderable(snap: dict[str, Any]) -> Group:
     a, b = snap["agent"], snap["buffer"]
     head = Text()
@@ -85,20 +132,33 @@ def renderable(snap: dict[str, Any]) -> Group:
         )
         if s["last_error"]:
             errors.append(Text(f"  {s['stream']}: {s['last_error']}"[:200], style="red"))
+    # Errors go on their own lines below the table, like the streams' errors: a column
+    # squeezed next to five others would fold a message into a four-letter-wide ribbon.
     comps = Table(expand=False, pad_edge=False, box=None, header_style="bold")
-    for col in ("component", "type", "state", "since", "last error"):
-        comps.add_column(col, no_wrap=col != "last error", overflow="fold")
+    comps.add_column("component", no_wrap=True, overflow="ellipsis", max_width=26)
+    comps.add_column("type", no_wrap=True, overflow="ellipsis", max_width=12)
+    comps.add_column("state", no_wrap=True, min_width=12)  # auth_failed/disconnected whole
+    comps.add_column("since", no_wrap=True, min_width=9)
+    comps.add_column("detail", no_wrap=True, overflow="ellipsis", max_width=DETAIL_WIDTH)
+    comp_errors: list[Text] = []
     for s in snap["sinks"]:
-        comps.add_row(f"sink {s['name']}", s["type"], _state(s["state"]), _ago(s["since"]),
-                      (s["last_error"] or "")[:80])  # fmt: skip
+        comps.add_row(f"sink {s['name']}", s["type"], _state(s["state"]), _ago(s["since"]), "")
+        if s["last_error"]:
+            comp_errors.append(Text(f"  sink {s['name']}: {s['last_error']}"[:200], style="red"))
     for s in snap["sources"]:
+        detail = source_detail(s.get("detail"))
+        rejected = _count((s.get("detail") or {}).get("rejected")) if detail else None
         comps.add_row(f"source {s['name']}", s["type"], _state(s["state"]), _ago(s["since"]),
-                      (s["last_error"] or "")[:80])  # fmt: skip
+                      Text(detail, style="yellow" if rejected else ""))  # fmt: skip
+        if s["last_error"]:
+            comp_errors.append(Text(f"  source {s['name']}: {s['last_error']}"[:200], style="red"))
     parts: list[Any] = [head, buf, Text(""), streams]
     if errors:
         parts += [Text("last errors:", style="bold"), *errors]
     if snap["sinks"] or snap["sources"]:
         parts += [Text(""), comps]
+        if comp_errors:
+            parts += [Text("last errors:", style="bold"), *comp_errors]
     return Group(*parts)
 
 
