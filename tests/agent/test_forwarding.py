@@ -262,7 +262,11 @@ def test_gateway_down_then_up_loses_nothing_and_keeps_order(gateway, agent_proce
 
 
 async def _forward_in_process(
-    buf: Buffer, gw: Any, stream: str, n: int, timeout: float = 30
+    buf: Buffer,
+    gw: Any,
+    stream: str,
+    n: int,
+    timeout: float = 30,  # noqa: ASYNC109
 ) -> list[tuple[float, str]]:
     """Run one StreamForwarder with the real HTTPS sink until n events are acknowledged;
     return (monotonic time, outcome) of every attempt, from the observe hook."""
