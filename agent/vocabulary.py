@@ -398,13 +398,25 @@ class InventoryMoved(_Located):
 
 
 class AgentCheckpoint(_Base):
-    """mfg.agent.checkpoint: a stream's high-water mark, so the central side can reconcile."""
+    """mfg.agent.checkpoint: a stream's high-water mark, so the central side can reconcile.
+
+    It covers the sequences since the previous checkpoint: first_sequence..last_sequence,
+    all of which the central side must have received or seen explained by a gap event.
+    """
 
     stream: Id | None = None
     streamepoch: Id
-    first_sequence: Sequence_ = Field(description="first sequence of the epoch still known")
-    last_sequence: Sequence_ = Field(description="last sequence committed")
-    count: Count = Field(description="events committed in this epoch")
+    first_sequence: Sequence_ = Field(
+        description="first sequence after the previous checkpoint event "
+        "(1 for the stream's first checkpoint)"
+    )
+    last_sequence: Sequence_ = Field(
+        description="last sequence committed before this checkpoint event"
+    )
+    count: Count = Field(
+        description="events since the previous checkpoint: last_sequence - first_sequence + 1 "
+        "(the previous checkpoint event itself not counted)"
+    )
 
 
 class AgentGap(_Base):
@@ -412,10 +424,14 @@ class AgentGap(_Base):
 
     stream: Id | None = None
     streamepoch: Id
-    first_sequence: Sequence_
-    last_sequence: Sequence_
-    count: Count
-    reason: Text = Field(min_length=1, description="e.g. drop_oldest, purge")
+    first_sequence: Sequence_ = Field(description="first sequence dropped")
+    last_sequence: Sequence_ = Field(description="last sequence dropped")
+    count: Count = Field(description="events dropped in first_sequence..last_sequence")
+    reason: Text = Field(
+        min_length=1,
+        description="why: buffer_full_drop_oldest (buffer full under on_full = drop_oldest) "
+        "or purge (an operator purged the stream)",
+    )
 
     @model_validator(mode="after")
     def _order(self) -> AgentGap:
@@ -525,7 +541,9 @@ def errors_of(exc: ValidationError, model: type[BaseModel]) -> list[tuple[str, s
 def validate_data(type_: str, data: Any, *, extra_uom_codes: Iterable[str] = ()) -> dict[str, Any]:
     """Validate ``data`` for ``type_``; return it normalised and ready for JSON.
 
-    Absent optional fields are left out. Raises VocabularyError listing every bad field.
+    Absent optional fields are left out, but a required field that may be null stays:
+    a Bad OPC UA sample is sent as ``"value": null``, not without its value. Raises
+    VocabularyError listing every bad field.
     """
     model = TYPES.get(type_)
     if model is None:
@@ -538,7 +556,16 @@ def validate_data(type_: str, data: Any, *, extra_uom_codes: Iterable[str] = ())
     except ValidationError as exc:
         errors = errors_of(exc, model)
         raise VocabularyError(errors[0][0], errors[0][1], errors) from None
-    return obj.model_dump(mode="json", exclude_none=True)
+    dumped = obj.model_dump(mode="json", exclude_none=True)
+    out: dict[str, Any] = {}
+    for name, field in type(obj).model_fields.items():  # field order, as without nulls
+        key = field.serialization_alias or field.alias or name
+        if key in dumped:
+            out[key] = dumped.pop(key)
+        elif field.is_required() and getattr(obj, name) is None:
+            out[key] = None
+    out.update(dumped)  # anything a model allows beyond its fields
+    return out
 
 
 def default_subject(type_: str, data: Mapping[str, Any]) -> str | None:

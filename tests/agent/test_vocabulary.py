@@ -299,3 +299,25 @@ def test_vocabulary_doc_lists_every_type_and_unit():
         assert f"`{t}`" in doc, t
     for code in UOM_CODES:
         assert f"`{code}`" in doc, code
+
+
+def test_bad_sample_keeps_its_null_value():
+    """A Bad OPC UA sample has no usable value: it is sent as "value": null, not without it."""
+    bad = {
+        "node_id": "ns=2;s=Line1.Temp",
+        "value": None,
+        "data_type": "Double",
+        "status_code": {"code": 0x80310000, "name": "BadNoCommunication"},
+        "source_timestamp": None,  # optional and null: still left out
+    }
+    out = validate_data("mfg.signal.sampled", bad)
+    assert "value" in out and out["value"] is None
+    assert "source_timestamp" not in out
+    assert list(out) == ["node_id", "value", "data_type", "status_code"]  # field order kept
+    assert validate_data("mfg.signal.sampled", out) == out  # fixed point
+    assert list(published("mfg.signal.sampled").iter_errors(out)) == []
+    # required means present: a sample without any value is still refused
+    missing = {k: v for k, v in bad.items() if k != "value"}
+    with pytest.raises(VocabularyError) as err:
+        validate_data("mfg.signal.sampled", missing)
+    assert err.value.field_path == "value"
