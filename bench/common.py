@@ -121,7 +121,7 @@ def figure(
     met: bool | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    out: dict[str, Any] = {"value": round(value, 1), "unit": unit}
+    out: dict[str, Any] = {"value": round(value, 1 if abs(value) >= 100 else 3), "unit": unit}
     if raw is not None:
         out["raw"] = round(raw, 1)
         out["raw_label"] = raw_label

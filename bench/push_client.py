@@ -17,7 +17,11 @@ def body(start: int, size: int) -> bytes:
                 "type": "mfg.production.completed",
                 "time": "2026-11-23T10:15:02Z",
                 "id": f"MES-{start + i}",
-                "data": {"work_order": "WO-4711", "item": "PN-100", "good": {"value": 480, "uom": "EA"}},
+                "data": {
+                    "work_order": "WO-4711",
+                    "item": "PN-100",
+                    "good": {"value": 480, "uom": "EA"},
+                },
             }
             for i in range(size)
         ]
