@@ -2,15 +2,22 @@
 
 A SIGKILL gives the agent no chance to clean up: whatever it acknowledged (202) must be
 in the buffer file already, and whatever it was sending must be sent again under the same
-ids. The gateway's report is the judge (tests/faults/conftest.py: check_delivery).
+ids. The gateway's report is the judge (tests.faults.campaign.py: check_delivery).
 """
 
 from __future__ import annotations
 
 import time
 
-from tests.faults.conftest import LONG, MesClient, check_delivery, mes_source, seeded
-from tests.faults.conftest import wait_drained, wait_listening
+from tests.faults.campaign import (
+    LONG,
+    MesClient,
+    check_delivery,
+    mes_source,
+    seeded,
+    wait_drained,
+    wait_listening,
+)
 from tests.fixtures.common import agent_config, free_port, https_sink
 
 KILLS = 300 if LONG else 30
