@@ -25,7 +25,8 @@ async def soak(path: Path, per_cycle: int, cycles: int) -> tuple[float, float, l
             if c == 0:
                 await buf._call(lambda: buf._sync.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
                 per_event = db_size(path) / per_cycle
-                body = buf.used_bytes() / per_cycle if callable(buf.used_bytes) else 0
+                first = await buf.read_next("line1", 0, 1000, 1 << 20)
+                body = sum(len(r[2]) for r in first) / len(first)
             after = buf.stream_state("line1")[1]
             for _ in range(per_cycle):  # bounded: one batch per step
                 rows = await buf.read_next("line1", after, 1000, 1 << 20)
