@@ -11,7 +11,9 @@ from typing import Any
 from bench.common import EVENTS_1000, Ctx, db_size, figure
 
 
-async def soak(path: Path, per_cycle: int, cycles: int) -> tuple[float, float, list[int], list[int]]:
+async def soak(
+    path: Path, per_cycle: int, cycles: int
+) -> tuple[float, float, list[int], list[int]]:
     from agent.buffer import Buffer
 
     buf = await Buffer.open(path, plant="p", agent_id="a", durability="fsync", max_bytes=8 << 30)
