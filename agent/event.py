@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from agent.interfaces import NewEvent
+from agent.vocabulary import dataschema
 
 SPECVERSION = "1.0"
 
@@ -39,10 +40,6 @@ def now_rfc3339() -> str:
     return format_time(datetime.now(UTC))
 
 
-def dataschema_for(type_: str) -> str:
-    return f"urn:edge-agent:schema:{type_}:1"
-
-
 def encode(
     ev: NewEvent, *, id: str, source: str, seq: int, epoch: str, plant: str, agent_id: str
 ) -> bytes:
@@ -53,7 +50,9 @@ def encode(
         "type": ev.type,
         "time": format_time(ev.time),
         "datacontenttype": "application/json",
-        "dataschema": ev.dataschema or dataschema_for(ev.type),
+        # the vocabulary's versioned URN; an unknown type raises VocabularyError here, but
+        # every source validates its data with agent.vocabulary before it appends
+        "dataschema": ev.dataschema or dataschema(ev.type),
         "sequence": format_sequence(seq),
         "streamepoch": epoch,
         "plant": plant,
