@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import Ctx, Deadline, fill, figure, ratio, wait_until
+from bench.common import Ctx, Deadline, figure, fill, ratio, wait_until
 
 
 def start_gateway(d: Path) -> Any:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Ctx, fill, figure, ratio, wait_until
+from bench.common import Ctx, figure, fill, ratio, wait_until
 
 
 async def read_rate(path: Path, stream: str) -> tuple[float, list[bytes]]:

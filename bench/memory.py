@@ -13,7 +13,7 @@ from typing import Any
 
 import psutil
 
-from bench.common import Ctx, Deadline, fill, figure, spawn
+from bench.common import Ctx, Deadline, figure, fill, spawn
 from bench.drain_https import start_gateway
 
 

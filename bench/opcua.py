@@ -31,7 +31,9 @@ def run(ctx: Ctx) -> dict[str, Any]:
         assert server.stdout is not None
         line = server.stdout.readline()  # READY (server builds 10,000 variables first)
         if b"READY" not in line:
-            raise RuntimeError(f"OPC UA server did not start: {(d / 'server.log').read_text()[-500:]}")
+            raise RuntimeError(
+                f"OPC UA server did not start: {(d / 'server.log').read_text()[-500:]}"
+            )
         time.sleep(2)
         out: dict[str, dict[str, Any]] = {}
         for mode in ("bare", "agent"):

@@ -1,15 +1,33 @@
-import asyncio, sys, time
+import asyncio
+import sys
+import time
 from datetime import UTC, datetime
+
 from asyncua import Server, ua
-N = int(sys.argv[2]); PORT = int(sys.argv[1])
+
+N = int(sys.argv[2])
+PORT = int(sys.argv[1])
+
+
 async def main():
-    s = Server(); await s.init(); s.set_endpoint(f"opc.tcp://127.0.0.1:{PORT}/")
+    s = Server()
+    await s.init()
+    s.set_endpoint(f"opc.tcp://127.0.0.1:{PORT}/")
     idx = await s.register_namespace("urn:bench")
     vars_ = []
     for f in range(0, N, 250):
-        folder = await s.nodes.objects.add_folder(ua.NodeId(f"F{f}", idx), ua.QualifiedName(f"F{f}", idx))
+        folder = await s.nodes.objects.add_folder(
+            ua.NodeId(f"F{f}", idx), ua.QualifiedName(f"F{f}", idx)
+        )
         for i in range(f, min(N, f + 250)):
-            vars_.append(await folder.add_variable(ua.NodeId(f"V{i}", idx), ua.QualifiedName(f"V{i}", idx), 0.0, ua.VariantType.Double))
+            vars_.append(
+                await folder.add_variable(
+                    ua.NodeId(f"V{i}", idx),
+                    ua.QualifiedName(f"V{i}", idx),
+                    0.0,
+                    ua.VariantType.Double,
+                )
+            )
     print("READY", flush=True)
     async with s:
         n = 0
@@ -18,6 +36,15 @@ async def main():
             t0 = time.monotonic()
             ts = datetime.now(UTC)
             for v in vars_:
-                await s.write_attribute_value(v.nodeid, ua.DataValue(ua.Variant(float(n), ua.VariantType.Double), SourceTimestamp=ts, ServerTimestamp=ts))
+                await s.write_attribute_value(
+                    v.nodeid,
+                    ua.DataValue(
+                        ua.Variant(float(n), ua.VariantType.Double),
+                        SourceTimestamp=ts,
+                        ServerTimestamp=ts,
+                    ),
+                )
             await asyncio.sleep(max(0, 1 - (time.monotonic() - t0)))
+
+
 asyncio.run(main())
