@@ -61,6 +61,12 @@ make_sink = _make_sink  # the sink tests' fixture: MqttSink instances stopped at
 V311 = {"protocol": "3.1.1"}
 
 
+def same_surface(broker: AmqttBroker) -> Any:
+    """The source tests' helpers are annotated for Mosquitto; amqtt has the same surface
+    (host, port, url, tls) for what they use."""
+    return broker
+
+
 @pytest.fixture
 async def buf(tmp_path: Path) -> Any:
     b = await Buffer.open(tmp_path / "buffer.db", plant="plant-test", agent_id="test-agent")
@@ -222,8 +228,8 @@ async def test_source_311_receives_in_order_commits_and_acknowledges_on_amqtt(
     amqtt_factory: AmqttFactory, buf: Buffer
 ) -> None:
     broker = amqtt_factory(packet_log=True)  # to count the source's PUBACKs
-    source = build(STREAM, make_config(broker, **V311), CTX)
-    pub = await asyncio.to_thread(Publisher, broker)
+    source = build(STREAM, make_config(same_surface(broker), **V311), CTX)
+    pub = await asyncio.to_thread(Publisher, same_surface(broker))
     try:
         async with running(source, buf):
             for n in range(1, 9):
@@ -248,7 +254,7 @@ async def test_source_311_receives_in_order_commits_and_acknowledges_on_amqtt(
 async def test_source_311_resubscribes_after_amqtt_restart(
     amqtt_broker: AmqttBroker, buf: Buffer
 ) -> None:
-    source = build(STREAM, make_config(amqtt_broker, **V311), CTX)
+    source = build(STREAM, make_config(same_surface(amqtt_broker), **V311), CTX)
     async with running(source, buf):
         await asyncio.to_thread(amqtt_broker.restart)  # SIGKILL: sessions gone
         await wait_until(lambda: source.state().state == "disconnected")
@@ -256,7 +262,7 @@ async def test_source_311_resubscribes_after_amqtt_restart(
             lambda: source.state().state == "connected" and source.state().detail["subscribed"],
             within=15,
         )
-        pub = await asyncio.to_thread(Publisher, amqtt_broker)
+        pub = await asyncio.to_thread(Publisher, same_surface(amqtt_broker))
         try:
             await asyncio.to_thread(pub.publish, "plant/mes/a", canonical(1))
         finally:
