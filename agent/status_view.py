@@ -163,5 +163,7 @@ def renderable(snap: dict[str, Any]) -> Group:
 
 
 def render(snap: dict[str, Any]) -> None:
-    console = Console(width=min(100, Console().width))
-    console.print(renderable(snap))
+    """On a terminal: its width, at most 100. Piped (a file, a ticket): exactly 100."""
+    probe = Console()
+    width = min(100, probe.width) if probe.is_terminal else 100
+    Console(width=width).print(renderable(snap))
