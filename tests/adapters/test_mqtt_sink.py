@@ -23,7 +23,14 @@ from adapters.sinks.mqtt.sink import CONTENT_TYPE, CONTENT_TYPE_GZIP, publish_pa
 from agent.event import encode, source_uri
 from agent.ids import ulids
 from agent.interfaces import Batch, NewEvent, Outcome, SendResult
-from tests.fixtures.mosquitto import Mosquitto, MosquittoFactory, MqttPki, Received, Subscriber
+from tests.fixtures.mosquitto import (
+    Mosquitto,
+    MosquittoFactory,
+    MqttBroker,
+    MqttPki,
+    Received,
+    Subscriber,
+)
 
 PLANT = "plant-a"
 AGENT = "agent-1"
@@ -185,10 +192,10 @@ async def test_gzip_payload_says_so_in_content_type(
 
 
 async def test_mqtt_311_carries_the_same_payload(
-    mosquitto: Mosquitto, mqtt_subscriber: Any, make_sink: Any
+    mqtt311_broker: MqttBroker, mqtt_subscriber: Any, make_sink: Any
 ) -> None:
-    sub = mqtt_subscriber(mosquitto, topic_of("line1"), protocol=mqtt.MQTTv311)
-    sink = await make_sink(mosquitto, protocol="3.1.1", topic_prefix="edge")
+    sub = mqtt_subscriber(mqtt311_broker, topic_of("line1"), protocol=mqtt.MQTTv311)
+    sink = await make_sink(mqtt311_broker, protocol="3.1.1", topic_prefix="edge")
     sent = batches("line1", 5)
     results = await asyncio.gather(*(sink.send(b) for b in sent))
     assert all(r.outcome is Outcome.ACCEPTED for r in results)
@@ -553,9 +560,9 @@ async def test_payload_over_broker_maximum_packet_size_is_too_large(
 
 
 async def test_configured_max_packet_size_applies_for_311(
-    mosquitto: Mosquitto, make_sink: Any
+    mqtt311_broker: MqttBroker, make_sink: Any
 ) -> None:
-    sink = await make_sink(mosquitto, protocol="3.1.1", max_packet_size="4KiB")
+    sink = await make_sink(mqtt311_broker, protocol="3.1.1", max_packet_size="4KiB")
     r = await sink.send(make_batch("line1", 1, 30))
     assert r.outcome is Outcome.TOO_LARGE and "max_packet_size" in r.reason
     assert (await sink.send(make_batch("line1", 1, 2))).outcome is Outcome.ACCEPTED
