@@ -132,6 +132,7 @@ class MesClient:
     def _run(self) -> None:
         with httpx.Client(timeout=httpx.Timeout(10, connect=1)) as client:
             pending: list[int] = []
+            stopping_since = 0.0
             while True:
                 if not pending:
                     if self._stop.is_set():
@@ -139,6 +140,11 @@ class MesClient:
                     pending = list(range(self.next_number, self.next_number + self.batch))
                     self.next_number += self.batch
                 res = self.push_once(client, pending)
+                if self._stop.is_set() and res != 202:
+                    stopping_since = stopping_since or time.monotonic()
+                    if time.monotonic() - stopping_since > 30:
+                        self.problems.append(f"never acknowledged after stop: {pending} ({res})")
+                        return
                 if res == 202:
                     pending = []
                     if self.pause:
