@@ -193,7 +193,9 @@ def mosquitto_bridge(ctx: Ctx) -> dict[str, Any]:
                 break
     finally:
         stop.set()
-        acked = {i for i, info in infos if info.is_published()}
+        # publish() while the edge is down returns NO_CONN but paho queues and resends it:
+        # what counts is whether a PUBACK came back for it in the end
+        acked = {i for i, info in infos if getattr(info, "_published", False)}
         pub.loop_stop()
         recv.close()
         edge.stop()
@@ -222,30 +224,206 @@ def mosquitto_bridge(ctx: Ctx) -> dict[str, Any]:
     )
 
 
-def node_red(ctx: Ctx) -> dict[str, Any]:
-    """Install node-red@4 + node-red-contrib-opcua locally; say so if that is impossible."""
+NR_RATE = 100  # value changes per second of the OPC UA variable
+
+
+def install_node_red() -> str | None:
+    """node-red@4 + node-red-contrib-opcua into bench/peers; an error text if impossible."""
     PEERS.mkdir(parents=True, exist_ok=True)
-    if not (PEERS / "node_modules" / "node-red").exists():
-        npm = shutil.which("npm")
-        if npm is None:
-            return {"error": "npm not found (apt-get install nodejs npm)"}
-        p = subprocess.run(
-            [
-                npm,
-                "install",
-                "--no-audit",
-                "--no-fund",
-                "--prefix",
-                str(PEERS),
-                "node-red@4",
-                "node-red-contrib-opcua",
-            ],
-            capture_output=True,
-            timeout=600,
-        )
-        if p.returncode != 0:
-            return {"error": f"npm install failed: {p.stderr.decode()[-300:]}"}
-    return {"error": "installed, but the OPC UA -> MQTT outage flow is not written yet"}
+    if (PEERS / "node_modules" / "node-red").exists() and (
+        PEERS / "node_modules" / "node-red-contrib-opcua"
+    ).exists():
+        return None
+    npm = shutil.which("npm")
+    if npm is None:
+        return "npm not found (apt-get install nodejs npm)"
+    p = subprocess.run(
+        [
+            npm,
+            "install",
+            "--no-audit",
+            "--no-fund",
+            "--prefix",
+            str(PEERS),
+            "node-red@4",
+            "node-red-contrib-opcua",
+        ],
+        capture_output=True,
+        timeout=600,
+    )
+    if p.returncode != 0:
+        return f"npm install failed: {p.stderr.decode()[-300:]}"
+    return None
+
+
+def flow(opc_port: int, mqtt_port: int) -> list[dict[str, Any]]:
+    """OPC UA subscribe (100 ms, queue 100) -> mqtt out QoS 1, one message per change."""
+    return [
+        {"id": "tab", "type": "tab", "label": "bench"},
+        {
+            "id": "ep",
+            "type": "OpcUa-Endpoint",
+            "endpoint": f"opc.tcp://127.0.0.1:{opc_port}",
+            "secpol": "None",
+            "secmode": "None",
+            "none": True,
+            "login": False,
+        },
+        {
+            "id": "br",
+            "type": "mqtt-broker",
+            "broker": "127.0.0.1",
+            "port": str(mqtt_port),
+            "clientid": "node-red-bench",
+            "autoConnect": True,
+            "usetls": False,
+            "protocolVersion": "4",
+            "keepalive": "15",
+            "cleansession": True,
+        },
+        {
+            "id": "inj",
+            "type": "inject",
+            "z": "tab",
+            "once": True,
+            "onceDelay": "1",
+            "repeat": "",
+            "topic": "ns=2;s=Seq",
+            "props": [{"p": "topic", "vt": "str"}, {"p": "queueSize", "v": "100", "vt": "num"}],
+            "wires": [["cli"]],
+        },
+        {
+            "id": "cli",
+            "type": "OpcUa-Client",
+            "z": "tab",
+            "endpoint": "ep",
+            "action": "subscribe",
+            "deadbandtype": "a",
+            "deadbandvalue": 0,
+            "time": "100",
+            "timeUnit": "ms",
+            "certificate": "n",
+            "securitymode": "None",
+            "securitypolicy": "None",
+            "setstatusandtime": False,
+            "keepsessionalive": False,
+            "maxChunkCount": 1,
+            "maxMessageSize": 8192,
+            "receiveBufferSize": 8192,
+            "sendBufferSize": 8192,
+            "wires": [["fn"], [], []],
+        },
+        {
+            "id": "fn",
+            "type": "function",
+            "z": "tab",
+            "outputs": 1,
+            "func": "msg.payload = String(msg.payload) + ','; msg.topic = 'bench/line1'; return msg;",
+            "wires": [["mq"]],
+        },
+        {
+            "id": "mq",
+            "type": "mqtt out",
+            "z": "tab",
+            "topic": "",
+            "qos": "1",
+            "retain": "false",
+            "broker": "br",
+            "wires": [],
+        },
+    ]
+
+
+def node_red(ctx: Ctx) -> dict[str, Any]:
+    import json
+    import sys
+
+    err = install_node_red()
+    if err is not None:
+        return {"error": err}
+    d = ctx.dir("peers_node_red")
+    outage = ctx.n(60, 20)
+    opc, cport, nport = free_port(), free_port(), free_port()
+    counter = d / "counter"
+    central = Broker(d / "central", cport).start()
+    recv = Receiver(cport)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "bench.peers_opcua_server", str(opc), str(NR_RATE), str(counter)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    (d / "flows.json").write_text(json.dumps(flow(opc, cport)))
+    nr_log = open(d / "node-red.log", "wb")
+    nr = subprocess.Popen(
+        [
+            "node",
+            str(PEERS / "node_modules" / "node-red" / "red.js"),
+            "-u",
+            str(d),
+            "-p",
+            str(nport),
+            str(d / "flows.json"),
+        ],
+        stdout=nr_log,
+        stderr=nr_log,
+    )
+    marks: dict[str, float] = {}
+    try:
+        assert server.stdout is not None
+        server.stdout.readline()
+        dl = Deadline(60)
+        while not recv.seqs and not dl.over():
+            time.sleep(0.2)
+        if not recv.seqs:
+            tail = (d / "node-red.log").read_text(errors="replace")[-600:]
+            return {"error": f"Node-RED flow delivered nothing within 60 s; log: {tail}"}
+        t0 = time.monotonic()
+        time.sleep(10)
+        marks["down"] = time.monotonic() - t0
+        central.stop()
+        time.sleep(outage)
+        central.start()
+        marks["up"] = time.monotonic() - t0
+        time.sleep(ctx.n(30, 15))
+        server.terminate()
+        server.wait(10)
+        n = -1
+        dl = Deadline(30)
+        while len(recv.seqs) != n and not dl.over():
+            n = len(recv.seqs)
+            time.sleep(2)
+    finally:
+        for p in (server, nr):
+            if p.poll() is None:
+                p.terminate()
+                with contextlib.suppress(Exception):
+                    p.wait(10)
+            if p.poll() is None:
+                p.kill()
+        recv.close()
+        central.stop()
+    last = int(counter.read_text())
+    # the first message of the flow carries the inject node's timestamp: not a value
+    seqs = [v for v in recv.seqs if 0 < v <= last]
+    first = min(seqs)
+    produced = set(range(first, last + 1))
+    res = score(produced, seqs)
+    return figure(
+        value=res["lost"],
+        unit="events lost",
+        outage_s=outage,
+        **{k: v for k, v in res.items() if k != "acknowledged"},
+        produced=len(produced),
+        detail=(
+            f"Node-RED 4 (node-red-contrib-opcua subscribe 100 ms, queue 100 -> mqtt out QoS 1) "
+            f"from an OPC UA variable changing {NR_RATE}/s; central mosquitto down {outage} s: "
+            f"{len(produced):,} values produced after the first delivery, "
+            f"{res['received_unique']:,} received, lost {res['lost']:,}, order violations "
+            f"{res['order_violations']:,}, duplicates {res['duplicates']:,}; the mqtt out node "
+            f"does not keep messages while its broker is away"
+        ),
+    )
 
 
 def run(ctx: Ctx) -> dict[str, Any]:
