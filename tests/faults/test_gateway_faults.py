@@ -86,6 +86,6 @@ def test_slow_gateway_timeouts_lose_nothing(gateway, agent_process, tmp_path):
     assert requests["dropped_acks"] > 0, requests
     assert requests["replayed_batches"] >= requests["dropped_acks"], requests
     print(
-        f"slow: {timeouts} timeouts, {phases} slow phases in {time.monotonic() - started:.1f}s, gateway {summary}"
+        f"slow: {timeouts} timeouts, {requests['dropped_acks']} answers cut, {phases} phases in {time.monotonic() - started:.1f}s, gateway {summary}"
     )
     assert agent.stop() == 0

@@ -58,6 +58,6 @@ def test_sigkill_during_ingest_and_forwarding_loses_nothing_acknowledged(
     assert status["streams"][0]["dropped_total"] == 0
     print(
         f"sigkill: {KILLS} kills in {time.monotonic() - started:.1f}s, client answers "
-        f"{mes.statuses}, gateway {summary}"
+        f"{mes.statuses}, gateway {summary}, requests {gw.report()['requests']}"
     )
     assert agent.stop() == 0
