@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from agent.interfaces import NewEvent
-from agent.vocabulary import dataschema
+from agent.vocabulary import TYPES, dataschema
 
 SPECVERSION = "1.0"
 
@@ -52,7 +52,10 @@ def encode(
         "datacontenttype": "application/json",
         # the vocabulary's versioned URN; an unknown type raises VocabularyError here, but
         # every source validates its data with agent.vocabulary before it appends
-        "dataschema": ev.dataschema or dataschema(ev.type),
+        # Sources validate types before appending; an unknown one must still never fail
+        # the whole group commit it shares with other sources' events.
+        "dataschema": ev.dataschema
+        or (dataschema(ev.type) if ev.type in TYPES else f"urn:edge-agent:schema:{ev.type}:1"),
         "sequence": format_sequence(seq),
         "streamepoch": epoch,
         "plant": plant,

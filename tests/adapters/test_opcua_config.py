@@ -152,9 +152,10 @@ def test_signal_shape_matches_the_vocabulary_and_keeps_bad_status():
         _sample(None, ua.StatusCodes.BadSensorFailure, src=now + timedelta(seconds=1), srv=None)
     )
     for ev in (good, bad):
-        # (validate_data leaves out None fields, even the value of a Bad sample we send as null)
+        # validate_data leaves out optional None fields but keeps the required value, which a
+        # Bad sample sends as null
         normalised = vocabulary.validate_data(ev.type, ev.data)
-        assert normalised == {k: v for k, v in ev.data.items() if v is not None}
+        assert normalised == {k: v for k, v in ev.data.items() if v is not None or k == "value"}
     assert bad.data["status_code"] == {
         "code": ua.StatusCodes.BadSensorFailure,
         "name": "BadSensorFailure",

@@ -244,8 +244,8 @@ class MesHttpSource(Source):
         too_large = f"body larger than {limit} bytes (send smaller batches)"
         if request.content_length is not None and request.content_length > limit:
             return self._reject(request, 413, "too_large", too_large)
-        if not ingest.has_room():
-            return self._unavailable(request, "buffer_full", "the local buffer is full")
+        # Even when the buffer has no room the (bounded) body is read and validated: the
+        # buffer's refusal then counts every event refused, and status tells the truth.
         try:
             body = await self._read_body(request)
         except (asyncio.CancelledError, MemoryError):
