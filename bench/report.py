@@ -24,6 +24,8 @@ LABELS = {
     "disk_soak": "File size over fill/drain soak",
     "outage": "60 s gateway outage",
     "opcua": "OPC UA 10,000 items at 1 Hz",
+    "peer_mosquitto_bridge": "Peer: edge mosquitto bridge, 60 s outage + edge SIGKILL",
+    "peer_node_red": "Peer: Node-RED 4 OPC UA -> MQTT, 60 s outage",
 }
 
 
