@@ -78,7 +78,7 @@ async def bare(port: int, n: int, seconds: float) -> dict[str, object]:
     from adapters.sources.opcua.config import NodeConfig
     from adapters.sources.opcua.source import monitoring_request
 
-    c = Client(f"opc.tcp://127.0.0.1:{port}", timeout=60)
+    c = Client(f"opc.tcp://127.0.0.1:{port}", timeout=60, watchdog_intervall=30.0)
     await c.connect()
     count = 0
 

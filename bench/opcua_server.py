@@ -44,7 +44,10 @@ async def main():
                         ServerTimestamp=ts,
                     ),
                 )
-            await asyncio.sleep(max(0, 1 - (time.monotonic() - t0)))
+            took = time.monotonic() - t0
+            if n % 5 == 0:
+                print(f"tick {n} took {took:.2f}s", file=sys.stderr, flush=True)
+            await asyncio.sleep(max(0, 1 - took))
 
 
 asyncio.run(main())
