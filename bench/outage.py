@@ -66,7 +66,7 @@ async def scenario(gw: Any, path: Path, online: float, outage: float) -> dict[st
         await prod
         last = buf.stream_state("line1")[0]
         dl = Deadline(60)
-        while buf.stream_state("line1")[1] < last and not dl.over():
+        while buf.stream_state("line1")[1] < last and not dl.over():  # noqa: ASYNC110 (polling a counter, bounded)
             await asyncio.sleep(0.1)
     finally:
         for t in (prod, samp, fwd):
