@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from tests.faults.campaign import (
     LONG,
     MesClient,
@@ -16,6 +18,9 @@ from tests.faults.campaign import (
     wait_listening,
 )
 from tests.fixtures.common import agent_config, free_port, https_sink
+
+# the long run (EDGE_AGENT_FAULTS_LONG=1) outlasts the suite's default per-test timeout
+pytestmark = pytest.mark.timeout(3600 if LONG else 600)
 
 FLAP_SECONDS = 60 if LONG else 15
 SLOW_SECONDS = 60 if LONG else 10

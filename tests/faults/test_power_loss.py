@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.faults.campaign import (
     LONG,
@@ -26,6 +27,9 @@ from tests.faults.campaign import (
     wait_listening,
 )
 from tests.fixtures.common import agent_config, free_port, https_sink
+
+# the long run (EDGE_AGENT_FAULTS_LONG=1) outlasts the suite's default per-test timeout
+pytestmark = pytest.mark.timeout(3600 if LONG else 600)
 
 ROUNDS = 100 if LONG else 10
 

@@ -2,12 +2,14 @@
 
 A SIGKILL gives the agent no chance to clean up: whatever it acknowledged (202) must be
 in the buffer file already, and whatever it was sending must be sent again under the same
-ids. The gateway's report is the judge (tests.faults.campaign.py: check_delivery).
+ids. The gateway's report is the judge (tests/faults/campaign.py: check_delivery).
 """
 
 from __future__ import annotations
 
 import time
+
+import pytest
 
 from tests.faults.campaign import (
     LONG,
@@ -19,6 +21,9 @@ from tests.faults.campaign import (
     wait_listening,
 )
 from tests.fixtures.common import agent_config, free_port, https_sink
+
+# the long run (EDGE_AGENT_FAULTS_LONG=1) outlasts the suite's default per-test timeout
+pytestmark = pytest.mark.timeout(3600 if LONG else 600)
 
 KILLS = 300 if LONG else 30
 
