@@ -143,7 +143,9 @@ class ForwarderSection(Model):
     max_bytes: ByteSize = parse_bytes("1MiB")
     linger_ms: int = Field(default=20, ge=0, le=60_000)
     backoff_initial: Duration = 0.5
-    backoff_max: Duration = 60.0
+    #: the longest pause between retries: it is also how late delivery may resume after
+    #: an outage ends (full jitter draws between 0 and this)
+    backoff_max: Duration = 15.0
     auth_retry_interval: Duration = 60.0
 
 

@@ -42,7 +42,7 @@ class ForwarderSettings:
     max_bytes: int = 1 << 20
     linger_ms: int = 20
     backoff_initial: float = 0.5
-    backoff_max: float = 60.0
+    backoff_max: float = 15.0
     auth_retry_interval: float = 60.0
     #: how often to look for operator requests (dead-letter retry, replay)
     poll_interval: float = 2.0

@@ -34,6 +34,7 @@ from agent.buffer import Buffer
 from agent.config import Config, load_config
 from agent.errors import ConfigError, EdgeAgentError
 from agent.forwarder import ForwarderSettings, PriorityGate, StreamForwarder
+from agent.heartbeat import HeartbeatFile
 from agent.interfaces import Sink, Source
 from agent.status import HEARTBEAT_INTERVAL, build_snapshot
 
@@ -69,6 +70,7 @@ class Agent:
         self._snapshot: dict[str, Any] = {}
         self._metrics: Any = None
         self._notifier: Any = None
+        self._heartbeat: HeartbeatFile | None = None
         self.ready = asyncio.Event()
 
     # ------------------------------------------------------------------ public
@@ -119,6 +121,7 @@ class Agent:
             len(cfg.sources),
             len(cfg.sinks),
         )
+        self._heartbeat = HeartbeatFile(Path(cfg.buffer.path))
         try:
             await self._start_metrics()
             async with asyncio.TaskGroup() as tg:
@@ -138,6 +141,7 @@ class Agent:
                     await self._metrics.stop()
             with contextlib.suppress(Exception):
                 await self._write_heartbeat(stopped=True)
+            self._heartbeat.close()
             await self.buffer.close()
             self._notifier.close()
             log.info("edge-agent stopped cleanly")
@@ -385,7 +389,8 @@ class Agent:
             "last_write_error": buffer.last_write_error,
             "stopped": stopped,
         }
-        await buffer.write_meta("heartbeat", hb)
+        assert self._heartbeat is not None
+        self._heartbeat.write(hb)
         self._snapshot = build_snapshot(
             rows=rows,
             heartbeat=hb,

@@ -27,8 +27,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from agent.buffer import read_stream_rows
 
 HEARTBEAT_INTERVAL = 2.0
@@ -168,7 +166,9 @@ def read_offline(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | Non
         meta = {k: v for k, v in conn.execute("SELECT key, value FROM meta")}
     finally:
         conn.close()
-    hb = orjson.loads(meta["heartbeat"]) if "heartbeat" in meta else None
+    from agent.heartbeat import read_heartbeat
+
+    hb = read_heartbeat(path)
     return rows, hb, meta
 
 
