@@ -92,11 +92,12 @@ def ensure_peers() -> None:
             ("fakeroot", "fakeroot"),
             ("lintian", "lintian"),  # the .deb content check
             ("promtool", "prometheus"),  # the sample alert rules are checked and tested
+            ("faketime", "faketime"),  # the fault campaign's clock jump
         ]
         if not which(tool)
     ]
     if missing:
-        apt_install(missing, "the service packaging tests")
+        apt_install(missing, "the packaging tests and the fault campaign")
     interop = ROOT / "tests" / "interop" / "ensure_node_opcua.py"
     if interop.exists():
         if not shutil.which("npm") or not shutil.which("node"):
