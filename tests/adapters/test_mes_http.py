@@ -346,7 +346,9 @@ async def test_buffer_full_is_503_with_retry_after_and_nothing_stored(tmp_path):
         await buf.close()
 
 
-async def test_no_room_is_503_before_the_body_is_read(tmp_path):
+async def test_no_room_is_503_and_every_refused_event_is_counted(tmp_path):
+    """With no room the body is still read (bounded) and validated, so the buffer refuses
+    it and counts each event: status's refused_total tells the operator how many."""
     buf = await open_buffer(tmp_path / "small.db", max_bytes=3000)
     try:
         async with serving(buf, retry_after=2) as (src, url):
@@ -358,11 +360,16 @@ async def test_no_room_is_503_before_the_body_is_read(tmp_path):
                 room = buf.max_bytes - buf.used_bytes
                 r = await post(client, padded(4, 10 + room - size_at_10))
                 assert r.status_code == 202, r.text
+                refused_before = buf.refused_total
+                r = await post(client, [event(i) for i in range(40, 45)])
+                assert r.status_code == 503 and r.headers["Retry-After"] == "2"
+                assert buf.refused_total == refused_before + 5
                 assert not buf.has_room()
+                # a malformed request is still told what is wrong, and stores nothing
                 r = await client.post(
                     "/v1/events", content=b"{not json", headers={"Content-Type": "application/json"}
                 )
-                assert r.status_code == 503 and r.headers["Retry-After"] == "2"  # not 400
+                assert r.status_code == 400
                 assert len(await stored(buf)) == 2
     finally:
         await buf.close()
