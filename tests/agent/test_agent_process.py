@@ -250,7 +250,7 @@ def test_buffer_full_under_drop_oldest_sends_an_explained_gap(gateway, agent_pro
     assert gaps and sum(g["count"] for g in gaps) == dropped, rep["explained"]
     assert rep["explained_count"] >= dropped
     gap_events = [e for e in gw.events("mes") if e["type"] == "mfg.agent.gap"]
-    assert gap_events and gap_events[0]["data"]["first_sequence"] == 1
+    assert gap_events and gap_events[0]["data"]["first_sequence"] > 1  # in-flight batch kept
     assert rep["complete_up_to"] == last, rep
     assert "dropped" in agent.log().lower()
     assert agent.stop() == 0
