@@ -98,6 +98,7 @@ class StreamForwarder:
         self.gate = gate
         self.observe = observe
         self.max_events = settings.max_events
+        self.max_bytes = settings.max_bytes
         self.status = ComponentState(state="idle", since=time.time())
         self._attempt = 0
         self._last_poll = 0.0
@@ -129,19 +130,20 @@ class StreamForwarder:
             await self._deliver(batch)
         wakeup = self.buffer.wakeup_event(self.stream)
         window = max(1, int(getattr(self.sink, "max_in_flight", 1)))
+        # Events in flight are never dropped under drop_oldest, so all batches on the wire
+        # together stay within a tenth of the buffer: there is always something to drop.
+        self.max_bytes = max(1024, min(self.settings.max_bytes, self.buffer.max_bytes // (10 * window)))
         while True:
             await self._operator_requests()
             if self.priority != "high" and self.gate is not None:
                 await self.gate.wait_turn()
             wakeup.clear()
-            rows = await self.buffer.read_next(
-                self.stream, 0, self.max_events, self.settings.max_bytes
-            )
+            rows = await self.buffer.read_next(self.stream, 0, self.max_events, self.max_bytes)
             if rows and len(rows) < self.max_events and self.settings.linger_ms > 0:
                 # Let a few more arrive so an idle-but-steady stream still makes real batches.
                 await asyncio.sleep(self.settings.linger_ms / 1000)
                 rows = await self.buffer.read_next(
-                    self.stream, 0, self.max_events, self.settings.max_bytes
+                    self.stream, 0, self.max_events, self.max_bytes
                 )
             if not rows:
                 await self._mark_busy(False)
@@ -166,7 +168,7 @@ class StreamForwarder:
             while inflight:
                 while len(inflight) < window:
                     rows = await self.buffer.read_next(
-                        self.stream, after, self.max_events, self.settings.max_bytes
+                        self.stream, after, self.max_events, self.max_bytes
                     )
                     if not rows:
                         break
