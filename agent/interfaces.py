@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -172,6 +173,15 @@ class ComponentState:
     @property
     def healthy(self) -> bool:
         return self.state == "connected"
+
+    def change(self, state: str, error: str | None = None) -> None:
+        """Move to ``state`` (``since`` moves only when it changes); keep the last error
+        unless a new one is given."""
+        if state != self.state:
+            self.state = state
+            self.since = time.time()
+        if error is not None:
+            self.last_error = error
 
 
 class Sink(abc.ABC):

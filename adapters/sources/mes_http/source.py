@@ -71,11 +71,7 @@ class MesHttpSource(Source):
     # ------------------------------------------------------------------ lifecycle
 
     def _set_state(self, state: str, error: str | None = None) -> None:
-        if state != self._state.state:
-            self._state.state = state
-            self._state.since = time.time()
-        if error is not None:
-            self._state.last_error = error
+        self._state.change(state, error)
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         cfg = self.config

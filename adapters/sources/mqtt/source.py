@@ -127,11 +127,7 @@ class MqttSource(Source):
         return self._state
 
     def _set(self, state: str, error: str | None = None) -> None:
-        if state != self._state.state:
-            self._state.state = state
-            self._state.since = time.time()
-        if error is not None:
-            self._state.last_error = error
+        self._state.change(state, error)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -156,11 +156,7 @@ class OpcUaSource(Source):
     # ------------------------------------------------------------------ status
 
     def _set_state(self, state: str, error: str | None = None) -> None:
-        if state != self._state.state:
-            self._state.state = state
-            self._state.since = time.time()
-        if error is not None:
-            self._state.last_error = error
+        self._state.change(state, error)
 
     def state(self) -> ComponentState:
         now = time.monotonic()
