@@ -40,7 +40,7 @@ def run(cmd: list[str], **kw: object) -> None:
 
 
 def ensure_venv(extras: str) -> None:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 (dev.py runs on whatever python3 is)
         fail(f"python {sys.version.split()[0]} is too old: edge-agent needs 3.11 or newer")
     if not PY.exists():
         say(f"creating virtual environment {VENV}")

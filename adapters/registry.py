@@ -48,7 +48,10 @@ def known(kind: str) -> list[str]:
 def module(kind: str, type_: str, path: str = "") -> ModuleType:
     table = SOURCES if kind == "sources" else SINKS
     if type_ not in table:
-        raise ConfigError(f"{path}.type" if path else "type", f"unknown {kind[:-1]} type '{type_}' (one of: {', '.join(table)})")
+        raise ConfigError(
+            f"{path}.type" if path else "type",
+            f"unknown {kind[:-1]} type '{type_}' (one of: {', '.join(table)})",
+        )
     return importlib.import_module(table[type_])
 
 

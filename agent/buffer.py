@@ -140,6 +140,7 @@ DISK_RESERVE = 4 * 1024 * 1024
 
 CHECKPOINT_TYPE = "mfg.agent.checkpoint"
 GAP_TYPE = "mfg.agent.gap"
+DROP_OLDEST_REASON = "buffer_full_drop_oldest"
 
 
 @dataclass(slots=True)
@@ -269,6 +270,11 @@ class Buffer:
                 "Start the agent again to begin a new buffer (new stream epoch); recover events "
                 f"from the old file with: sqlite3 {moved} .recover"
             ) from exc
+        except BaseException:
+            # e.g. a newer schema: the file is fine, we just must not keep it open (a live
+            # aiosqlite thread would keep the process from exiting)
+            await self._close_connections()
+            raise
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         await self._reader.execute("PRAGMA query_only = ON")
         await self._reader.execute("PRAGMA busy_timeout = 5000")
@@ -599,7 +605,16 @@ class Buffer:
                 first_id = id_pos
                 ctl = 1 if g.checkpoint else 0
 
-                def encode_all(base: int) -> tuple[list[Any], list[Committed], list[Any], int]:
+                def encode_all(
+                    base: int,
+                    g: _Append = g,
+                    events: list[NewEvent] = events,
+                    dup_map: dict[str, Committed] = dup_map,
+                    first_id: int = first_id,
+                    source: str = source,
+                    sid: int = sid,
+                    ctl: int = ctl,
+                ) -> tuple[list[Any], list[Committed], list[Any], int]:
                     """Encode the request on top of sequence ``base`` (again after a drop)."""
                     pos = first_id
                     enc: list[tuple[int, int, str, float, int, bytes, int]] = []
@@ -669,7 +684,7 @@ class Buffer:
                 db.executemany("INSERT OR IGNORE INTO dedupe VALUES (?, ?, ?, ?, ?)", dedupe_rows)
             if mark_rows:
                 db.executemany("INSERT OR IGNORE INTO marks VALUES (?, ?, ?)", mark_rows)
-            for name, st in staged.items():
+            for st in staged.values():
                 sid = st[0]
                 n, b = counts.get(sid, (0, 0))
                 db.execute(
@@ -727,10 +742,12 @@ class Buffer:
     ) -> None:
         """Free at least ``need`` bytes: forwarded rows first, then the oldest unsent events.
 
-        Frees at least 5% of max_bytes at a time, so a full buffer does not drop one
-        event per append (and add one gap event per dropped event). Each dropped range becomes an mfg.agent.gap event at the
-        end of its stream, in this same transaction. Counters in the file and in memory are
-        updated here directly; a rollback reloads them (_reload_streams_sync).
+        Frees at least 5% of max_bytes at a time, so a full buffer does not drop one event
+        per append. Each stream keeps one open mfg.agent.gap event while its sink is down:
+        a drop extends that event's range in place (it was never sent, so nobody has seen
+        it) instead of appending another, so a long outage cannot fill the buffer with gap
+        events, and every range stays exact. Counters in the file and in memory are updated
+        here directly; a rollback reloads them (_reload_streams_sync).
         """
         target = max(need, self.max_bytes // 20)
         before = self._used - self._acked_unreclaimed
@@ -743,119 +760,183 @@ class Buffer:
             for sid, last in db.execute("SELECT sid, MAX(last_seq) FROM batches GROUP BY sid")
         }
         while freed < target:
-            # The stream whose oldest droppable row is the oldest. The agent's own unsent
-            # gap/checkpoint rows are droppable too when the new gap event can explain them:
-            # otherwise a sink that stays down fills the buffer with gap events (one per
-            # drop, each about as large as what it freed) until drop_oldest refuses events.
+            # the stream whose oldest unsent business event (never our own rows) is oldest
             best: tuple[float, int, int, int] | None = None
             for s in self._streams.values():
                 floor = max(s.forwarded_seq, in_flight.get(s.sid, 0))
                 row = db.execute(
-                    "SELECT committed_at, seq, ctl, body FROM events WHERE sid = ? AND seq > ? "
-                    "ORDER BY seq LIMIT 1",
+                    "SELECT committed_at, seq FROM events WHERE sid = ? AND seq > ? "
+                    "AND ctl = 0 ORDER BY seq LIMIT 1",
                     (s.sid, floor),
                 ).fetchone()
-                if row and row[2] and _unsent_range_start(row[3], floor) is None:
-                    row = db.execute(
-                        "SELECT committed_at, seq FROM events WHERE sid = ? AND seq > ? "
-                        "AND ctl = 0 ORDER BY seq LIMIT 1",
-                        (s.sid, floor),
-                    ).fetchone()
                 if row and (best is None or row[0] < best[0]):
                     best = (row[0], s.sid, row[1], floor)
             if best is None:
-                break
+                break  # only in-flight events and our own rows left: nothing to drop
             _, sid, first, floor = best
-            rows = db.execute(
-                "SELECT seq, size, ctl, CASE WHEN ctl = 1 THEN body END FROM events "
-                "WHERE sid = ? AND seq >= ? ORDER BY seq LIMIT 2000",
-                (sid, first),
-            ).fetchall()
-            take: list[tuple[int, int]] = []
+            take: list[int] = []
             acc = 0
-            gap_first = first  # earlier gaps swallowed here widen the announced range
-            carried = 0  # events those swallowed gap events announced
-            ctl_n = ctl_b = 0
-            for seq, size, is_ctl, ctl_body in rows:
-                # a dropped range is contiguous
-                enough = freed + acc >= target and len(take) > ctl_n
-                if enough or (take and seq != take[-1][0] + 1):
+            for seq, size, is_ctl in db.execute(
+                "SELECT seq, size, ctl FROM events WHERE sid = ? AND seq >= ? "
+                "ORDER BY seq LIMIT 2000",
+                (sid, first),
+            ):
+                # a dropped run is contiguous and holds business events only
+                if is_ctl or (take and seq != take[-1] + 1) or (take and freed + acc >= target):
                     break
-                if is_ctl:
-                    start = _unsent_range_start(ctl_body, floor)
-                    if start is None:  # announces events already (being) sent: keep it
-                        break
-                    if start > 0:  # a gap event: its range is announced again by ours
-                        gap_first = min(gap_first, start)
-                        carried += int(orjson.loads(ctl_body)["data"]["count"])
-                    ctl_n += 1
-                    ctl_b += size
-                take.append((seq, size))
+                take.append(seq)
                 acc += size
-            if len(take) == ctl_n:  # only our own rows left: replacing them frees nothing
-                break
-            last = take[-1][0]
+            last = take[-1]
             db.execute(
                 "DELETE FROM events WHERE sid = ? AND seq >= ? AND seq <= ?", (sid, first, last)
             )
             name = next(s.name for s in self._streams.values() if s.sid == sid)
             stream = self._streams[name]
             st = staged.setdefault(name, [sid, stream.last_seq, stream.checkpoint_seq])
-            freed += acc
-            dropped_n, dropped_b = len(take) - ctl_n, acc - ctl_b
-            # Swallowed gap/checkpoint rows were never business events: they leave the
-            # ingest counters (so backlog = ingested - forwarded - dropped stays exact).
             db.execute(
                 "UPDATE streams SET dropped_total = dropped_total + ?, "
-                "dropped_bytes = dropped_bytes + ?, stored_bytes = stored_bytes - ?, "
-                "ingested_total = ingested_total - ?, ingested_bytes = ingested_bytes - ? "
+                "dropped_bytes = dropped_bytes + ?, stored_bytes = stored_bytes - ? "
                 "WHERE sid = ?",
-                (dropped_n, dropped_b, acc, ctl_n, ctl_b, sid),
+                (len(take), acc, acc, sid),
             )
-            # the gap event itself, appended at the end of the stream
-            seq = st[1] + 1
-            eid = ulid()
-            body = envelope.encode(
-                NewEvent(
-                    type=GAP_TYPE,
-                    subject=name,
-                    time=envelope.now_rfc3339(),
-                    data={
-                        "streamepoch": self.epoch,
-                        "first_sequence": gap_first,
-                        "last_sequence": last,
-                        "count": dropped_n + carried,
-                        "reason": "buffer_full_drop_oldest",
-                    },
-                ),
-                id=eid,
-                source=envelope.source_uri(self.plant, name),
-                seq=seq,
-                epoch=self.epoch,
-                plant=self.plant,
-                agent_id=self.agent_id,
-            )
-            pending_rows.append((sid, seq, eid, now, len(body), body, 1))
-            st[1] = seq
-            db.execute(
-                "UPDATE streams SET ingested_total = ingested_total + 1, ingested_bytes = "
-                "ingested_bytes + ?, stored_bytes = stored_bytes + ? WHERE sid = ?",
-                (len(body), len(body), sid),
-            )
-            delta = acc - len(body)
-            stream.stored_bytes -= delta
-            self._used -= delta
-            freed -= len(body)
+            stream.stored_bytes -= acc
+            self._used -= acc
+            freed += acc
+            grown = self._extend_open_gap_sync(db, sid, floor, first, last, len(take), pending_rows)
+            if grown is None:
+                grown = self._append_gap_sync(db, sid, name, st, first, last, len(take), now,
+                                              pending_rows)  # fmt: skip
+            stream.stored_bytes += grown
+            self._used += grown
+            freed -= grown
             log.warning(
                 "buffer full: dropped %d oldest events of stream %s (sequences %d-%d, %d bytes); "
                 "an mfg.agent.gap event tells the central side",
-                dropped_n,
+                len(take),
                 name,
                 first,
                 last,
                 acc,
                 extra={"stream": name, "first_sequence": first, "last_sequence": last},
             )
+
+    def _gap_body(self, name: str, eid: str, seq: int, first: int, last: int, count: int) -> bytes:
+        return envelope.encode(
+            NewEvent(
+                type=GAP_TYPE,
+                subject=name,
+                time=envelope.now_rfc3339(),
+                data={
+                    "streamepoch": self.epoch,
+                    "first_sequence": first,
+                    "last_sequence": last,
+                    "count": count,
+                    "reason": DROP_OLDEST_REASON,
+                },
+            ),
+            id=eid,
+            source=envelope.source_uri(self.plant, name),
+            seq=seq,
+            epoch=self.epoch,
+            plant=self.plant,
+            agent_id=self.agent_id,
+        )
+
+    def _append_gap_sync(
+        self,
+        db: sqlite3.Connection,
+        sid: int,
+        name: str,
+        st: list[int],
+        first: int,
+        last: int,
+        count: int,
+        now: float,
+        pending_rows: list[tuple[int, int, str, float, int, bytes, int]],
+    ) -> int:
+        """A new gap event at the end of the stream; returns its size."""
+        seq = st[1] + 1
+        eid = ulid()
+        body = self._gap_body(name, eid, seq, first, last, count)
+        pending_rows.append((sid, seq, eid, now, len(body), body, 1))
+        st[1] = seq
+        db.execute(
+            "UPDATE streams SET ingested_total = ingested_total + 1, ingested_bytes = "
+            "ingested_bytes + ?, stored_bytes = stored_bytes + ? WHERE sid = ?",
+            (len(body), len(body), sid),
+        )
+        return len(body)
+
+    def _extend_open_gap_sync(
+        self,
+        db: sqlite3.Connection,
+        sid: int,
+        floor: int,
+        first: int,
+        last: int,
+        count: int,
+        pending_rows: list[tuple[int, int, str, float, int, bytes, int]],
+    ) -> int | None:
+        """Widen the stream's newest drop_oldest gap event to cover ``first..last`` when that
+        event is still unsent (above ``floor``: in no batch) and nothing but our own rows lie
+        between its range and ``first``. Returns the change in its size, or None when there
+        is no such event and a new one must be appended.
+
+        The widened range may then hold the gap event's own sequence or a checkpoint's; the
+        receiver gets those, so "every sequence in the range that does not arrive was
+        dropped, count says how many" stays exact.
+        """
+        found: tuple[int, str, bytes, int | None] | None = None  # seq, id, body, pending index
+        for i in range(len(pending_rows) - 1, -1, -1):
+            r = pending_rows[i]
+            if r[0] == sid and r[6] == 1:
+                found = (r[1], r[2], r[5], i)
+                break
+        if found is None:
+            row = db.execute(
+                "SELECT seq, id, body FROM events WHERE sid = ? AND seq > ? AND ctl = 1 "
+                "ORDER BY seq DESC LIMIT 1",
+                (sid, floor),
+            ).fetchone()
+            if row is None:
+                return None
+            found = (row[0], row[1], bytes(row[2]), None)
+        seq, eid, body, index = found
+        ev = orjson.loads(body)
+        data = ev.get("data") or {}
+        if ev.get("type") != GAP_TYPE or data.get("reason") != DROP_OLDEST_REASON:
+            return None  # a checkpoint is the newest own row: a new gap goes after it
+        prev_last = int(data["last_sequence"])
+        low = max(prev_last, floor)
+        if low >= first:
+            return None
+        # between the open range and this run only rows that will arrive (our own)
+        present = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(ctl = 0), 0) FROM events "
+            "WHERE sid = ? AND seq > ? AND seq < ?",
+            (sid, low, first),
+        ).fetchone()
+        pending_between = sum(1 for r in pending_rows if r[0] == sid and low < r[1] < first)
+        if present[1] or present[0] + pending_between != first - low - 1:
+            return None
+        new_body = self._gap_body(
+            ev["subject"], eid, seq, int(data["first_sequence"]), last, int(data["count"]) + count
+        )
+        grown = len(new_body) - len(body)
+        if index is not None:
+            r = pending_rows[index]
+            pending_rows[index] = (r[0], r[1], r[2], r[3], len(new_body), new_body, r[6])
+        else:
+            db.execute(
+                "UPDATE events SET body = ?, size = ? WHERE sid = ? AND seq = ?",
+                (new_body, len(new_body), sid, seq),
+            )
+        db.execute(
+            "UPDATE streams SET ingested_bytes = ingested_bytes + ?, "
+            "stored_bytes = stored_bytes + ? WHERE sid = ?",
+            (grown, grown, sid),
+        )
+        return grown
 
     def _reload_streams_sync(self, db: sqlite3.Connection) -> None:
         for sid, name, last, fwd, ckpt, stored in db.execute(
@@ -1272,19 +1353,6 @@ def read_stream_rows(c: sqlite3.Connection) -> list[dict[str, Any]]:
         )
         out.append(d)
     return out
-
-
-def _unsent_range_start(body: bytes | None, floor: int) -> int | None:
-    """For one of the agent's own rows (gap or checkpoint) about to be dropped: None when
-    it must be kept (a gap announcing sequences at or below ``floor``, i.e. next to events
-    already sent or in flight); else the first sequence a gap announces, 0 for a checkpoint."""
-    if body is None:
-        return None
-    ev = orjson.loads(body)
-    if ev.get("type") != GAP_TYPE:
-        return 0
-    start = int(ev["data"]["first_sequence"])
-    return start if start > floor else None
 
 
 def _split_sql(script: str) -> list[str]:

@@ -132,7 +132,9 @@ class StreamForwarder:
         window = max(1, int(getattr(self.sink, "max_in_flight", 1)))
         # Events in flight are never dropped under drop_oldest, so all batches on the wire
         # together stay within a tenth of the buffer: there is always something to drop.
-        self.max_bytes = max(1024, min(self.settings.max_bytes, self.buffer.max_bytes // (10 * window)))
+        self.max_bytes = max(
+            1024, min(self.settings.max_bytes, self.buffer.max_bytes // (10 * window))
+        )
         while True:
             await self._operator_requests()
             if self.priority != "high" and self.gate is not None:
@@ -142,9 +144,7 @@ class StreamForwarder:
             if rows and len(rows) < self.max_events and self.settings.linger_ms > 0:
                 # Let a few more arrive so an idle-but-steady stream still makes real batches.
                 await asyncio.sleep(self.settings.linger_ms / 1000)
-                rows = await self.buffer.read_next(
-                    self.stream, 0, self.max_events, self.max_bytes
-                )
+                rows = await self.buffer.read_next(self.stream, 0, self.max_events, self.max_bytes)
             if not rows:
                 await self._mark_busy(False)
                 self._set_state("idle")

@@ -6,3 +6,24 @@ pytest_plugins = [
     "tests.fixtures.mosquitto",
     "tests.fixtures.opcua_server",
 ]
+
+
+def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
+    """aiosqlite's worker threads are not daemons: a buffer a test left open (a failed test's
+    traceback keeps it alive) would keep this process from ever exiting, and CI would wait
+    for it until its time limit. Stop them, and fail the run when a passing one leaked."""
+    import gc
+
+    import aiosqlite
+
+    leaked = [
+        c
+        for c in gc.get_objects()
+        if isinstance(c, aiosqlite.Connection) and c._thread.is_alive()  # noqa: SLF001
+    ]
+    for conn in leaked:
+        conn.stop()
+    if leaked:
+        print(f"\n{len(leaked)} aiosqlite connection(s) left open by tests: stopped")
+        if session.exitstatus == 0:
+            session.exitstatus = 1
