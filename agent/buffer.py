@@ -886,30 +886,36 @@ class Buffer:
         receiver gets those, so "every sequence in the range that does not arrive was
         dropped, count says how many" stays exact.
         """
-        found: tuple[int, str, bytes, int | None] | None = None  # seq, id, body, pending index
-        for i in range(len(pending_rows) - 1, -1, -1):
-            r = pending_rows[i]
-            if r[0] == sid and r[6] == 1:
-                found = (r[1], r[2], r[5], i)
+        # the newest own row that is a gap event (checkpoints in between are passed over)
+        candidates: list[tuple[int, str, bytes, int | None]] = [  # seq, id, body, pending index
+            (r[1], r[2], r[5], i)
+            for i, r in reversed(list(enumerate(pending_rows)))
+            if r[0] == sid and r[6] == 1
+        ]
+        candidates += [
+            (row[0], row[1], bytes(row[2]), None)
+            for row in db.execute(
+                "SELECT seq, id, body FROM events WHERE sid = ? AND seq > ? AND ctl = 1 "
+                "ORDER BY seq DESC LIMIT 100",
+                (sid, floor),
+            )
+        ]
+        found = None
+        for seq, eid, body, index in candidates:
+            ev = orjson.loads(body)
+            if ev.get("type") == GAP_TYPE:
+                found = (seq, eid, body, index, ev)
                 break
         if found is None:
-            row = db.execute(
-                "SELECT seq, id, body FROM events WHERE sid = ? AND seq > ? AND ctl = 1 "
-                "ORDER BY seq DESC LIMIT 1",
-                (sid, floor),
-            ).fetchone()
-            if row is None:
-                return None
-            found = (row[0], row[1], bytes(row[2]), None)
-        seq, eid, body, index = found
-        ev = orjson.loads(body)
-        data = ev.get("data") or {}
-        if ev.get("type") != GAP_TYPE or data.get("reason") != DROP_OLDEST_REASON:
-            return None  # a checkpoint is the newest own row: a new gap goes after it
-        prev_last = int(data["last_sequence"])
-        low = max(prev_last, floor)
-        if low >= first:
             return None
+        seq, eid, body, index, ev = found
+        data = ev.get("data") or {}
+        if data.get("reason") != DROP_OLDEST_REASON:
+            return None
+        prev_last = int(data["last_sequence"])
+        low = prev_last
+        if low < floor or low >= first:
+            return None  # events after its range were sent: widening would claim them
         # between the open range and this run only rows that will arrive (our own)
         present = db.execute(
             "SELECT COUNT(*), COALESCE(SUM(ctl = 0), 0) FROM events "
@@ -1026,20 +1032,37 @@ class Buffer:
 
     async def open_batch(
         self, stream: str, rows: Sequence[tuple[int, str, bytes]], priority: str = "normal"
-    ) -> Batch:
-        """Persist a batch id for these rows before the first send (idempotent retries)."""
+    ) -> Batch | None:
+        """Persist a batch id for these rows before the first send (idempotent retries).
+
+        None when the rows changed since they were read: drop_oldest may have deleted them
+        or widened an open gap event among them in between. Once the batch row exists they
+        are frozen (drop_oldest never touches a row in a batch), so the caller re-reads.
+        """
         s = self._streams[stream]
         bid = ulid()
         first, last = rows[0][0], rows[-1][0]
 
-        def tx() -> None:
+        def tx() -> bool:
             with self._bookkeeping():
+                now = self._sync.execute(
+                    "SELECT seq, id, CASE WHEN ctl = 1 THEN body END FROM events "
+                    "WHERE sid = ? AND seq BETWEEN ? AND ? ORDER BY seq",
+                    (s.sid, first, last),
+                ).fetchall()
+                if len(now) != len(rows) or any(
+                    n[0] != r[0] or n[1] != r[1] or (n[2] is not None and bytes(n[2]) != r[2])
+                    for n, r in zip(now, rows, strict=True)
+                ):
+                    return False
                 self._sync.execute(
                     "INSERT INTO batches VALUES (?, ?, ?, ?, ?)",
                     (bid, s.sid, first, last, time.time()),
                 )
+                return True
 
-        await self._call(tx)
+        if not await self._call(tx):
+            return None
         return Batch(
             stream,
             bid,
@@ -1050,6 +1073,40 @@ class Buffer:
             [r[2] for r in rows],
             priority,
         )
+
+    async def split_batch(self, batch: Batch) -> tuple[Batch, Batch]:
+        """Replace ``batch`` by its two halves in one transaction (bisecting a rejection), so
+        its events are never outside a batch, where drop_oldest could take them."""
+        s = self._streams[batch.stream]
+        mid = len(batch) // 2
+        halves = []
+        for lo, hi in ((0, mid), (mid, len(batch))):
+            halves.append(
+                Batch(
+                    batch.stream,
+                    ulid(),
+                    self.epoch,
+                    batch.first_sequence + lo,
+                    batch.first_sequence + hi - 1,
+                    batch.ids[lo:hi],
+                    batch.bodies[lo:hi],
+                    batch.priority,
+                )
+            )
+
+        def tx() -> None:
+            with self._bookkeeping():
+                self._sync.execute("DELETE FROM batches WHERE batch_id = ?", (batch.batch_id,))
+                self._sync.executemany(
+                    "INSERT INTO batches VALUES (?, ?, ?, ?, ?)",
+                    [
+                        (h.batch_id, s.sid, h.first_sequence, h.last_sequence, time.time())
+                        for h in halves
+                    ],  # fmt: skip
+                )
+
+        await self._call(tx)
+        return halves[0], halves[1]
 
     async def discard_batch(self, batch: Batch) -> None:
         """Forget a persisted batch without advancing (re-formed smaller, or stale)."""

@@ -154,6 +154,8 @@ class StreamForwarder:
                 continue
             await self._mark_busy(True)
             first = await self.buffer.open_batch(self.stream, rows, self.priority)
+            if first is None:
+                continue  # changed under us (drop_oldest): read again
             if window == 1:
                 await self._deliver(first)
             else:
@@ -173,6 +175,8 @@ class StreamForwarder:
                     if not rows:
                         break
                     b = await self.buffer.open_batch(self.stream, rows, self.priority)
+                    if b is None:
+                        break  # changed under us: the main loop reads again
                     inflight.append((b, asyncio.create_task(self._timed_send(b))))
                     after = b.last_sequence
                 head, task = inflight.pop(0)
@@ -282,18 +286,7 @@ class StreamForwarder:
             result.reason,
             extra=self._extra(batch),
         )
-        rows = list(
-            zip(
-                range(batch.first_sequence, batch.last_sequence + 1),
-                batch.ids,
-                batch.bodies,
-                strict=True,
-            )
-        )
-        await self.buffer.discard_batch(batch)
-        mid = len(rows) // 2
-        for half in (rows[:mid], rows[mid:]):
-            sub = await self.buffer.open_batch(self.stream, half, self.priority)
+        for sub in await self.buffer.split_batch(batch):
             if not await self._deliver(sub):
                 return False
         return True

@@ -35,6 +35,7 @@ async def soak(
                 if not rows:
                     break
                 b = await buf.open_batch("line1", rows)
+                assert b is not None  # nothing drops here
                 await buf.ack(b)
                 after = b.last_sequence
             for _ in range(1000):

@@ -33,6 +33,7 @@ async def read_batches(path: Path, stream: str) -> list[Any]:
             if not rows:
                 return out
             b = await buf.open_batch(stream, rows)
+            assert b is not None  # nothing drops here
             out.append(b)
             after = b.last_sequence
     finally:

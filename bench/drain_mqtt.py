@@ -26,6 +26,7 @@ async def read_rate(path: Path, stream: str) -> tuple[float, list[bytes]]:
             if not rows:
                 break
             b = await buf.open_batch(stream, rows)
+            assert b is not None  # nothing drops here
             payloads.append(b.payload)
             after, n = b.last_sequence, n + len(b)
         el = time.perf_counter() - t

@@ -16,11 +16,11 @@ def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
 
     import aiosqlite
 
-    leaked = [
-        c
-        for c in gc.get_objects()
-        if isinstance(c, aiosqlite.Connection) and c._thread.is_alive()  # noqa: SLF001
-    ]
+    conns = [c for c in gc.get_objects() if isinstance(c, aiosqlite.Connection)]
+    for c in conns:  # a connection closed just now has a thread about to return
+        if c._thread.is_alive():  # noqa: SLF001
+            c._thread.join(timeout=1.0)  # noqa: SLF001
+    leaked = [c for c in conns if c._thread.is_alive()]  # noqa: SLF001
     for conn in leaked:
         conn.stop()
     if leaked:

@@ -30,6 +30,7 @@ async def drain_all(b: Buffer, stream: str) -> list[dict]:
     out = []
     while rows := await b.read_next(stream, 0, 1000, 1 << 20):
         batch = await b.open_batch(stream, rows)
+        assert batch is not None
         out.extend(orjson.loads(x) for x in batch.bodies)
         await b.ack(batch)
     return out
@@ -130,6 +131,76 @@ async def test_drop_oldest_leaves_an_explained_gap(tmp_path: Path) -> None:
     seqs = [int(e["sequence"]) for e in events]
     assert seqs == sorted(seqs) and seqs[-1] == rows["last_seq"]
     assert b.used_bytes <= 100_000
+    await b.close()
+
+
+def check_gaps_explain_exactly(events: list[dict], rows: dict) -> list[dict]:
+    """What a receiver can rely on: every sequence arrives or lies in a gap range; ranges
+    never claim a business event that arrived; counts add up to the missing ones."""
+    seen = {int(e["sequence"]) for e in events}
+    own = {int(e["sequence"]) for e in events if e["type"].startswith("mfg.agent.")}
+    gaps = [e for e in events if e["type"] == "mfg.agent.gap"]
+    explained: set[int] = set()
+    for g in gaps:
+        d = g["data"]
+        span = set(range(d["first_sequence"], d["last_sequence"] + 1))
+        assert not (span & explained), f"gap ranges overlap: {[x['data'] for x in gaps]}"
+        assert d["count"] == len(span - seen), d
+        explained |= span
+    assert seen | explained == set(range(1, rows["last_seq"] + 1))
+    assert seen & explained <= own
+    assert sum(g["data"]["count"] for g in gaps) == rows["dropped_total"] == len(explained - seen)
+    seqs = [int(e["sequence"]) for e in events]
+    assert seqs == sorted(seqs), "out of order"
+    return gaps
+
+
+async def test_drop_oldest_one_gap_across_checkpoints(tmp_path: Path) -> None:
+    """Checkpoints between drops do not start new gap events: still one per outage."""
+    b = await open_buffer(tmp_path / "b.db", max_bytes=100_000, on_full="drop_oldest")
+    for i in range(600):
+        await b.append("s", [ev(i, pad=300)])
+        if i % 50 == 49:
+            assert await b.append_checkpoint("s") is not None
+    events = await drain_all(b, "s")
+    gaps = check_gaps_explain_exactly(events, (await b.stream_rows())[0])
+    assert len(gaps) == 1, [g["data"] for g in gaps]
+    assert sum(1 for e in events if e["type"] == "mfg.agent.checkpoint") >= 1
+    await b.close()
+
+
+async def test_drop_oldest_with_a_flapping_sink_keeps_ranges_exact(tmp_path: Path) -> None:
+    """Batches sent now and then while the buffer keeps overflowing: a gap event in a batch
+    is frozen, the next drop starts a new one, and the ranges stay exact and disjoint."""
+    b = await open_buffer(tmp_path / "b.db", max_bytes=60_000, on_full="drop_oldest")
+    sent: list[dict] = []
+    for i in range(1500):
+        await b.append("s", [ev(i, pad=300)])
+        if i % 97 == 0:  # the sink is up for one small batch
+            rows = await b.read_next("s", 0, 7, 1 << 20)
+            batch = await b.open_batch("s", rows)
+            assert batch is not None
+            sent.extend(orjson.loads(x) for x in batch.bodies)
+            await b.ack(batch)
+    sent.extend(await drain_all(b, "s"))
+    gaps = check_gaps_explain_exactly(sent, (await b.stream_rows())[0])
+    assert len(gaps) > 1
+    await b.close()
+
+
+async def test_open_batch_refuses_rows_dropped_since_they_were_read(tmp_path: Path) -> None:
+    b = await open_buffer(tmp_path / "b.db", max_bytes=50_000, on_full="drop_oldest")
+    for i in range(100):
+        await b.append("s", [ev(i, pad=300)])
+    rows = await b.read_next("s", 0, 10, 1 << 20)
+    first = rows[0][0]
+    for i in range(100, 200):  # overflows: the oldest unsent (the rows read above) go
+        await b.append("s", [ev(i, pad=300)])
+    assert await b.open_batch("s", rows) is None
+    fresh = await b.read_next("s", 0, 10, 1 << 20)
+    assert fresh[0][0] > first
+    batch = await b.open_batch("s", fresh)
+    assert batch is not None and batch.first_sequence == fresh[0][0]
     await b.close()
 
 
