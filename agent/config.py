@@ -312,6 +312,10 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError("", f"{p}: no such file (pass -c PATH to a config file)") from None
     except OSError as exc:
         raise ConfigError("", f"{p}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            "", f"{p}: not UTF-8 text (byte {exc.start}; save the file as UTF-8)"
+        ) from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
