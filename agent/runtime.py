@@ -45,6 +45,14 @@ HOUSEKEEPING_INTERVAL = 1.0
 RATE_WINDOW = 300.0
 
 
+class _SinkStartFailed(Exception):
+    """A sink of a new generation could not start; carries its error."""
+
+    def __init__(self, error: EdgeAgentError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 @dataclass
 class _Generation:
     """Sources, sinks and forwarders built from one version of the config."""
@@ -155,13 +163,24 @@ class Agent:
     # ------------------------------------------------------------------ generations
 
     async def _run_generations(self) -> None:
+        previous: Config | None = None  # the config that ran before a reload
         while not self._stop.is_set():
             gen = self._build(self.config)
             self._gen = gen
-            reason = await self._run_generation(gen)
+            try:
+                reason = await self._run_generation(gen)
+            except _SinkStartFailed as failed:
+                if previous is None:  # at start: exit 1 with the sink's own message
+                    raise failed.error from None
+                # A reload whose file is valid but whose sink cannot start (a CA file that
+                # is not PEM, say): refused like an invalid file, the previous config again.
+                log.error("reload refused, the running config is kept: %s", failed.error)
+                self.config, previous = previous, None
+                continue
             if reason == "stop":
                 return
             # reload: self.config was replaced by a validated new config
+            previous = gen.config
 
     def _build(self, cfg: Config) -> _Generation:
         ctx = registry.AdapterContext(
@@ -196,7 +215,10 @@ class Agent:
         started_sinks: list[Sink] = []
         try:
             for sink in gen.sinks.values():
-                await sink.start()
+                try:
+                    await sink.start()
+                except EdgeAgentError as exc:
+                    raise _SinkStartFailed(exc) from exc
                 started_sinks.append(sink)
             async with asyncio.TaskGroup() as tg:
                 fwd_tasks: list[asyncio.Task[None]] = []

@@ -397,3 +397,42 @@ def test_missing_or_unreadable_config_at_sighup_is_refused_and_the_agent_keeps_r
     summary = check_delivery(gw, moved_mes.acked)
     assert summary["acked"] == 20 + 3 * 20 + 20 == summary["highest_sequence"], summary
     assert len(log_lines(agent, REFUSED)) == 3
+
+
+def test_reload_whose_sink_cannot_start_goes_back_to_the_running_config(
+    gateway, agent_process, tmp_path
+):
+    """The file is valid but its sink fails at start (a CA file that is not PEM): refused in
+    one line, the previous config runs again, nothing acknowledged is lost."""
+    gw, agent, port = _running_agent(gateway, agent_process, tmp_path)
+    good = agent.config
+    mes = MesClient(port)
+    with httpx.Client(timeout=10) as http:
+        push_acked(mes, http, 20)
+    gw.wait_received(20, stream="mes", timeout=30)
+    not_pem = tmp_path / "ca-not-pem.crt"
+    not_pem.write_text("this is not a certificate\n")
+    moved = free_port()
+    agent.write_config(
+        {
+            **good,
+            "sources": {"mes": mes_source(moved)},
+            "sinks": {"central": {**good["sinks"]["central"], "ca_file": str(not_pem)}},
+        }
+    )
+    agent.signal(signal.SIGHUP)
+    lines = wait_log(agent, REFUSED, 1)
+    doc = json.loads(lines[0])
+    assert doc["level"] == "error" and "sinks.central" in doc["msg"], doc
+    assert "\n" not in doc["msg"] and "exc" not in doc, doc
+    # the previous generation runs again: the old port (not the refused one) takes pushes
+    wait_listening(agent, port)
+    assert refuses_connections(moved), "the refused config's port is listening"
+    with httpx.Client(timeout=10) as http:
+        push_acked(mes, http, 20)
+    wait_drained(agent)
+    agent.write_config(good)  # status reads the buffer through the (good) config file
+    wait_configured(agent, {"mes": port}, "central")
+    assert agent.stop() == 0
+    summary = check_delivery(gw, mes.acked)
+    assert summary["acked"] == 40 == summary["highest_sequence"], summary
