@@ -116,7 +116,10 @@ def renderable(snap: dict[str, Any]) -> Group:
         ("stream", "left"), ("state", "left"), ("backlog", "right"), ("oldest", "right"),
         ("last sent", "right"), ("sent", "right"), ("dropped", "right"), ("dead", "right"),
     ]:  # fmt: skip
-        streams.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
+        # A long stream name (up to 64 characters) gives way, never a header or a state.
+        streams.add_column(col, justify=just, no_wrap=True,  # type: ignore[arg-type]
+                           min_width=12 if col == "state" else len(col),
+                           max_width=28 if col == "stream" else None)  # fmt: skip
     errors: list[Text] = []
     for s in snap["streams"]:
         dead = str(s["dead_letters"])
