@@ -1074,6 +1074,62 @@ class Buffer:
             priority,
         )
 
+    async def take_batch(
+        self,
+        stream: str,
+        after_seq: int,
+        max_events: int,
+        max_bytes: int,
+        priority: str = "normal",
+    ) -> Batch | None:
+        """read_next and open_batch in one hop to the writer's thread: the next contiguous
+        run after ``after_seq`` (or the cursor), persisted under a new batch id, or None.
+
+        Reading in the writer's own transaction means nothing (drop_oldest) can change the
+        rows between the read and the batch row, and it is one thread hop instead of two
+        on the drain path.
+        """
+        s = self._streams.get(stream)
+        if s is None:
+            return None
+        bid = ulid()
+
+        def tx() -> list[tuple[int, str, bytes]]:
+            db = self._sync
+            after = max(after_seq, s.forwarded_seq)
+            rows = db.execute(
+                "SELECT seq, id, body FROM events WHERE sid = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (s.sid, after, max_events),
+            ).fetchall()
+            out: list[tuple[int, str, bytes]] = []
+            size = 1
+            for seq, eid, body in rows:
+                if out and (seq != out[-1][0] + 1 or size + len(body) + 1 > max_bytes):
+                    break
+                out.append((seq, eid, body))
+                size += len(body) + 1
+            if out:
+                with self._bookkeeping():
+                    db.execute(
+                        "INSERT INTO batches VALUES (?, ?, ?, ?, ?)",
+                        (bid, s.sid, out[0][0], out[-1][0], time.time()),
+                    )
+            return out
+
+        rows = await self._call(tx)
+        if not rows:
+            return None
+        return Batch(
+            stream,
+            bid,
+            self.epoch,
+            rows[0][0],
+            rows[-1][0],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            priority,
+        )
+
     async def split_batch(self, batch: Batch) -> tuple[Batch, Batch]:
         """Replace ``batch`` by its two halves in one transaction (bisecting a rejection), so
         its events are never outside a batch, where drop_oldest could take them."""

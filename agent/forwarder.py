@@ -140,12 +140,14 @@ class StreamForwarder:
             if self.priority != "high" and self.gate is not None:
                 await self.gate.wait_turn()
             wakeup.clear()
-            rows = await self.buffer.read_next(self.stream, 0, self.max_events, self.max_bytes)
-            if rows and len(rows) < self.max_events and self.settings.linger_ms > 0:
+            last, forwarded = self.buffer.stream_state(self.stream)
+            if 0 < last - forwarded < self.max_events and self.settings.linger_ms > 0:
                 # Let a few more arrive so an idle-but-steady stream still makes real batches.
                 await asyncio.sleep(self.settings.linger_ms / 1000)
-                rows = await self.buffer.read_next(self.stream, 0, self.max_events, self.max_bytes)
-            if not rows:
+            first = await self.buffer.take_batch(
+                self.stream, 0, self.max_events, self.max_bytes, self.priority
+            )
+            if first is None:
                 await self._mark_busy(False)
                 self._set_state("idle")
                 with contextlib.suppress(TimeoutError):
@@ -153,9 +155,6 @@ class StreamForwarder:
                         await wakeup.wait()
                 continue
             await self._mark_busy(True)
-            first = await self.buffer.open_batch(self.stream, rows, self.priority)
-            if first is None:
-                continue  # changed under us (drop_oldest): read again
             if window == 1:
                 await self._deliver(first)
             else:
@@ -169,14 +168,11 @@ class StreamForwarder:
             after = first.last_sequence
             while inflight:
                 while len(inflight) < window:
-                    rows = await self.buffer.read_next(
-                        self.stream, after, self.max_events, self.max_bytes
+                    b = await self.buffer.take_batch(
+                        self.stream, after, self.max_events, self.max_bytes, self.priority
                     )
-                    if not rows:
-                        break
-                    b = await self.buffer.open_batch(self.stream, rows, self.priority)
                     if b is None:
-                        break  # changed under us: the main loop reads again
+                        break
                     inflight.append((b, asyncio.create_task(self._timed_send(b))))
                     after = b.last_sequence
                 head, task = inflight.pop(0)

@@ -13,7 +13,8 @@ from bench.common import Ctx, figure, fill, ratio, wait_until
 
 
 async def read_rate(path: Path, stream: str) -> tuple[float, list[bytes]]:
-    """read_next + open_batch alone, the agent's read path, and the payloads it forms."""
+    """take_batch alone (read + persist the batch id), the agent's read path, and the
+    payloads it forms."""
     from agent.buffer import Buffer
 
     buf = await Buffer.open(path, plant="p", agent_id="a", durability="fsync", max_bytes=8 << 30)
@@ -22,11 +23,9 @@ async def read_rate(path: Path, stream: str) -> tuple[float, list[bytes]]:
     t = time.perf_counter()
     try:
         for _ in range(10_000):  # bounded
-            rows = await buf.read_next(stream, after, 1000, 1 << 20)
-            if not rows:
+            b = await buf.take_batch(stream, after, 1000, 1 << 20)
+            if b is None:
                 break
-            b = await buf.open_batch(stream, rows)
-            assert b is not None  # nothing drops here
             payloads.append(b.payload)
             after, n = b.last_sequence, n + len(b)
         el = time.perf_counter() - t
@@ -119,6 +118,6 @@ def run(ctx: Ctx) -> dict[str, Any]:
             unit="events/s",
             raw=raw,
             raw_label="paho QoS 1, same batches",
-            detail="read_next + open_batch (persisting the batch id) with nothing sent",
+            detail="take_batch (read + persist the batch id, one transaction) with nothing sent",
         ),
     }
