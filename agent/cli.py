@@ -385,7 +385,9 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("aborted", err=True)
         sys.exit(1)
     except click.UsageError as exc:
-        exc.show()
+        # one line, like every expected error (click's own shows usage, hint and error)
+        where = exc.ctx.command_path if exc.ctx is not None else "edge-agent"
+        click.echo(f"Error: {exc.format_message().rstrip('.')} (see: {where} --help)", err=True)
         sys.exit(2)
     except click.ClickException as exc:
         exc.show()

@@ -3,8 +3,8 @@ as a subprocess, against real agent processes, real buffer files and the real re
 gateway.
 
 - ``--version`` is the package's version; exit codes are 0 ok, 2 usage or config error,
-  1 runtime failure; expected errors are one line (click's usage errors: one ``Error:``
-  line under the usage hint), never a traceback.
+  1 runtime failure; expected errors are one line (usage errors too, with where to get
+  help), never a traceback.
 - ``status`` (table and ``--json`` schema 1) while the agent runs and after it stopped,
   reading the buffer without changing a byte of it; the table fits 100 columns and has no
   colour codes when piped.
@@ -72,14 +72,16 @@ def one_line_error(res: subprocess.CompletedProcess[str], code: int) -> str:
 
 
 def usage_error(res: subprocess.CompletedProcess[str]) -> str:
-    """Click's usage error: exit 2, the usage hint, then exactly one ``Error:`` line."""
+    """A usage error: exit 2, one ``Error:`` line ending in where to get help; the line
+    returned without that hint."""
     assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
     assert "Traceback" not in res.stdout + res.stderr
     assert res.stdout == ""
-    errors = [line for line in res.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, res.stderr
-    assert len(res.stderr.strip().splitlines()) <= 4, res.stderr  # usage, hint, blank, error
-    return errors[0]
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), res.stderr
+    line, sep, hint = lines[0].rpartition(" (see: edge-agent")
+    assert sep and hint.endswith(" --help)"), lines[0]
+    return line
 
 
 def write_config(path: Path, doc: dict[str, Any]) -> Path:
