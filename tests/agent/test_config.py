@@ -126,6 +126,37 @@ def test_example_documents_every_core_key() -> None:
         assert re.search(rf"(?m)^#? ?{leaf} = ", sections[section]), f"{key} not in {EXAMPLE}"
 
 
+def _model_keys(model: Any) -> set[str]:
+    """Every key a config model (and the models nested in it) accepts."""
+    from pydantic import BaseModel
+
+    keys: set[str] = set()
+    for name, field in model.model_fields.items():
+        keys.add(field.alias or name)
+        ann = field.annotation
+        for t in (ann, *getattr(ann, "__args__", ())):
+            for inner in (t, *getattr(t, "__args__", ())):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    keys |= _model_keys(inner)
+    return keys
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: "/".join(p.parts[-3:-1]))
+def test_adapter_sample_documents_every_key(sample: Path) -> None:
+    """Each adapter's sample.toml shows every key its Config accepts: as ``key = ``
+    (set or commented out), as a dotted key, or as a [table] of its own."""
+    import importlib
+
+    config = importlib.import_module(".".join(sample.parent.relative_to(ROOT).parts)).Config
+    text = sample.read_text(encoding="utf-8")
+    keys = _model_keys(config)
+    assert {"type", "enabled"} & keys, keys
+    missing = sorted(
+        k for k in keys if not re.search(rf"(?m)(?<![\w-]){re.escape(k)}(\s*=|\.\w|\]\]?)", text)
+    )
+    assert not missing, f"{sample}: keys not documented: {missing}"
+
+
 # ------------------------------------------------------------------ bad configs: one line
 
 BAD = [
