@@ -160,7 +160,6 @@ class _Append:
     events: Sequence[NewEvent]
     marks: Sequence[tuple[str, str]]
     future: asyncio.Future[list[Committed]]
-    size_hint: int
     checkpoint: bool = False
 
 
@@ -421,8 +420,7 @@ class Buffer:
                 raise self._disk_full
             self._disk_full = None
         fut: asyncio.Future[list[Committed]] = asyncio.get_running_loop().create_future()
-        hint = sum(256 + len(str(e.data)) for e in events)
-        await self._queue.put(_Append(stream, events, marks, fut, hint))
+        await self._queue.put(_Append(stream, events, marks, fut))
         return await fut
 
     async def append_checkpoint(self, stream: str) -> Committed | None:
@@ -431,7 +429,7 @@ class Buffer:
         if s is None or s.last_seq <= s.checkpoint_seq:
             return None
         fut: asyncio.Future[list[Committed]] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Append(stream, (), (), fut, 256, checkpoint=True))
+        await self._queue.put(_Append(stream, (), (), fut, checkpoint=True))
         res = await fut
         return res[0] if res else None
 

@@ -7,6 +7,7 @@ epoch on every retry and replay.
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,7 +25,7 @@ def source_uri(plant: str, stream: str) -> str:
 
 def format_sequence(seq: int) -> str:
     """20-digit zero padded, so string order equals numeric order."""
-    return f"{seq:020d}"
+    return str(seq).zfill(20)
 
 
 def format_time(t: str | datetime) -> str:
@@ -43,19 +44,72 @@ def now_rfc3339() -> str:
 def encode(
     ev: NewEvent, *, id: str, source: str, seq: int, epoch: str, plant: str, agent_id: str
 ) -> bytes:
+    """The envelope as compact JSON, keys in the contract's order.
+
+    Joined from cached fragments (the per-stream constants, the per-type schema) around
+    one orjson call for the data: byte for byte what orjson.dumps of the whole envelope
+    dict gives (tests/agent/test_event.py holds it to that), at about half the cost on the
+    ingest hot path.
+    """
+    parts = [
+        b'{"specversion":"1.0","id":',
+        _dumps(id),
+        _stream_fragment(source),
+        _type_fragment(ev.type, ev.dataschema),
+        _dumps(format_time(ev.time)),
+        b',"sequence":"',
+        format_sequence(seq).encode(),
+        _tail_fragment(epoch, plant, agent_id),
+    ]
+    if ev.subject is not None:
+        parts += (b',"subject":', _dumps(ev.subject))
+    if ev.correlationid is not None:
+        parts += (b',"correlationid":', _dumps(ev.correlationid))
+    parts += (b',"data":', _dumps(ev.data), b"}")
+    return b"".join(parts)
+
+
+def _dumps(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+
+
+@functools.lru_cache(maxsize=1024)
+def _stream_fragment(source: str) -> bytes:
+    return b',"source":' + _dumps(source) + b',"type":'
+
+
+@functools.lru_cache(maxsize=1024)
+def _type_fragment(type_: str, schema: str | None) -> bytes:
+    # the vocabulary's versioned URN; sources validate types before appending, but an
+    # unknown one must never fail the whole group commit it shares with other events
+    urn = schema or (dataschema(type_) if type_ in TYPES else f"urn:edge-agent:schema:{type_}:1")
+    return (
+        _dumps(type_) + b',"dataschema":' + _dumps(urn)
+        + b',"datacontenttype":"application/json","time":'
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=64)
+def _tail_fragment(epoch: str, plant: str, agent_id: str) -> bytes:
+    return (
+        b'","streamepoch":' + _dumps(epoch) + b',"plant":' + _dumps(plant)
+        + b',"agentid":' + _dumps(agent_id)
+    )  # fmt: skip
+
+
+def encode_reference(
+    ev: NewEvent, *, id: str, source: str, seq: int, epoch: str, plant: str, agent_id: str
+) -> bytes:
+    """The plain form of encode(): one dict, one orjson call. Kept as its specification."""
     envelope: dict[str, Any] = {
         "specversion": SPECVERSION,
         "id": id,
         "source": source,
         "type": ev.type,
-        "time": format_time(ev.time),
-        "datacontenttype": "application/json",
-        # the vocabulary's versioned URN; an unknown type raises VocabularyError here, but
-        # every source validates its data with agent.vocabulary before it appends
-        # Sources validate types before appending; an unknown one must still never fail
-        # the whole group commit it shares with other sources' events.
         "dataschema": ev.dataschema
         or (dataschema(ev.type) if ev.type in TYPES else f"urn:edge-agent:schema:{ev.type}:1"),
+        "datacontenttype": "application/json",
+        "time": format_time(ev.time),
         "sequence": format_sequence(seq),
         "streamepoch": epoch,
         "plant": plant,

@@ -220,7 +220,12 @@ def test_wrong_token_is_auth_failed_keeps_everything_and_resumes_when_fixed(
     agent.signal(signal.SIGHUP)
     # 150 held back + 150 from the restarted simulator
     gw.wait_received(300, stream="line1", timeout=30)
-    st = agent.wait(drained("line1", 300), timeout=20, what="drained after fix")
+    # (sink states reach status with the heartbeat, a moment after the counters)
+    st = agent.wait(
+        lambda s: drained("line1", 300)(s) and s["sinks"][0]["state"] == "connected",
+        timeout=20,
+        what="drained after fix, sink connected",
+    )
     assert agent.stop() == 0  # nothing more is emitted: the gateway's view is final
     last = stream_of(st, "line1")["last_sequence"]
     assert last >= 300
