@@ -32,6 +32,12 @@ def format_time(t: str | datetime) -> str:
     """RFC 3339 in UTC with milliseconds and a Z, e.g. 2026-11-23T10:15:02.123Z."""
     if isinstance(t, str):
         return t
+    return _format_datetime(t)
+
+
+@functools.lru_cache(maxsize=256)
+def _format_datetime(t: datetime) -> str:
+    # cached: samples of one OPC UA server tick share their timestamp
     if t.tzinfo is None:
         t = t.replace(tzinfo=UTC)
     return t.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -25,6 +25,7 @@ liveness check: no publish response or keep-alive within ``liveness_timeout``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
@@ -464,6 +465,34 @@ class OpcUaSource(Source):
         queue = self._queue
         linger = self.cfg.batch_linger
         batch_max = self.cfg.batch_max
+        # One append in flight at a time (so batches commit in order, and a refused one is
+        # retried before anything after it), but the next batch is taken and mapped while
+        # the previous one commits: the fsync wait no longer stalls the whole source.
+        committing: asyncio.Task[None] | None = None
+        try:
+            while True:
+                events = await self._next_events(queue, linger, batch_max)
+                if committing is not None:
+                    await committing
+                    committing = None
+                if events:
+                    committing = asyncio.create_task(
+                        self._append(ingest, events), name=f"opcua-append:{self.name}"
+                    )
+        finally:
+            if committing is not None and not committing.done():
+                committing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await committing
+
+    async def _next_events(
+        self,
+        queue: asyncio.Queue[tuple[_Item, ua.DataValue, datetime]],
+        linger: float,
+        batch_max: int,
+    ) -> list[NewEvent]:
+        """Up to batch_max queued notifications (waiting for the first, lingering a moment
+        for more), mapped to events."""
         while True:
             records = [await queue.get()]
             if linger > 0 and queue.qsize() < batch_max:
@@ -484,7 +513,7 @@ class OpcUaSource(Source):
                 events.extend(mapper.map(sample, vt))
             self.notifications += len(records)
             if events:
-                await self._append(ingest, events)
+                return events
 
     async def _append(self, ingest: Ingest, events: list[NewEvent]) -> None:
         """Append until it sticks: a full buffer holds us (and so the server) back."""
