@@ -1017,14 +1017,7 @@ class Buffer:
                 "SELECT seq, id, body FROM events WHERE sid = ? AND seq > ? ORDER BY seq LIMIT ?",
                 (s.sid, after, max_events),
             ).fetchall()
-            out: list[tuple[int, str, bytes]] = []
-            size = 1
-            for seq, eid, body in rows:
-                if out and (seq != out[-1][0] + 1 or size + len(body) + 1 > max_bytes):
-                    break
-                out.append((seq, eid, body))
-                size += len(body) + 1
-            return out
+            return _contiguous_run(rows, max_bytes)
 
         return await self._read(q)
 
@@ -1099,13 +1092,7 @@ class Buffer:
                 "SELECT seq, id, body FROM events WHERE sid = ? AND seq > ? ORDER BY seq LIMIT ?",
                 (s.sid, after, max_events),
             ).fetchall()
-            out: list[tuple[int, str, bytes]] = []
-            size = 1
-            for seq, eid, body in rows:
-                if out and (seq != out[-1][0] + 1 or size + len(body) + 1 > max_bytes):
-                    break
-                out.append((seq, eid, body))
-                size += len(body) + 1
+            out = _contiguous_run(rows, max_bytes)
             if out:
                 with self._bookkeeping():
                     db.execute(
@@ -1463,6 +1450,21 @@ def read_stream_rows(c: sqlite3.Connection) -> list[dict[str, Any]]:
             - d["dead_lettered_bytes"]
         )
         out.append(d)
+    return out
+
+
+def _contiguous_run(
+    rows: Sequence[tuple[int, str, bytes]], max_bytes: int
+) -> list[tuple[int, str, bytes]]:
+    """The leading run of consecutive sequences that fits max_bytes as a JSON array: a
+    hole (dropped or dead-lettered events) ends it, so a batch is always contiguous."""
+    out: list[tuple[int, str, bytes]] = []
+    size = 1
+    for seq, eid, body in rows:
+        if out and (seq != out[-1][0] + 1 or size + len(body) + 1 > max_bytes):
+            break
+        out.append((seq, eid, body))
+        size += len(body) + 1
     return out
 
 
