@@ -15,7 +15,7 @@ LABELS = {
     "ingest_concurrent": "Ingest, 200 concurrent 1-event appenders (fsync)",
     "drain_https": "Drain 200k backlog over HTTPS",
     "drain_mqtt": "Drain 200k backlog over MQTT",
-    "buffer_read": "Buffer read path alone (read_next + open_batch)",
+    "buffer_read": "Buffer read path alone (take_batch)",
     "push": "HTTP push, 500-event POSTs",
     "latency": "End-to-end latency at 1,000 ev/s",
     "memory": "Peak RSS draining a 1M backlog",
