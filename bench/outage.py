@@ -151,7 +151,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
             detail=(
                 f"{outage} s outage at {RATE:,} ev/s ingest: peak backlog {peak:,}, caught up "
                 f"{marks['drained'] - marks['up']:.0f} s after the gateway came back; delivery resumed "
-                f"{wait:.0f} s after it was up (the forwarder's backoff: full jitter up to 60 s), then "
+                f"{wait:.0f} s after it was up (the forwarder's backoff: full jitter up to 15 s), then "
                 f"drained at {drain_rate:,.0f}/s; gateway report: "
                 f"{received:,} received of {res['ingested']:,}, missing {missing}, "
                 f"out of order {ooo}, duplicates {dups}"
