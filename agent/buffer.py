@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import sqlite3
@@ -884,22 +885,23 @@ class Buffer:
         receiver gets those, so "every sequence in the range that does not arrive was
         dropped, count says how many" stays exact.
         """
-        # the newest own row that is a gap event (checkpoints in between are passed over)
-        candidates: list[tuple[int, str, bytes, int | None]] = [  # seq, id, body, pending index
+        # the newest own row that is a gap event (checkpoints in between are passed over):
+        # rows of this transaction first, the file only when none of them is one
+        pending = (
             (r[1], r[2], r[5], i)
             for i, r in reversed(list(enumerate(pending_rows)))
             if r[0] == sid and r[6] == 1
-        ]
-        candidates += [
+        )
+        stored = (
             (row[0], row[1], bytes(row[2]), None)
             for row in db.execute(
                 "SELECT seq, id, body FROM events WHERE sid = ? AND seq > ? AND ctl = 1 "
                 "ORDER BY seq DESC LIMIT 100",
                 (sid, floor),
             )
-        ]
+        )
         found = None
-        for seq, eid, body, index in candidates:
+        for seq, eid, body, index in itertools.chain(pending, stored):
             ev = orjson.loads(body)
             if ev.get("type") == GAP_TYPE:
                 found = (seq, eid, body, index, ev)
@@ -910,8 +912,7 @@ class Buffer:
         data = ev.get("data") or {}
         if data.get("reason") != DROP_OLDEST_REASON:
             return None
-        prev_last = int(data["last_sequence"])
-        low = prev_last
+        low = int(data["last_sequence"])  # the open range ends here
         if low < floor or low >= first:
             return None  # events after its range were sent: widening would claim them
         # between the open range and this run only rows that will arrive (our own)

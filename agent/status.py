@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.buffer import read_stream_rows
+from agent.heartbeat import read_heartbeat
 
 HEARTBEAT_INTERVAL = 2.0
 SCHEMA = 1
@@ -166,8 +167,6 @@ def read_offline(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | Non
         meta = {k: v for k, v in conn.execute("SELECT key, value FROM meta")}
     finally:
         conn.close()
-    from agent.heartbeat import read_heartbeat
-
     hb = read_heartbeat(path)
     return rows, hb, meta
 
