@@ -22,7 +22,6 @@ import os
 import re
 import sqlite3
 import subprocess
-import sys
 import time
 import tomllib
 from collections import Counter
@@ -34,7 +33,14 @@ import httpx
 import orjson
 import pytest
 
-from tests.fixtures.common import AgentProcess, agent_config, free_port, https_sink, to_toml
+from tests.fixtures.common import (
+    AgentProcess,
+    agent_config,
+    free_port,
+    https_sink,
+    run_cli,
+    to_toml,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config" / "example.toml"
@@ -46,14 +52,7 @@ def edge_agent(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]
     env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "NO_COLOR")}
     env["TERM"] = "xterm-256color"  # only the pipe may keep colour out
     env["COLUMNS"] = "240"  # a wide terminal must not widen piped output
-    return subprocess.run(
-        [sys.executable, "-m", "agent", *args],
-        capture_output=True,
-        text=True,
-        cwd=str(cwd),
-        env=env,
-        timeout=60,
-    )
+    return run_cli(*args, env=env, cwd=cwd)
 
 
 def ok(res: subprocess.CompletedProcess[str]) -> str:

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 import tomllib
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import pytest
 
 from agent.config import Config, load_config, read_secret
-from tests.fixtures.common import AgentProcess, agent_config, https_sink
+from tests.fixtures.common import AgentProcess, agent_config, https_sink, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config" / "example.toml"
@@ -39,14 +38,7 @@ def edge_agent(
     """The real CLI, as an operator runs it."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_TEST_")}
     full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "agent", *args],
-        capture_output=True,
-        text=True,
-        cwd=str(cwd),
-        env=full_env,
-        timeout=60,
-    )
+    return run_cli(*args, env=full_env, cwd=cwd)
 
 
 def one_line_error(res: subprocess.CompletedProcess[str], code: int = 2) -> str:
