@@ -43,6 +43,8 @@ log = logging.getLogger("edge_agent.runtime")
 STOP_TIMEOUT = 15.0
 HOUSEKEEPING_INTERVAL = 1.0
 RATE_WINDOW = 300.0
+#: How often the heartbeat loop looks for a state change to report before its interval.
+STATE_POLL_INTERVAL = 0.25
 
 
 class _SinkStartFailed(Exception):
@@ -346,6 +348,9 @@ class Agent:
                     log.warning("checkpoint for stream %s not written: %s", stream, exc)
 
     async def _heartbeat_loop(self) -> None:
+        """Write the heartbeat every HEARTBEAT_INTERVAL, and soon after any source, sink
+        or forwarder changes state, so an operator running status right after a
+        connect or an outage sees it now rather than up to an interval later."""
         while True:
             try:
                 await self._write_heartbeat()
@@ -353,7 +358,24 @@ class Agent:
                 raise
             except Exception as exc:
                 log.warning("heartbeat not written: %s", exc)
-            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            seen = self._state_fingerprint()
+            deadline = time.monotonic() + HEARTBEAT_INTERVAL
+            while time.monotonic() < deadline:
+                await asyncio.sleep(STATE_POLL_INTERVAL)
+                if self._state_fingerprint() != seen:
+                    break
+
+    def _state_fingerprint(self) -> tuple[Any, ...]:
+        gen = self._gen
+        if gen is None:
+            return ()
+        return (
+            id(gen),
+            tuple(s.state().state for s in gen.sinks.values()),
+            tuple(s.state().state for s in gen.sources.values()),
+            # idle <-> sending flips with every batch; only trouble is news
+            tuple(f.status.state in ("idle", "sending") for f in gen.forwarders.values()),
+        )
 
     async def _write_heartbeat(self, stopped: bool = False) -> None:
         assert self.buffer is not None

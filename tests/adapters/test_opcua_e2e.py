@@ -36,7 +36,12 @@ def test_values_reach_the_gateway_in_order_with_timestamps_and_status(
     )
     agent.start()
     gw.wait_received(60, stream="line1", timeout=30)
-    status = agent.status()
+    # the misspelt node is reported, not silently ignored, and the others still flow
+    status = agent.wait(
+        lambda st: _source_status(st, "line1")["state"] == "connected",
+        timeout=10,
+        what="source line1 connected in status",
+    )
     agent.stop()
     events = gw.events("line1")
     seqs = [int(e["sequence"]) for e in events]
@@ -54,7 +59,6 @@ def test_values_reach_the_gateway_in_order_with_timestamps_and_status(
     names = {q["status_code"]["name"] for q in quality}
     assert {"BadSensorFailure", "UncertainLastUsableValue", "Good"} <= names
     assert any(q["status_code"]["code"] == ua.StatusCodes.BadSensorFailure for q in quality)
-    # the misspelt node is reported, not silently ignored, and the others still flow
     src_status = _source_status(status, "line1")
     assert src_status["detail"]["items_monitored"] == 2, src_status
     assert "Quality" in str(src_status["detail"]["failed_nodes"])

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from agent.heartbeat import read_heartbeat
 from tests.agent.test_forwarding import (
     arrival_sequences,
     assert_complete,
@@ -253,4 +254,29 @@ def test_buffer_full_under_drop_oldest_sends_an_explained_gap(gateway, agent_pro
     assert gap_events and gap_events[0]["data"]["first_sequence"] > 1  # in-flight batch kept
     assert rep["complete_up_to"] == last, rep
     assert "dropped" in agent.log().lower()
+    assert agent.stop() == 0
+
+
+def test_status_shows_a_sink_going_down_well_within_one_heartbeat_interval(
+    gateway, agent_process, tmp_path
+):
+    """The periodic heartbeat is every 2 s; a state change must not wait for it, or an
+    operator checking status right after an outage begins is told all is well."""
+    gw = gateway()
+    cfg = agent_config(tmp_path, sinks={"central": https_sink(gw)},
+                       sources={"line1": simulator(rate=100)})  # fmt: skip
+    agent = agent_process(cfg, workdir=tmp_path).start()
+    db = Path(cfg["buffer"]["path"])
+    agent.wait(lambda st: st["sinks"][0]["state"] == "connected", 20, "sink connected")
+    gw.stop(kill=True)
+    deadline = time.monotonic() + 20
+    while True:
+        hb = read_heartbeat(db)
+        sink = hb["sinks"][0] if hb else {}
+        if sink.get("state") not in (None, "connected"):
+            break
+        assert time.monotonic() < deadline, f"the sink never left 'connected': {hb}"
+        time.sleep(0.02)
+    late = hb["at"] - sink["since"]
+    assert 0 <= late < 1.0, f"status learnt of '{sink['state']}' {late:.2f}s after it happened"
     assert agent.stop() == 0
