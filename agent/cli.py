@@ -322,6 +322,7 @@ def replay(config_path: Path, stream: str, since: str | None, from_sequence: int
     """Send already-forwarded events again (same ids), from those kept by keep_forwarded."""
     if (since is None) == (from_sequence is None):
         raise click.UsageError("give exactly one of --since or --from-sequence")
+    since_ts = _parse_time(since) if since is not None else None
     cfg = _load(config_path)
     conn = _open_rw(cfg)
     row = conn.execute(
@@ -331,10 +332,17 @@ def replay(config_path: Path, stream: str, since: str | None, from_sequence: int
         names = [r[0] for r in conn.execute("SELECT name FROM streams")]
         raise Failure(f"no stream '{stream}' in the buffer (streams: {', '.join(names) or '-'})")
     sid, upto = row
-    if since is not None:
+    if cfg.buffer.keep_forwarded <= 0:
+        # Rows acknowledged in the last second may still be in the file until housekeeping
+        # deletes them; offering those would make the answer depend on timing.
+        raise Failure(
+            f"no forwarded events of stream {stream} are kept: buffer.keep_forwarded = 0 "
+            'deletes them once forwarded (set it, e.g. "7d", to allow replays)'
+        )
+    if since_ts is not None:
         first = conn.execute(
             "SELECT MIN(seq) FROM events WHERE sid = ? AND committed_at >= ? AND seq <= ?",
-            (sid, _parse_time(since), upto),
+            (sid, since_ts, upto),
         ).fetchone()[0]
     else:
         first = from_sequence

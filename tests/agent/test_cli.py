@@ -343,8 +343,8 @@ def test_status_running_and_stopped(gateway: Any, tmp_path: Path) -> None:
         edge_agent("replay", "--stream", "line1", "--from-sequence", "1", "-c", str(c)), 1
     )
     assert line == (
-        "Error: no forwarded events of stream line1 are kept in that range "
-        "(buffer.keep_forwarded = 0 s decides how long they stay)"
+        "Error: no forwarded events of stream line1 are kept: buffer.keep_forwarded = 0 "
+        'deletes them once forwarded (set it, e.g. "7d", to allow replays)'
     )
     line = one_line_error(
         edge_agent("replay", "--stream", "nope", "--from-sequence", "1", "-c", str(c)), 1
