@@ -1157,42 +1157,52 @@ class Buffer:
         )
 
     async def ack(self, batch: Batch) -> None:
-        """The sink accepted every event of ``batch``: advance the stream's cursor past it."""
+        """The sink accepted every event of ``batch``: advance the stream's cursor past it.
+
+        Idempotent, and complete even if the caller is cancelled while it runs: the
+        transaction is already queued to the writer's thread then, so the in-memory cursor
+        is moved there too. Were it moved after the await, a forwarder cancelled here (a
+        reload, a stop) would leave a stale cursor and its successor would send the batch
+        again and count it twice.
+        """
         s = self._streams[batch.stream]
         now = time.time()
-        size = sum(len(b) for b in batch.bodies)
 
         def tx() -> None:
             db = self._sync
             with self._bookkeeping():
-                _ack_tx(db)
-
-        def _ack_tx(db: sqlite3.Connection) -> None:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.execute("DELETE FROM batches WHERE batch_id = ?", (batch.batch_id,))
-                db.execute(
-                    "UPDATE streams SET forwarded_seq = MAX(forwarded_seq, ?),"
-                    " forwarded_total = forwarded_total + ?, forwarded_bytes = forwarded_bytes + ?,"
-                    " last_forwarded_at = ?, last_error = NULL WHERE sid = ?",
-                    (batch.last_sequence, len(batch), size, now, s.sid),
-                )
-                if self.keep_forwarded > 0:
-                    db.execute(
-                        "INSERT OR REPLACE INTO forward_log VALUES (?, ?, ?)",
-                        (s.sid, batch.last_sequence, now),
-                    )
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    done = db.execute(
+                        "SELECT forwarded_seq FROM streams WHERE sid = ?", (s.sid,)
+                    ).fetchone()[0]
+                    db.execute("DELETE FROM batches WHERE batch_id = ?", (batch.batch_id,))
+                    # only what is past the cursor counts (a batch is contiguous)
+                    new = batch.bodies[max(0, done - batch.first_sequence + 1) :]
+                    size = sum(map(len, new))
+                    if new:
+                        db.execute(
+                            "UPDATE streams SET forwarded_seq = ?, forwarded_total ="
+                            " forwarded_total + ?, forwarded_bytes = forwarded_bytes + ?,"
+                            " last_forwarded_at = ?, last_error = NULL WHERE sid = ?",
+                            (batch.last_sequence, len(new), size, now, s.sid),
+                        )
+                        if self.keep_forwarded > 0:
+                            db.execute(
+                                "INSERT OR REPLACE INTO forward_log VALUES (?, ?, ?)",
+                                (s.sid, batch.last_sequence, now),
+                            )
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+            s.forwarded_seq = max(s.forwarded_seq, batch.last_sequence)
+            if self.keep_forwarded <= 0:
+                self._acked_unreclaimed += size
+                self._refusing = False
 
         await self._call(tx)
-        s.forwarded_seq = max(s.forwarded_seq, batch.last_sequence)
-        if self.keep_forwarded <= 0:
-            self._acked_unreclaimed += size
-            self._refusing = False
 
     async def dead_letter(self, batch: Batch, reason: str, status: int | None) -> None:
         """Move the single event of ``batch`` to the dead-letter table and move on."""
@@ -1206,6 +1216,12 @@ class Buffer:
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.execute("DELETE FROM batches WHERE batch_id = ?", (batch.batch_id,))
+                done = db.execute(
+                    "SELECT forwarded_seq FROM streams WHERE sid = ?", (s.sid,)
+                ).fetchone()[0]
+                if batch.first_sequence <= done:  # settled already (see ack)
+                    db.execute("COMMIT")
+                    return
                 db.execute(
                     "INSERT OR REPLACE INTO dead_letters VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
                     (s.sid, batch.first_sequence, batch.ids[0], body, reason, status, now),
@@ -1229,9 +1245,9 @@ class Buffer:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+            s.forwarded_seq = max(s.forwarded_seq, batch.first_sequence)  # as in ack
 
         await self._call(tx)
-        s.forwarded_seq = max(s.forwarded_seq, batch.first_sequence)
 
     async def set_last_error(self, stream: str, error: str | None) -> None:
         s = self._streams[stream]

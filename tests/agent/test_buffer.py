@@ -336,3 +336,34 @@ async def test_persisted_batch_is_resent_with_same_id_after_restart(tmp_path: Pa
     assert pending[0].payload == batch.payload
     await b2.close()
     await b.close()
+
+
+async def test_ack_whose_caller_is_cancelled_still_moves_the_cursor_once(tmp_path: Path) -> None:
+    """A forwarder cancelled (reload, stop) while its ack runs must not leave a stale
+    cursor: its successor would send the batch again and count it twice."""
+    b = await open_buffer(tmp_path / "b.db")
+    try:
+        await b.append("s", [ev(i) for i in range(10)])
+        batch = await b.take_batch("s", 0, 4, 1 << 20)
+        assert batch is not None
+        ack = asyncio.create_task(b.ack(batch))
+        await asyncio.sleep(0)  # the transaction is queued to the writer's thread
+        ack.cancel()
+        await asyncio.gather(ack, return_exceptions=True)
+        assert ack.cancelled()
+        nxt = await b.take_batch("s", 0, 4, 1 << 20)
+        assert nxt is not None and nxt.first_sequence == 5, "the acked batch was taken again"
+        # an ack or a dead letter that comes again changes nothing
+        await b.ack(batch)
+        await b.ack(nxt)
+        await b.ack(nxt)
+        one = await b.take_batch("s", 0, 1, 1 << 20)
+        assert one is not None
+        await b.dead_letter(one, "refused", 422)
+        await b.dead_letter(one, "refused", 422)
+        [row] = await b.stream_rows()
+        assert (row["forwarded_total"], row["dead_lettered_total"]) == (8, 1), row
+        assert row["backlog_events"] == 1 and row["forwarded_seq"] == 9, row
+        assert len(await b.dead_letters("s")) == 1
+    finally:
+        await b.close()
