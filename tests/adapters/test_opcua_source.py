@@ -183,7 +183,9 @@ async def test_server_killed_and_restarted_reconnects_and_resumes(opcua_server, 
             st = await wait_for(
                 lambda: src.state() if src.state().state == "disconnected" else None, 6, "cut", src
             )
-            assert time.time() - frozen < 2 + 1.5, time.time() - frozen  # liveness_timeout
+            # liveness_timeout + a watchdog step + slack for a loaded machine; a TCP
+            # timeout would take minutes, and closing the frozen session is not waited for
+            assert time.time() - frozen < 2 + 2.0, time.time() - frozen
         finally:
             os.kill(srv.proc.pid, signal.SIGCONT)
         await wait_for(lambda: src.state().state == "connected", 10, "back after the cut", src)
@@ -212,8 +214,9 @@ async def test_server_killed_and_restarted_reconnects_and_resumes(opcua_server, 
     assert 1 <= len(gaps) <= 2, values  # the freeze and the restart window, nowhere else
     # the missing ticks fall in the window the server was really down (plus reconnect)
     first_after = next(v for v in values if srv.t0 + v * srv.tick > killed)
-    assert srv.t0 + first_after * srv.tick < restarted + 3.0
-    assert gaps[-1] * srv.tick < (restarted - killed) + 3.0
+    # reconnect backoff (jittered, up to 1.2 s here) plus a new session and subscription
+    assert srv.t0 + first_after * srv.tick < restarted + 5.0
+    assert gaps[-1] * srv.tick < (restarted - killed) + 5.0
 
 
 async def test_counter_state_and_hold_mapping(plain, tmp_path):

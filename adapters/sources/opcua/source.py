@@ -229,6 +229,8 @@ class OpcUaSource(Source):
 
     def _disconnected(self, message: str) -> None:
         was = self._state.state
+        if was == "disconnected" and self._state.last_error == message:
+            return  # already said, when the loss was detected
         self._set_state("disconnected", message)
         level = logging.WARNING if was == "connected" else logging.INFO
         log.log(level, "source %s: %s", self.name, message)
@@ -257,6 +259,11 @@ class OpcUaSource(Source):
                 len(self._items),
             )
             await self._watch()
+        except ConnectionLost as exc:
+            # Say so now: closing a session on a frozen server can take its whole grace.
+            self.monitored = 0
+            self._disconnected(str(exc))
+            raise
         finally:
             self.monitored = 0
             await close_quietly(client)
