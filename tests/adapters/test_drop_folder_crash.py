@@ -192,7 +192,7 @@ def test_real_agent_sigkilled_repeatedly_mid_import_forwards_each_event_once(
     gw = gateway()
     inbox = tmp_path / "drop"
     inbox.mkdir()
-    files, per_file = 20, 20
+    files, per_file = 100, 20  # enough files that two kills land mid-import, even on a fast disk
     for f in range(files):
         write_file(inbox, f, per_file)
     agent = agent_process(agent_config_for(tmp_path, gw, inbox))

@@ -270,6 +270,7 @@ async def test_buffer_full_holds_back_without_puback_then_commits(
             # a PUBACK went out for each committed message, none for the held one
             committed_so_far = len(await stored(small))
             assert committed_so_far == 2
+            await wait_until(lambda: pubacks(mosquitto, source.client_id) >= committed_so_far)
             assert pubacks(mosquitto, source.client_id) == committed_so_far
             await asyncio.to_thread(publisher.publish, "plant/line1/a/counted", mes_counted(4))
 

@@ -123,8 +123,15 @@ def sent_to_agent(broker: Mosquitto) -> int:
     return len(re.findall(rf"Sending PUBLISH to {re.escape(CLIENT_ID)}\b", broker.log()))
 
 
-def pubacks(broker: Mosquitto) -> int:
-    return len(re.findall(rf"Received PUBACK from {re.escape(CLIENT_ID)}\b", broker.log()))
+def pubacks(broker: Mosquitto, expect: int = 0) -> int:
+    """PUBACKs the broker logged from the agent's client, once it logged ``expect`` or 10 s
+    passed: the broker may log a PUBACK a moment after the client that sent it exited."""
+    deadline = time.monotonic() + 10
+    while True:
+        n = len(re.findall(rf"Received PUBACK from {re.escape(CLIENT_ID)}\b", broker.log()))
+        if n >= expect or time.monotonic() > deadline:
+            return n
+        time.sleep(0.05)
 
 
 def run(
@@ -175,7 +182,7 @@ def test_sigkill_on_receipt_before_commit_then_redelivered(
     result = last_json(again.stdout)
     assert result["subjects"] == ["WO-1"]
     assert sent_to_agent(mosquitto) == 2, "delivered, then redelivered after the restart"
-    assert pubacks(mosquitto) == 1
+    assert pubacks(mosquitto, expect=1) == 1
 
 
 def test_sigkill_after_commit_before_puback_is_stored_once(
@@ -197,7 +204,7 @@ def test_sigkill_after_commit_before_puback_is_stored_once(
     assert result["subjects"] == ["WO-1", "WO-2"]
     assert result["detail"]["duplicates"] == 1
     assert result["detail"]["accepted"] == 1
-    assert pubacks(mosquitto) == 2
+    assert pubacks(mosquitto, expect=2) == 2
 
 
 # ----------------------------------------------------------------------------- real agent
@@ -251,4 +258,4 @@ def test_real_agent_killed_while_holding_back_loses_nothing(
     assert agent.stop() == 0, agent.log()[-4000:]
 
     assert [e["subject"] for e in gw.events("uns")] == ["WO-1", "WO-2", "WO-3"]
-    assert pubacks(mosquitto) == 3
+    assert pubacks(mosquitto, expect=3) == 3

@@ -190,18 +190,26 @@ type = "simulator"
         stdout=gw_log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     agent_proc = None
+    err_path = tmp_path / "agent.err"
     try:
         _wait_port(gw_port, gateway)
         env = dict(os.environ, EDGE_TEST_TOKEN=token)
-        agent_proc = subprocess.Popen(
-            [str(exe), "run", "-c", str(cfg), "--log-level", "debug"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        time.sleep(5)
+        with (tmp_path / "agent.out").open("wb") as out_f, err_path.open("wb") as err_f:
+            agent_proc = subprocess.Popen(
+                [str(exe), "run", "-c", str(cfg), "--log-level", "debug"],
+                env=env,
+                stdout=out_f,
+                stderr=err_f,
+            )
+        # run until a batch was delivered (a slow machine may need more than a few seconds)
+        deadline = time.monotonic() + 60
+        while b'"batch_id"' not in err_path.read_bytes():
+            assert agent_proc.poll() is None, err_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no batch delivered in 60 s"
+            time.sleep(0.1)
         agent_proc.send_signal(signal.SIGTERM)
-        out, err = agent_proc.communicate(timeout=20)
+        agent_proc.wait(timeout=20)
+        out, err = (tmp_path / "agent.out").read_bytes(), err_path.read_bytes()
     finally:
         for p in (agent_proc, gateway):
             if p is not None and p.poll() is None:

@@ -31,7 +31,8 @@ async def test_high_priority_stream_drains_before_normal_ones(tmp_path: Path, ga
         await buf.append("quality", [event(i) for i in range(20)])
     sink = HttpsSink("central", HttpsConfig(url=gw.url, ca_file=gw.ca_file))
     await sink.start()
-    settings = ForwarderSettings(max_events=10, linger_ms=0)
+    # 6 round trips of the high stream: well inside the gate's 1 s hold on a slow machine
+    settings = ForwarderSettings(max_events=20, linger_ms=0)
     gate = PriorityGate()
     fwd = [
         StreamForwarder(buf, "counts", sink, settings, priority="normal", gate=gate),

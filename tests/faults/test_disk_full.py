@@ -84,8 +84,21 @@ def test_full_disk_refuses_keeps_and_recovers(small_fs, gateway, agent_process, 
     assert acked_while_full > 0
 
     # status while full (checked at the end, so the rest of the story is tested either way)
-    time.sleep(3)  # a heartbeat period or more
+    def tells_why(st: dict) -> bool:
+        error = st["buffer"].get("last_write_error") or ""
+        srcs = st["sources"]
+        return bool(
+            st["agent"]["running"]
+            and srcs
+            and (srcs[0]["last_error"] or "").startswith("503")
+            and (not real or "disk full" in error)
+        )
+
+    deadline = time.monotonic() + 20  # the heartbeat carries last_error: every 2 s
     status_while_full = agent.status()
+    while not tells_why(status_while_full) and time.monotonic() < deadline:
+        time.sleep(0.3)
+        status_while_full = agent.status()
     # still refusing while full, and still running
     with httpx.Client(timeout=10) as client:
         assert mes.push_once(client, [10_000_001]) == 503

@@ -129,7 +129,15 @@ url = "http://127.0.0.1:@SINK_PORT@/v1/batches"
 type = "simulator"
 CONF
 cd /var/lib/edge-agent
-runuser -u edge-agent -- sh -c 'umask 0077; exec timeout -s TERM 6 /usr/bin/edge-agent run -c /etc/edge-agent/edge-agent.toml' >/root/run.log 2>&1 || true
+# until its first heartbeat (a one-file binary unpacks itself first: seconds on a slow disk)
+runuser -u edge-agent -- sh -c 'umask 0077
+/usr/bin/edge-agent run -c /etc/edge-agent/edge-agent.toml & p=$!
+i=0
+while [ ! -e /var/lib/edge-agent/buffer.db.heartbeat ] && [ $i -lt 600 ] && kill -0 $p; do
+  sleep 0.1; i=$((i+1))
+done
+sleep 1
+kill -TERM $p; wait $p' >/root/run.log 2>&1 || true
 cd /
 /usr/bin/edge-agent status -c /etc/edge-agent/edge-agent.toml >/dev/null && echo root-status=ok
 find /var/lib/edge-agent -mindepth 1 -exec stat -c "file %n %a %U:%G %F" {} +
