@@ -1197,7 +1197,7 @@ class Buffer:
                     if db.in_transaction:
                         db.execute("ROLLBACK")
                     raise
-            s.forwarded_seq = max(s.forwarded_seq, batch.last_sequence)
+            s.forwarded_seq = max(s.forwarded_seq, batch.last_sequence, done)
             if self.keep_forwarded <= 0:
                 self._acked_unreclaimed += size
                 self._refusing = False
@@ -1221,6 +1221,7 @@ class Buffer:
                 ).fetchone()[0]
                 if batch.first_sequence <= done:  # settled already (see ack)
                     db.execute("COMMIT")
+                    s.forwarded_seq = max(s.forwarded_seq, done)
                     return
                 db.execute(
                     "INSERT OR REPLACE INTO dead_letters VALUES (?, ?, ?, ?, ?, ?, ?, 0)",

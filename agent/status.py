@@ -2,9 +2,9 @@
 
 The running agent writes a heartbeat (its in-memory view: sinks, sources, rates) into a
 file beside the buffer every HEARTBEAT_INTERVAL, and within a fraction of a second when a
-source, sink or forwarder changes state; the counters live in the ``streams`` table. Status reads
-both, read-only, so it works whether the agent runs or not, and metrics (built from the
-same snapshot inside the agent) always agree with it.
+source, sink or forwarder changes state; the counters live in the ``streams`` table.
+Status reads both, read-only, so it works whether the agent runs or not, and metrics
+(built from the same snapshot inside the agent) always agree with it.
 
 Schema 1 of ``status --json`` (stable; new keys may be added, none removed or renamed):
 

@@ -212,6 +212,8 @@ class OpcUaSource(Source):
                 self._set_state("auth_failed", str(exc))
                 log.error("source %s: %s", self.name, exc)
                 wait = self.cfg.auth_retry_interval
+            except ConnectionLost:
+                pass  # reported by _session the moment it was detected
             except SourceError as exc:
                 self._disconnected(str(exc))
             except (OSError, TimeoutError, ua.UaError) as exc:
@@ -229,8 +231,6 @@ class OpcUaSource(Source):
 
     def _disconnected(self, message: str) -> None:
         was = self._state.state
-        if was == "disconnected" and self._state.last_error == message:
-            return  # already said, when the loss was detected
         self._set_state("disconnected", message)
         level = logging.WARNING if was == "connected" else logging.INFO
         log.log(level, "source %s: %s", self.name, message)
