@@ -257,26 +257,36 @@ def test_buffer_full_under_drop_oldest_sends_an_explained_gap(gateway, agent_pro
     assert agent.stop() == 0
 
 
-def test_status_shows_a_sink_going_down_well_within_one_heartbeat_interval(
+def test_status_shows_sink_changes_well_within_one_heartbeat_interval(
     gateway, agent_process, tmp_path
 ):
     """The periodic heartbeat is every 2 s; a state change must not wait for it, or an
-    operator checking status right after an outage begins is told all is well."""
+    operator checking status right after an outage begins (or ends) is told old news.
+    Six transitions: with only the 2 s cadence, all six within 1.5 s is a 1-in-6 chance."""
     gw = gateway()
     cfg = agent_config(tmp_path, sinks={"central": https_sink(gw)},
                        sources={"line1": simulator(rate=100)})  # fmt: skip
     agent = agent_process(cfg, workdir=tmp_path).start()
     db = Path(cfg["buffer"]["path"])
     agent.wait(lambda st: st["sinks"][0]["state"] == "connected", 20, "sink connected")
-    gw.stop(kill=True)
-    deadline = time.monotonic() + 20
-    while True:
-        hb = read_heartbeat(db)
-        sink = hb["sinks"][0] if hb else {}
-        if sink.get("state") not in (None, "connected"):
-            break
-        assert time.monotonic() < deadline, f"the sink never left 'connected': {hb}"
-        time.sleep(0.02)
-    late = hb["at"] - sink["since"]
-    assert 0 <= late < 1.5, f"status learnt of '{sink['state']}' {late:.2f}s after it happened"
+
+    def seen(connected: bool) -> float:
+        """Seconds from the sink's state change to the heartbeat that first shows it."""
+        deadline = time.monotonic() + 20
+        while True:
+            hb = read_heartbeat(db)
+            sink = hb["sinks"][0] if hb else {}
+            if sink.get("state") is not None and (sink["state"] == "connected") == connected:
+                return float(hb["at"] - sink["since"])
+            assert time.monotonic() < deadline, f"the sink never became {connected=}: {hb}"
+            time.sleep(0.02)
+
+    lateness = []
+    for _ in range(3):
+        gw.stop(kill=True)
+        lateness.append(seen(connected=False))
+        gw.start()
+        lateness.append(seen(connected=True))
+    print(f"status learnt of sink changes after: {[round(x, 2) for x in lateness]} s")
+    assert all(0 <= late < 1.5 for late in lateness), f"status learnt of changes late: {lateness}"
     assert agent.stop() == 0
