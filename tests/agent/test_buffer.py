@@ -367,3 +367,27 @@ async def test_ack_whose_caller_is_cancelled_still_moves_the_cursor_once(tmp_pat
         assert len(await b.dead_letters("s")) == 1
     finally:
         await b.close()
+
+
+async def test_take_batch_ids_are_the_committed_ids(tmp_path: Path) -> None:
+    """take_batch leaves ids inside the bodies; asked for, they are the ids assigned at
+    commit, whole, indexed or sliced (bisection and dead-lettering use them)."""
+    b = await open_buffer(tmp_path / "b.db")
+    try:
+        committed = await b.append("s", [ev(i) for i in range(6)])
+        batch = await b.take_batch("s", 0, 100, 1 << 20)
+        assert batch is not None and len(batch.ids) == 6
+        assert list(batch.ids) == [c.id for c in committed]
+        assert batch.ids[0] == committed[0].id and batch.ids[-1] == committed[-1].id
+        assert batch.ids[2:4] == [c.id for c in committed[2:4]]
+        left, right = await b.split_batch(batch)
+        assert list(left.ids) + list(right.ids) == [c.id for c in committed]
+        # a run that does not fit max_bytes, or has a hole, is cut where the old loop cut it
+        size = len(batch.bodies[0]) + len(batch.bodies[1]) + 3
+        await b.discard_batch(left)
+        await b.discard_batch(right)
+        two = await b.take_batch("s", 0, 100, size)
+        assert two is not None and (two.first_sequence, two.last_sequence) == (1, 2)
+        assert list(two.ids) == [c.id for c in committed[:2]]
+    finally:
+        await b.close()
