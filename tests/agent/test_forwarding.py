@@ -293,6 +293,11 @@ async def _forward_in_process(
     task = asyncio.create_task(fw.run())
     try:
         await gw.await_received(n, stream=stream, timeout=timeout)
+        # The gateway holds them before its answer reaches the forwarder: wait for the ack
+        # (the observe hook runs before it), or the last outcome may not be recorded yet.
+        async with asyncio.timeout(timeout):
+            while buf.stream_state(stream)[1] < n:  # noqa: ASYNC110 - state of another task
+                await asyncio.sleep(0.01)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
