@@ -266,14 +266,21 @@ def test_valid_reload_moves_sink_and_sources_without_losing_or_reordering_events
 # ------------------------------------------------------------------------------ refused reloads
 
 
-def _running_agent(gateway: Any, agent_process: Any, tmp_path: Path) -> tuple[Any, Any, int]:
+def _running_agent(
+    gateway: Any, agent_process: Any, tmp_path: Path
+) -> tuple[Any, Any, int, MesClient]:
+    """An agent with one mes_http source on a free port that has delivered 20 events."""
     gw = gateway()
     port = free_port()
     cfg = agent_config(tmp_path, sinks={"central": https_sink(gw)},
                        sources={"mes": mes_source(port)})  # fmt: skip
     agent = agent_process(cfg, workdir=tmp_path).start(wait_ready=False)
     wait_listening(agent, port)
-    return gw, agent, port
+    mes = MesClient(port)
+    with httpx.Client(timeout=10) as http:
+        push_acked(mes, http, 20)
+    gw.wait_received(20, stream="mes", timeout=30)
+    return gw, agent, port, mes
 
 
 def _still_running_old_config(
@@ -293,12 +300,8 @@ def _still_running_old_config(
 def test_invalid_config_is_refused_with_one_line_and_the_running_one_kept(
     gateway, agent_process, tmp_path
 ):
-    gw, agent, port = _running_agent(gateway, agent_process, tmp_path)
+    gw, agent, port, mes = _running_agent(gateway, agent_process, tmp_path)
     good = agent.config
-    mes = MesClient(port)
-    with httpx.Client(timeout=10) as http:
-        push_acked(mes, http, 20)
-    gw.wait_received(20, stream="mes", timeout=30)
     moved = free_port()
     moved_source = mes_source(moved)
     copy = tmp_path / "good.toml"  # status reads the buffer through it while agent.toml is bad
@@ -359,15 +362,11 @@ def _the_move_applies_and_everything_arrives(
 def test_missing_or_unreadable_config_at_sighup_is_refused_and_the_agent_keeps_running(
     gateway, agent_process, tmp_path
 ):
-    gw, agent, port = _running_agent(gateway, agent_process, tmp_path)
+    gw, agent, port, mes = _running_agent(gateway, agent_process, tmp_path)
     good = agent.config
     path = agent.config_path
     copy = tmp_path / "good.toml"
     copy.write_text(to_toml(good))
-    mes = MesClient(port)
-    with httpx.Client(timeout=10) as http:
-        push_acked(mes, http, 20)
-    gw.wait_received(20, stream="mes", timeout=30)
     moved = free_port()
     moved_toml = to_toml({**good, "sources": {"mes": mes_source(moved)}})
 
@@ -400,12 +399,8 @@ def test_reload_whose_sink_cannot_start_goes_back_to_the_running_config(
 ):
     """The file is valid but its sink fails at start (a CA file that is not PEM): refused in
     one line, the previous config runs again, nothing acknowledged is lost."""
-    gw, agent, port = _running_agent(gateway, agent_process, tmp_path)
+    gw, agent, port, mes = _running_agent(gateway, agent_process, tmp_path)
     good = agent.config
-    mes = MesClient(port)
-    with httpx.Client(timeout=10) as http:
-        push_acked(mes, http, 20)
-    gw.wait_received(20, stream="mes", timeout=30)
     not_pem = tmp_path / "ca-not-pem.crt"
     not_pem.write_text("this is not a certificate\n")
     moved = free_port()
