@@ -1097,10 +1097,7 @@ class Buffer:
             ).fetchall()
             if not rows:
                 return None
-            bodies = [r[1] for r in rows]
-            contiguous = rows[-1][0] - rows[0][0] == len(rows) - 1  # seq is the key: unique
-            if not contiguous or sum(map(len, bodies)) + len(bodies) + 1 > max_bytes:
-                bodies = [r[1] for r in _contiguous_run(rows, max_bytes)]
+            bodies = [r[1] for r in _contiguous_run(rows, max_bytes)]
             first = rows[0][0]
             with self._bookkeeping():
                 db.execute(
@@ -1486,6 +1483,11 @@ def _contiguous_run(rows: Sequence[_Row], max_bytes: int) -> list[_Row]:
     """The leading run of consecutive sequences that fits max_bytes as a JSON array: a
     hole (dropped or dead-lettered events) ends it, so a batch is always contiguous.
     Each row is (seq, ..., body)."""
+    # The usual case, decided without the loop: no hole (seq is the key, so a span equal
+    # to the count means consecutive) and the whole array fits.
+    if rows and rows[-1][0] - rows[0][0] == len(rows) - 1:
+        if sum(len(r[-1]) for r in rows) + len(rows) + 1 <= max_bytes:
+            return list(rows)
     out: list[_Row] = []
     size = 1
     for row in rows:
