@@ -84,13 +84,16 @@ def _stream_fragment(source: str) -> bytes:
     return b',"source":' + _dumps(source) + b',"type":'
 
 
-@functools.lru_cache(maxsize=1024)
-def _type_fragment(type_: str, schema: str | None) -> bytes:
+def _schema_urn(type_: str, schema: str | None) -> str:
     # the vocabulary's versioned URN; sources validate types before appending, but an
     # unknown one must never fail the whole group commit it shares with other events
-    urn = schema or (dataschema(type_) if type_ in TYPES else f"urn:edge-agent:schema:{type_}:1")
+    return schema or (dataschema(type_) if type_ in TYPES else f"urn:edge-agent:schema:{type_}:1")
+
+
+@functools.lru_cache(maxsize=1024)
+def _type_fragment(type_: str, schema: str | None) -> bytes:
     return (
-        _dumps(type_) + b',"dataschema":' + _dumps(urn)
+        _dumps(type_) + b',"dataschema":' + _dumps(_schema_urn(type_, schema))
         + b',"datacontenttype":"application/json","time":'
     )  # fmt: skip
 
@@ -112,8 +115,7 @@ def encode_reference(
         "id": id,
         "source": source,
         "type": ev.type,
-        "dataschema": ev.dataschema
-        or (dataschema(ev.type) if ev.type in TYPES else f"urn:edge-agent:schema:{ev.type}:1"),
+        "dataschema": _schema_urn(ev.type, ev.dataschema),
         "datacontenttype": "application/json",
         "time": format_time(ev.time),
         "sequence": format_sequence(seq),
