@@ -280,8 +280,17 @@ class SignalSampled(_Located):
     value: Any = Field(description="the value as JSON (numbers, strings, booleans, arrays, null)")
     data_type: Id | None = Field(default=None, description="OPC UA built-in type, e.g. Double")
     status_code: StatusCode
-    source_timestamp: Timestamp | None = None
-    server_timestamp: Timestamp | None = None
+    source_timestamp: Timestamp | None = Field(
+        default=None, description="when the value changed at its source; absent when unknown"
+    )
+    server_timestamp: Timestamp | None = Field(
+        default=None, description="when the OPC UA server saw it; absent when unknown"
+    )
+    time_basis: Literal["source", "server", "received"] | None = Field(
+        default=None,
+        description="which clock the envelope time is from: the source timestamp, else the "
+        "server timestamp, else when the agent received the value",
+    )
 
     @field_validator("value")
     @classmethod
