@@ -132,6 +132,7 @@ class Agent:
             len(cfg.sinks),
         )
         self._heartbeat = HeartbeatFile(Path(cfg.buffer.path))
+        clean = False
         try:
             await self._start_metrics()
             async with asyncio.TaskGroup() as tg:
@@ -144,6 +145,7 @@ class Agent:
                 await self._run_generations()
                 for t in service:
                     t.cancel()
+            clean = True
         finally:
             self._notifier.stopping()
             if self._metrics is not None:
@@ -154,7 +156,8 @@ class Agent:
             self._heartbeat.close()
             await self.buffer.close()
             self._notifier.close()
-            log.info("edge-agent stopped cleanly")
+            # after a failure the one line saying why comes next: "cleanly" would mislead
+            log.info("edge-agent stopped cleanly" if clean else "edge-agent stopped")
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, model_validator
 
@@ -45,8 +46,16 @@ class HttpsSinkConfig(SinkConfig):
             raise ValueError("client_key: client_cert and client_key go together (mutual TLS)")
         for key in ("ca_file", "client_cert", "client_key", "token_file"):
             p = getattr(self, key)
+            if p is not None and Path(p).is_dir():
+                raise ValueError(f"{key}: {p} is a directory, not a file (name the file in it)")
             if p is not None and not Path(p).is_file():
                 raise ValueError(f"{key}: no such file: {p}")
         if self.token is not None and self.token_file is not None:
             raise ValueError("token_file: set token or token_file, not both")
         return self
+
+    def preflight(self, check: Any) -> None:
+        if urlsplit(self.url).scheme == "https":
+            check.ca_bundle("ca_file", self.ca_file)
+            check.cert_and_key("client_cert", self.client_cert, "client_key", self.client_key)
+        check.secret_file("token_file", self.token_file)

@@ -6,7 +6,7 @@ thing, so an operator who configured one can configure the other.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -19,6 +19,10 @@ MQTT_MAX_PACKET = 268_435_460
 
 class Config(SinkConfig, MqttConnection):
     type: Literal["mqtt"] = "mqtt"
+
+    def preflight(self, check: Any) -> None:
+        self.connection_preflight(check)
+
     #: topics are <topic_prefix>/<plant>/<stream>; status on <topic_prefix>/<plant>/agents/<id>/status
     topic_prefix: str = "edge"
     #: gzip the batch payload (content type then ends in +gzip)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -36,6 +36,10 @@ class Subscription(Model):
 
 class Config(SourceConfig, MqttConnection):
     type: Literal["mqtt"] = "mqtt"
+
+    def preflight(self, check: Any) -> None:
+        self.connection_preflight(check)
+
     #: mqtt://host:1883 or mqtts://host:8883
     url: str = "mqtt://127.0.0.1:1883"
     #: fixed, so the broker keeps our session (and the messages queued in it) across restarts;
