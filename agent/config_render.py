@@ -129,7 +129,9 @@ def _emit(table: dict[str, Any], path: str, out: list[str]) -> None:
                 out.append(f"\n[[{sub}]]")
                 _emit(item, sub, out)
         else:
-            out.append(f"\n[{sub}]")
+            only_tables = v and all(isinstance(x, dict) or _is_table_list(x) for x in v.values())
+            if not only_tables:  # [sinks] above [sinks.central] says nothing
+                out.append(f"\n[{sub}]")
             _emit(v, sub, out)
 
 
