@@ -113,7 +113,7 @@ def _preflight_for_run(cfg: Config, config_path: Path) -> None:
             f"an agent is already running with buffer {cfg.buffer.path} (pid {pid}): "
             "stop it first (systemctl stop edge-agent), or reload it with SIGHUP"
         )
-    problems = preflight(cfg, config_path).problems
+    problems = preflight(cfg, config_path, for_run=True).problems
     if problems:
         for p in problems:
             click.echo(f"config error: {p}", err=True)
@@ -142,7 +142,7 @@ def _register_secrets(cfg: Config) -> None:
 
 @cli.group()
 def config() -> None:
-    """Check, show and start configuration files."""
+    """Check, show and write configuration files."""
 
 
 @config.command("check")

@@ -101,14 +101,21 @@ def _what_failed(exc: OSError) -> str:
 class Check:
     """Collects problems under a key prefix; adapters call it with their own key names."""
 
-    def __init__(self, report: Report, prefix: str, own_pid: int | None) -> None:
+    def __init__(
+        self, report: Report, prefix: str, own_pid: int | None, for_run: bool = False
+    ) -> None:
         self._report = report
         self.prefix = prefix
         self.own_pid = own_pid
+        #: checking for `run` (not `config check`): what run handles itself is not a problem
+        self.for_run = for_run
 
     def at(self, prefix: str) -> Check:
         return Check(
-            self._report, f"{self.prefix}.{prefix}" if self.prefix else prefix, self.own_pid
+            self._report,
+            f"{self.prefix}.{prefix}" if self.prefix else prefix,
+            self.own_pid,
+            self.for_run,
         )
 
     def problem(self, key: str, message: str) -> None:
@@ -383,12 +390,16 @@ class Check:
             return
         if not head:
             return  # an empty file becomes a new buffer
+        damaged = (
+            f"{path} is not a readable SQLite buffer (damaged, or another kind of file): run "
+            f"will move it aside to {path.name}.corrupt-TIMESTAMP, say so and stop; the next "
+            "start begins a new buffer (recover events from the old file with: sqlite3 FILE "
+            ".recover)"
+        )
         if head != b"SQLite format 3\0":
-            self.problem(
-                key,
-                f"{path} is not an edge-agent buffer (not SQLite): move it away, or set "
-                "buffer.path to another file",
-            )
+            # `run` leaves this to Buffer.open, which quarantines it: nothing is deleted
+            if not self.for_run:
+                self.problem(key, damaged)
             return
         try:
             conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2.0)
@@ -397,12 +408,9 @@ class Check:
                 tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
             finally:
                 conn.close()
-        except sqlite3.DatabaseError as exc:
-            self.problem(
-                key,
-                f"{path} is unreadable ({exc}); run would quarantine it and start a new buffer "
-                f"(recover its events with: sqlite3 {path} .recover)",
-            )
+        except sqlite3.DatabaseError:
+            if not self.for_run:
+                self.problem(key, damaged)
             return
         if version > SCHEMA_VERSION:
             self.problem(
@@ -470,11 +478,21 @@ def _in_file_order(problems: list[Problem], text: str) -> list[Problem]:
     return sorted(problems, key=rank)
 
 
-def preflight(cfg: Config, config_path: Path | None = None) -> Report:
-    """Every problem `run` would hit opening what ``cfg`` names, in the file's order."""
+def preflight(
+    cfg: Config,
+    config_path: Path | None = None,
+    *,
+    for_run: bool = False,
+    own_pid: int | None = None,
+) -> Report:
+    """Every problem `run` would hit opening what ``cfg`` names, in the file's order.
+
+    ``own_pid`` is the agent whose ports are not problems: by default the one running with
+    this buffer (from its heartbeat); a running agent reloading passes its own pid."""
     report = Report()
-    own_pid = running_agent_pid(Path(cfg.buffer.path))
-    root = Check(report, "", own_pid)
+    if own_pid is None:
+        own_pid = running_agent_pid(Path(cfg.buffer.path))
+    root = Check(report, "", own_pid, for_run)
     root.buffer_file("buffer.path", Path(cfg.buffer.path))
     if cfg.metrics.enabled:
         host, _, port = cfg.metrics.listen.rpartition(":")

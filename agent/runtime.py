@@ -36,6 +36,7 @@ from agent.errors import ConfigError, EdgeAgentError
 from agent.forwarder import ForwarderSettings, PriorityGate, StreamForwarder
 from agent.heartbeat import HeartbeatFile
 from agent.interfaces import Sink, Source
+from agent.preflight import preflight
 from agent.status import HEARTBEAT_INTERVAL, build_snapshot
 
 log = logging.getLogger("edge_agent.runtime")
@@ -294,8 +295,14 @@ class Agent:
         try:
             new = load_config(self.config_path)
             self._build(new)  # adapters must construct from it, too (no I/O in constructors)
+            problems = preflight(new, self.config_path, for_run=True, own_pid=os.getpid()).problems
         except EdgeAgentError as exc:
             log.error("reload refused, the running config is kept: %s", exc)
+            self._notifier.ready()
+            return False
+        if problems:  # what config check would say; ports this agent holds are not problems
+            for p in problems:
+                log.error("reload refused, the running config is kept: %s", p)
             self._notifier.ready()
             return False
         if new.buffer != self.config.buffer or new.agent != self.config.agent:

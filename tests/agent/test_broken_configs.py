@@ -381,10 +381,10 @@ CASES = [
         wrap="ro",
     ),
     Case(
-        "buffer is not SQLite",
-        lambda f, t, p: base(t, buffer=f'path = "{junk_in(t)}"'),
+        "buffer is another application's database",
+        lambda f, t, p: base(t, buffer=f'path = "{foreign_db(t)}"'),
         "buffer.path",
-        "is not an edge-agent buffer (not SQLite)",
+        "is an SQLite database but not an edge-agent buffer",
     ),
     Case(
         "buffer of a newer schema",
@@ -417,6 +417,15 @@ CASES = [
 def junk_in(tmp: Path) -> Path:
     (tmp / "junk.db").write_text("not a database, but someone's file\n")
     return tmp / "junk.db"
+
+
+def foreign_db(tmp: Path) -> Path:
+    path = tmp / "inventory.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE parts (id INTEGER PRIMARY KEY, name TEXT)")
+    conn.commit()
+    conn.close()
+    return path
 
 
 def newer_buffer(tmp: Path) -> Path:
@@ -596,3 +605,71 @@ def test_pem_key_is_recognised_by_type(files: Files, tmp_path: Path) -> None:
     assert res.returncode == 2
     assert res.stderr.startswith("config error: sinks.central.client_key: ")
     assert "does not match the certificate in" in res.stderr
+
+
+def test_a_damaged_buffer_is_reported_by_check_and_left_to_runs_quarantine(
+    files: Files, tmp_path: Path
+) -> None:
+    """`run` moves a damaged buffer aside (tests/faults/test_start_faults.py); `config check`
+    says beforehand that it will, and changes nothing."""
+    junk = junk_in(tmp_path)
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(base(tmp_path, buffer=f'path = "{junk}"'))
+    res = cli(files, "", "config", "check", str(cfg))
+    assert res.returncode == 2, res
+    assert res.stderr == (
+        f"config error: buffer.path: {junk} is not a readable SQLite buffer (damaged, or another "
+        "kind of file): run will move it aside to junk.db.corrupt-TIMESTAMP, say so and stop; the "
+        "next start begins a new buffer (recover events from the old file with: sqlite3 FILE "
+        ".recover)\n"
+    )
+    assert junk.read_text() == "not a database, but someone's file\n"
+    assert sorted(tmp_path.iterdir()) == sorted([junk, cfg]), "nothing moved, nothing made"
+
+
+def test_reload_makes_the_same_checks_and_its_own_ports_are_no_problem(
+    files: Files, tmp_path: Path, agent_process
+) -> None:
+    """SIGHUP with a config naming a DER CA file is refused with config check's line; a
+    reload that keeps the agent's own metrics and MES ports is applied."""
+    import signal
+    import time
+
+    from tests.fixtures.common import free_port
+
+    metrics, listen = free_port(), free_port()
+    config = {
+        "agent": {"id": "a1", "plant": "p1"},
+        "buffer": {"path": str(tmp_path / "buffer.db")},
+        "metrics": {"enabled": True, "listen": f"127.0.0.1:{metrics}"},
+        "sinks": {"central": {"type": "https", "url": "https://127.0.0.1:9/v1/batches"}},
+        "sources": {"mes": {"type": "mes_http", "listen": f"127.0.0.1:{listen}"}},
+    }
+    agent = agent_process(config).start()
+    agent.wait(lambda s: any(x["state"] == "connected" for x in s["sources"]), 60, "listening")
+
+    def lines(needle: str, count: int) -> list[str]:
+        deadline = time.monotonic() + 60
+        while True:
+            found = [line for line in agent.log().splitlines() if needle in line]
+            if len(found) >= count:
+                return found
+            assert agent.proc.poll() is None, agent.log()[-3000:]
+            assert time.monotonic() < deadline, agent.log()[-3000:]
+            time.sleep(0.2)
+
+    bad = {**config["sinks"]["central"], "ca_file": str(files.ca_der)}
+    agent.write_config({**config, "sinks": {"central": bad}})
+    agent.signal(signal.SIGHUP)
+    [refused] = lines("reload refused", 1)
+    msg = json.loads(refused)["msg"]
+    assert msg.startswith(
+        "reload refused, the running config is kept: sinks.central.ca_file: "
+        f"{files.ca_der} is a DER certificate; edge-agent needs PEM: convert it with "
+        f"`openssl x509 -inform der -in {files.ca_der} -out "
+    ), msg
+    agent.write_config({**config, "forwarder": {"max_events": 500}})
+    agent.signal(signal.SIGHUP)
+    lines("reloading: restarting sources, sinks and forwarders", 1)
+    assert len(lines("reload refused", 1)) == 1, "the good reload was not refused"
+    assert agent.stop() == 0
