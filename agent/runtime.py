@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -40,6 +41,9 @@ from agent.preflight import preflight
 from agent.status import HEARTBEAT_INTERVAL, build_snapshot
 
 log = logging.getLogger("edge_agent.runtime")
+
+#: errors opening the buffer that mean "this path", not "this machine"
+_PATH_ERRORS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR}
 
 STOP_TIMEOUT = 15.0
 HOUSEKEEPING_INTERVAL = 1.0
@@ -113,16 +117,26 @@ class Agent:
         from agent.sdnotify import SystemdNotifier
 
         self._notifier = SystemdNotifier()
-        self.buffer = await Buffer.open(
-            cfg.buffer.path,
-            plant=cfg.agent.plant,
-            agent_id=cfg.agent.id,
-            durability=cfg.buffer.durability,
-            max_bytes=cfg.buffer.max_bytes,
-            on_full=cfg.buffer.on_full,
-            keep_forwarded=cfg.buffer.keep_forwarded,
-            dedupe_window=cfg.buffer.dedupe_window,
-        )
+        try:
+            self.buffer = await Buffer.open(
+                cfg.buffer.path,
+                plant=cfg.agent.plant,
+                agent_id=cfg.agent.id,
+                durability=cfg.buffer.durability,
+                max_bytes=cfg.buffer.max_bytes,
+                on_full=cfg.buffer.on_full,
+                keep_forwarded=cfg.buffer.keep_forwarded,
+                dedupe_window=cfg.buffer.dedupe_window,
+            )
+        except OSError as exc:
+            if exc.errno not in _PATH_ERRORS:
+                raise
+            # the path the config names is at fault, not the machine: say which key
+            raise ConfigError(
+                "buffer.path",
+                f"cannot open {exc.filename or cfg.buffer.path}: {exc.strerror} (create the "
+                "directory for the agent's user, or set buffer.path elsewhere)",
+            ) from exc
         log.info(
             "edge-agent %s started: buffer %s (epoch %s, durability %s), %d source(s), %d sink(s)",
             __version__,

@@ -290,3 +290,23 @@ def test_the_unit_does_not_restart_on_a_config_error() -> None:
     unit = (ROOT / "systemd" / "edge-agent.service").read_text()
     assert "\nRestartPreventExitStatus=2\n" in unit
     assert "\nRestart=on-failure\n" in unit
+
+
+async def test_a_buffer_path_that_cannot_be_opened_names_its_key(tmp_path: Path) -> None:
+    """Even past the checks (a directory removed between check and start), the failure
+    names buffer.path, never a bare [Errno 2]."""
+    from agent.runtime import Agent
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    cfg = parse_config(
+        {
+            "buffer": {"path": str(blocker / "sub" / "buffer.db")},
+            "metrics": {"enabled": False},
+            "sinks": {"central": {"type": "https", "url": "https://gw.example/v1/batches"}},
+        }
+    )
+    with pytest.raises(ConfigError) as err:
+        await Agent(cfg).run()
+    assert err.value.path == "buffer.path"
+    assert str(err.value).startswith(f"buffer.path: cannot open {blocker / 'sub'}: Not a directory")
