@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, model_validator
 
@@ -55,7 +54,7 @@ class HttpsSinkConfig(SinkConfig):
         return self
 
     def preflight(self, check: Any) -> None:
-        if urlsplit(self.url).scheme == "https":
-            check.ca_bundle("ca_file", self.ca_file)
-            check.cert_and_key("client_cert", self.client_cert, "client_key", self.client_key)
+        # the sink loads its TLS files at start whatever the URL's scheme
+        check.ca_bundle("ca_file", self.ca_file)
+        check.cert_and_key("client_cert", self.client_cert, "client_key", self.client_key)
         check.secret_file("token_file", self.token_file)
