@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from agent.config import Duration, Model, check_url
+
+if TYPE_CHECKING:
+    from agent.preflight import Check
 
 
 class MqttConnection(Model):
@@ -79,7 +82,7 @@ class MqttConnection(Model):
             raise ValueError("reconnect_max: must be >= reconnect_min")
         return self
 
-    def connection_preflight(self, check: Any) -> None:
+    def connection_preflight(self, check: Check) -> None:
         """The files run opens to connect: password, CA bundle, client certificate and key."""
         check.secret_file("password_file", self.password_file)
         if self.tls:

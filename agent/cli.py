@@ -156,12 +156,13 @@ def config_check(file: Path, as_json: bool) -> None:
     Exit 0 when run can start, 2 otherwise."""
     from agent.preflight import Problem, Report, preflight
 
+    cfg: Config | None = None
     try:
-        cfg: Config | None = _load(file)
+        cfg = _load(file)
     except ConfigError as exc:
         if click.get_current_context().find_root().obj.get("debug"):
             raise
-        cfg, report = None, Report(problems=[Problem(exc.path, exc.message)])
+        report = Report(problems=[Problem(exc.path, exc.message)])
     else:
         report = preflight(cfg, file)
     if as_json:

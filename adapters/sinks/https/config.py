@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, model_validator
 
 from agent.config import Duration, SinkConfig, check_url
+
+if TYPE_CHECKING:
+    from agent.preflight import Check
 
 
 class HttpsSinkConfig(SinkConfig):
@@ -53,7 +56,7 @@ class HttpsSinkConfig(SinkConfig):
             raise ValueError("token_file: set token or token_file, not both")
         return self
 
-    def preflight(self, check: Any) -> None:
+    def preflight(self, check: Check) -> None:
         # the sink loads its TLS files at start whatever the URL's scheme
         check.ca_bundle("ca_file", self.ca_file)
         check.cert_and_key("client_cert", self.client_cert, "client_key", self.client_key)

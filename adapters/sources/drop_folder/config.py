@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from adapters.sources.mes_common import FieldMapping
 from agent.config import ByteSize, Duration, Model, SourceConfig, parse_bytes
+
+if TYPE_CHECKING:
+    from agent.preflight import Check
 
 
 class CsvOptions(Model):
@@ -75,7 +78,7 @@ class Config(SourceConfig):
             raise ValueError("processed_dir and rejected_dir must differ")
         return self
 
-    def preflight(self, check: Any) -> None:
+    def preflight(self, check: Check) -> None:
         """The watched directory must exist (the MES writes into it); processed/ and
         rejected/ are created when missing, so they must be creatable."""
         if check.directory("path", self.path, writable=True):

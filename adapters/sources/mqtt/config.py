@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from adapters.mqtt_connection import MqttConnection
 from adapters.sources.mes_common import FieldMapping
 from agent.config import ByteSize, Duration, Model, SourceConfig, parse_bytes
+
+if TYPE_CHECKING:
+    from agent.preflight import Check
 
 
 class Subscription(Model):
@@ -37,7 +40,7 @@ class Subscription(Model):
 class Config(SourceConfig, MqttConnection):
     type: Literal["mqtt"] = "mqtt"
 
-    def preflight(self, check: Any) -> None:
+    def preflight(self, check: Check) -> None:
         self.connection_preflight(check)
 
     #: mqtt://host:1883 or mqtts://host:8883

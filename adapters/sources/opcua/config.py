@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from agent.config import Duration, Model, SourceConfig
+
+if TYPE_CHECKING:
+    from agent.preflight import Check
 
 SecurityPolicy = Literal["None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"]
 SecurityMode = Literal["None", "Sign", "SignAndEncrypt"]
@@ -253,7 +256,7 @@ class Config(SourceConfig):
                 raise ValueError(f"{where}: a hold node needs item (on the node or the source)")
         return self
 
-    def preflight(self, check: Any) -> None:
+    def preflight(self, check: Check) -> None:
         """The application certificate (DER or PEM) and its key, the trust folder and the
         password file; a generated certificate needs nothing here (run makes it)."""
         cert = check.cert_and_key(
