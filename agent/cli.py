@@ -478,7 +478,9 @@ def main(argv: list[str] | None = None) -> None:
         exc = _cause(raised)
         if isinstance(exc, SystemExit):
             raise exc from None
-        if debug and not isinstance(exc, click.ClickException | KeyboardInterrupt):
+        if debug and not isinstance(
+            exc, click.ClickException | click.exceptions.Abort | KeyboardInterrupt
+        ):
             raise
         sys.exit(_report(exc))
     sys.exit(0)
