@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from agent.config import Duration, Model, check_url
+
+if TYPE_CHECKING:
+    from agent.preflight import Check
 
 
 class MqttConnection(Model):
@@ -78,6 +81,13 @@ class MqttConnection(Model):
         if self.reconnect_max < self.reconnect_min:
             raise ValueError("reconnect_max: must be >= reconnect_min")
         return self
+
+    def connection_preflight(self, check: Check) -> None:
+        """The files run opens to connect: password, CA bundle, client certificate and key."""
+        check.secret_file("password_file", self.password_file)
+        if self.tls:
+            check.ca_bundle("ca_file", self.ca_file)
+            check.cert_and_key("cert_file", self.cert_file, "key_file", self.key_file)
 
     @property
     def tls(self) -> bool:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import sqlite3
 import sys
 import time
@@ -96,8 +98,26 @@ def run(config_path: Path, log_format: str | None, log_level: str | None) -> Non
 
     cfg = _load(config_path)
     setup_logging(log_level or cfg.log.level, log_format or cfg.log.format)
+    _preflight_for_run(cfg, config_path)
     _register_secrets(cfg)
     asyncio.run(run_agent(config_path))
+
+
+def _preflight_for_run(cfg: Config, config_path: Path) -> None:
+    """Refuse to start, with the lines `config check` prints, what would fail on opening."""
+    from agent.preflight import preflight, running_agent_pid
+
+    pid = running_agent_pid(Path(cfg.buffer.path))
+    if pid is not None and pid != os.getpid():
+        raise Failure(
+            f"an agent is already running with buffer {cfg.buffer.path} (pid {pid}): "
+            "stop it first (systemctl stop edge-agent), or reload it with SIGHUP"
+        )
+    problems = preflight(cfg, config_path, for_run=True).problems
+    if problems:
+        for p in problems:
+            click.echo(f"config error: {p}", err=True)
+        raise SystemExit(2)
 
 
 def _register_secrets(cfg: Config) -> None:
@@ -122,18 +142,69 @@ def _register_secrets(cfg: Config) -> None:
 
 @cli.group()
 def config() -> None:
-    """Check configuration files."""
+    """Check, show and write configuration files."""
 
 
 @config.command("check")
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
-def config_check(file: Path) -> None:
-    """Validate FILE; print one line naming the key path of the first problem."""
-    cfg = _load(file)
-    click.echo(
-        f"{file}: ok ({len(cfg.sources)} source(s): {', '.join(cfg.sources) or '-'}; "
-        f"{len(cfg.sinks)} sink(s): {', '.join(cfg.sinks)}; buffer {cfg.buffer.path})"
-    )
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON (for scripts)")
+def config_check(file: Path, as_json: bool) -> None:
+    """Validate FILE and open everything `run` would open (certificates, keys, secret
+    files, the buffer, listen addresses, directories) without starting anything.
+
+    Each problem is one line, in the file's order, naming the key path and the fix.
+    Exit 0 when run can start, 2 otherwise."""
+    from agent.preflight import Problem, Report, preflight
+
+    cfg: Config | None = None
+    try:
+        cfg = _load(file)
+    except ConfigError as exc:
+        if click.get_current_context().find_root().obj.get("debug"):
+            raise
+        report = Report(problems=[Problem(exc.path, exc.message)])
+    else:
+        report = preflight(cfg, file)
+    if as_json:
+        doc = {
+            "file": str(file),
+            "ok": not report.problems,
+            "problems": [{"key": p.key, "message": p.message} for p in report.problems],
+            "notes": [{"key": p.key, "message": p.message} for p in report.notes],
+        }
+        click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+    else:
+        for p in report.problems:
+            click.echo(f"config error: {p}", err=True)
+        for p in report.notes:
+            click.echo(f"note: {p}")
+        if cfg is not None and not report.problems:
+            click.echo(
+                f"{file}: ok ({len(cfg.sources)} source(s): {', '.join(cfg.sources) or '-'}; "
+                f"{len(cfg.sinks)} sink(s): {', '.join(cfg.sinks)}; buffer {cfg.buffer.path})"
+            )
+    if report.problems:
+        raise SystemExit(2)
+
+
+@config.command("sample")
+@click.argument("types", nargs=-1)
+def config_sample(types: tuple[str, ...]) -> None:
+    """Print a complete commented config for the adapters TYPES (e.g. `opcua https`;
+    `sink:mqtt` or `source:mqtt` where a type is both). Default: https and mes_http."""
+    from agent.config_render import sample
+
+    click.echo(sample(types), nl=False)
+
+
+@config.command("show")
+@CONFIG_OPTION
+@click.option("--json", "as_json", is_flag=True, help="print it as JSON")
+def config_show(config_path: Path, as_json: bool) -> None:
+    """Print the effective config: every key with its default filled in, secrets redacted."""
+    from agent.config_render import effective
+
+    click.echo(effective(_load(config_path), as_json=as_json), nl=False)
 
 
 # ---------------------------------------------------------------------------------- status
@@ -385,39 +456,65 @@ def demo(
     asyncio.run(run_demo(duration, rate, outage_at, outage_for, workdir))
 
 
+BUG_REPORT = (
+    "this is a bug in edge-agent, not a problem with your config or your systems: please "
+    "report it to the edge-agent maintainers with this traceback and `edge-agent --version`"
+)
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The error a task group wrapped: its first leaf that is not a cancellation."""
+    while isinstance(exc, BaseExceptionGroup):
+        leaves = [e for e in exc.exceptions if not isinstance(e, asyncio.CancelledError)]
+        exc = (leaves or list(exc.exceptions))[0]
+    return exc
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         cli.main(args=argv, prog_name="edge-agent", standalone_mode=False)
-    except click.exceptions.Abort:
+    except BaseException as raised:  # noqa: BLE001 - every way out is decided here
+        exc = _cause(raised)
+        if isinstance(exc, SystemExit):
+            raise exc from None
+        if debug and not isinstance(
+            exc, click.ClickException | click.exceptions.Abort | KeyboardInterrupt
+        ):
+            raise
+        sys.exit(_report(exc))
+    sys.exit(0)
+
+
+def _report(exc: BaseException) -> int:
+    """One line for an expected failure, and its exit code: 2 when the config or a file it
+    names is at fault, 1 otherwise. Anything else is a bug: logged with its traceback."""
+    if isinstance(exc, click.exceptions.Abort):
         click.echo("aborted", err=True)
-        sys.exit(1)
-    except click.UsageError as exc:
+        return 1
+    if isinstance(exc, click.UsageError):
         # one line, like every expected error (click's own shows usage, hint and error)
         where = exc.ctx.command_path if exc.ctx is not None else "edge-agent"
         click.echo(f"Error: {exc.format_message().rstrip('.')} (see: {where} --help)", err=True)
-        sys.exit(2)
-    except click.ClickException as exc:
+        return 2
+    if isinstance(exc, click.ClickException):
         exc.show()
-        sys.exit(exc.exit_code)
-    except ConfigError as exc:
-        if debug:
-            raise
+        return exc.exit_code
+    if isinstance(exc, ConfigError):
         click.echo(f"config error: {exc}", err=True)
-        sys.exit(2)
-    except EdgeAgentError as exc:
-        if debug:
-            raise
+        return 2
+    if isinstance(exc, EdgeAgentError):
         click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except OSError as exc:
-        if debug:
-            raise
+        return 1
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    if isinstance(exc, OSError):
         click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
-    sys.exit(0)
+        return 1
+    logging.getLogger("edge_agent").error(
+        "unexpected %s: %s; %s", type(exc).__name__, exc, BUG_REPORT, exc_info=exc
+    )
+    return 1  # with no handler set up yet, logging's last resort prints it to stderr
 
 
 if __name__ == "__main__":

@@ -12,12 +12,13 @@ Secrets never live in the model as plain ``str``: they are ``SecretStr`` filled 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import socket
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -31,6 +32,9 @@ from pydantic import (
 )
 
 from agent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from agent.preflight import Check
 
 # --------------------------------------------------------------------------- value types
 
@@ -115,16 +119,33 @@ class SourceConfig(Model):
             raise ValueError("use letters, digits, '.', '_' or '-' (at most 64)")
         return v
 
+    def preflight(self, check: Check) -> None:
+        """Open what `run` would open for this source (files, ports, directories) and
+        report each problem through ``check`` with its key; start nothing."""
+
 
 class SinkConfig(Model):
     """Base of every ``[sinks.NAME]`` table; adapters subclass it."""
 
     type: str
 
+    def preflight(self, check: Check) -> None:
+        """Open what `run` would open for this sink (TLS and secret files) and report each
+        problem through ``check`` with its key; start nothing."""
+
+
+#: An identifier that goes into URIs and MQTT topics as it is.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+#: Every ``pattern=`` of the config models, in words: an error shows these, never the regex.
+PATTERN_WORDS = {
+    NAME_PATTERN: "letters, digits, '.', '-' and '_' only, starting with a letter or digit",
+}
+
 
 class AgentSection(Model):
     id: str = Field(default_factory=socket.gethostname, min_length=1)
-    plant: str = Field(default="plant", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    plant: str = Field(default="plant", pattern=NAME_PATTERN)
 
 
 class BufferSection(Model):
@@ -230,6 +251,10 @@ def _first_error(exc: ValidationError, prefix: str) -> ConfigError:
         msg = "unknown key (check the spelling; config/example.toml lists every key)"
     elif err["type"] == "missing":
         msg = "required key is missing"
+    elif err["type"] == "string_pattern_mismatch":
+        pattern = str((err.get("ctx") or {}).get("pattern", ""))
+        words = PATTERN_WORDS.get(pattern, "not in the expected form (see config/example.toml)")
+        msg = f"{words} (got {json.dumps(err.get('input'), ensure_ascii=False)})"
     msg = re.sub(r"^(Value error|Assertion failed), ", "", msg)
     # A model-level validator names its key as "key: message" (it has no location).
     m = re.match(r"^([A-Za-z_][A-Za-z0-9_.\[\]]*): (.+)$", msg)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -36,9 +37,13 @@ from agent.errors import ConfigError, EdgeAgentError
 from agent.forwarder import ForwarderSettings, PriorityGate, StreamForwarder
 from agent.heartbeat import HeartbeatFile
 from agent.interfaces import Sink, Source
+from agent.preflight import preflight
 from agent.status import HEARTBEAT_INTERVAL, build_snapshot
 
 log = logging.getLogger("edge_agent.runtime")
+
+#: errors opening the buffer that mean "this path", not "this machine"
+_PATH_ERRORS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR}
 
 STOP_TIMEOUT = 15.0
 HOUSEKEEPING_INTERVAL = 1.0
@@ -112,16 +117,26 @@ class Agent:
         from agent.sdnotify import SystemdNotifier
 
         self._notifier = SystemdNotifier()
-        self.buffer = await Buffer.open(
-            cfg.buffer.path,
-            plant=cfg.agent.plant,
-            agent_id=cfg.agent.id,
-            durability=cfg.buffer.durability,
-            max_bytes=cfg.buffer.max_bytes,
-            on_full=cfg.buffer.on_full,
-            keep_forwarded=cfg.buffer.keep_forwarded,
-            dedupe_window=cfg.buffer.dedupe_window,
-        )
+        try:
+            self.buffer = await Buffer.open(
+                cfg.buffer.path,
+                plant=cfg.agent.plant,
+                agent_id=cfg.agent.id,
+                durability=cfg.buffer.durability,
+                max_bytes=cfg.buffer.max_bytes,
+                on_full=cfg.buffer.on_full,
+                keep_forwarded=cfg.buffer.keep_forwarded,
+                dedupe_window=cfg.buffer.dedupe_window,
+            )
+        except OSError as exc:
+            if exc.errno not in _PATH_ERRORS:
+                raise
+            # the path the config names is at fault, not the machine: say which key
+            raise ConfigError(
+                "buffer.path",
+                f"cannot open {exc.filename or cfg.buffer.path}: {exc.strerror} (create the "
+                "directory for the agent's user, or set buffer.path elsewhere)",
+            ) from exc
         log.info(
             "edge-agent %s started: buffer %s (epoch %s, durability %s), %d source(s), %d sink(s)",
             __version__,
@@ -132,6 +147,7 @@ class Agent:
             len(cfg.sinks),
         )
         self._heartbeat = HeartbeatFile(Path(cfg.buffer.path))
+        clean = False
         try:
             await self._start_metrics()
             async with asyncio.TaskGroup() as tg:
@@ -144,6 +160,7 @@ class Agent:
                 await self._run_generations()
                 for t in service:
                     t.cancel()
+            clean = True
         finally:
             self._notifier.stopping()
             if self._metrics is not None:
@@ -154,7 +171,8 @@ class Agent:
             self._heartbeat.close()
             await self.buffer.close()
             self._notifier.close()
-            log.info("edge-agent stopped cleanly")
+            # after a failure the one line saying why comes next: "cleanly" would mislead
+            log.info("edge-agent stopped cleanly" if clean else "edge-agent stopped")
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -291,8 +309,14 @@ class Agent:
         try:
             new = load_config(self.config_path)
             self._build(new)  # adapters must construct from it, too (no I/O in constructors)
+            problems = preflight(new, self.config_path, for_run=True, own_pid=os.getpid()).problems
         except EdgeAgentError as exc:
             log.error("reload refused, the running config is kept: %s", exc)
+            self._notifier.ready()
+            return False
+        if problems:  # what config check would say; ports this agent holds are not problems
+            for p in problems:
+                log.error("reload refused, the running config is kept: %s", p)
             self._notifier.ready()
             return False
         if new.buffer != self.config.buffer or new.agent != self.config.agent:

@@ -80,6 +80,14 @@ def test_every_adapter_sample_checks_ok(sample: Path, tmp_path: Path) -> None:
     assert {body["type"] for body in raw[kind].values()} == {type_}, raw[kind]
     if "sinks" not in raw:
         text = SINK + "\n" + text
+    # config check opens what the sample names: the directories must exist here, so the
+    # sample's /etc and /var/lib paths are moved below tmp_path and its directories made
+    for system_dir in ("/etc/edge-agent", "/var/lib/edge-agent"):
+        text = text.replace(f'"{system_dir}/', f'"{tmp_path}{system_dir}/')
+    for body in tomllib.loads(text)[kind].values():
+        for key in ("path", "trusted_certs_dir"):  # the directories a source reads from
+            if key in body:
+                Path(body[key]).mkdir(parents=True)
     cfg = tmp_path / "edge-agent.toml"
     cfg.write_text(text, encoding="utf-8")
     res = edge_agent("config", "check", str(cfg))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, model_validator
 
 from agent.config import Duration, SinkConfig, check_url
+
+if TYPE_CHECKING:
+    from agent.preflight import Check
 
 
 class HttpsSinkConfig(SinkConfig):
@@ -45,8 +48,16 @@ class HttpsSinkConfig(SinkConfig):
             raise ValueError("client_key: client_cert and client_key go together (mutual TLS)")
         for key in ("ca_file", "client_cert", "client_key", "token_file"):
             p = getattr(self, key)
+            if p is not None and Path(p).is_dir():
+                raise ValueError(f"{key}: {p} is a directory, not a file (name the file in it)")
             if p is not None and not Path(p).is_file():
                 raise ValueError(f"{key}: no such file: {p}")
         if self.token is not None and self.token_file is not None:
             raise ValueError("token_file: set token or token_file, not both")
         return self
+
+    def preflight(self, check: Check) -> None:
+        # the sink loads its TLS files at start whatever the URL's scheme
+        check.ca_bundle("ca_file", self.ca_file)
+        check.cert_and_key("client_cert", self.client_cert, "client_key", self.client_key)
+        check.secret_file("token_file", self.token_file)

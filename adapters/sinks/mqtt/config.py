@@ -6,12 +6,15 @@ thing, so an operator who configured one can configure the other.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
 
 from adapters.mqtt_connection import MqttConnection
 from agent.config import ByteSize, Duration, SinkConfig
+
+if TYPE_CHECKING:
+    from agent.preflight import Check
 
 #: MQTT's hard ceiling for one packet (remaining length is at most 268,435,455 bytes).
 MQTT_MAX_PACKET = 268_435_460
@@ -19,6 +22,10 @@ MQTT_MAX_PACKET = 268_435_460
 
 class Config(SinkConfig, MqttConnection):
     type: Literal["mqtt"] = "mqtt"
+
+    def preflight(self, check: Check) -> None:
+        self.connection_preflight(check)
+
     #: topics are <topic_prefix>/<plant>/<stream>; status on <topic_prefix>/<plant>/agents/<id>/status
     topic_prefix: str = "edge"
     #: gzip the batch payload (content type then ends in +gzip)

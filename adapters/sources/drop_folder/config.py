@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from adapters.sources.mes_common import FieldMapping
 from agent.config import ByteSize, Duration, Model, SourceConfig, parse_bytes
+
+if TYPE_CHECKING:
+    from agent.preflight import Check
 
 
 class CsvOptions(Model):
@@ -74,6 +77,13 @@ class Config(SourceConfig):
         if self.dir("processed_dir").resolve() == self.dir("rejected_dir").resolve():
             raise ValueError("processed_dir and rejected_dir must differ")
         return self
+
+    def preflight(self, check: Check) -> None:
+        """The watched directory must exist (the MES writes into it); processed/ and
+        rejected/ are created when missing, so they must be creatable."""
+        if check.directory("path", self.path, writable=True):
+            for key in ("processed_dir", "rejected_dir"):
+                check.creatable_directory(key, self.dir(key))
 
     def dir(self, key: str) -> Path:
         d: Path = getattr(self, key)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
@@ -12,6 +12,9 @@ from adapters.sources.mes_common import FieldMapping
 from agent.config import ByteSize, Duration, SourceConfig, is_loopback_host, parse_bytes
 from agent.errors import ConfigError
 from agent.vocabulary import UOM_PATTERN
+
+if TYPE_CHECKING:
+    from agent.preflight import Check
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -62,6 +65,8 @@ class Config(SourceConfig):
     @field_validator("token_file", "tls_cert", "tls_key")
     @classmethod
     def _readable(cls, v: Path | None) -> Path | None:
+        if v is not None and v.is_dir():
+            raise ValueError(f"{v} is a directory, not a file (name the file in it)")
         if v is not None and not v.is_file():
             raise ValueError(f"{v}: no such file (check the path)")
         return v
@@ -83,3 +88,8 @@ class Config(SourceConfig):
             missing = "tls_key" if self.tls_key is None else "tls_cert"
             raise ConfigError(missing, "required with the other tls_ key (set both or neither)")
         return self
+
+    def preflight(self, check: Check) -> None:
+        check.secret_file("token_file", self.token_file)
+        check.cert_and_key("tls_cert", self.tls_cert, "tls_key", self.tls_key)
+        check.listen("listen", *split_listen(self.listen))

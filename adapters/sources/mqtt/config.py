@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from adapters.mqtt_connection import MqttConnection
 from adapters.sources.mes_common import FieldMapping
 from agent.config import ByteSize, Duration, Model, SourceConfig, parse_bytes
+
+if TYPE_CHECKING:
+    from agent.preflight import Check
 
 
 class Subscription(Model):
@@ -36,6 +39,10 @@ class Subscription(Model):
 
 class Config(SourceConfig, MqttConnection):
     type: Literal["mqtt"] = "mqtt"
+
+    def preflight(self, check: Check) -> None:
+        self.connection_preflight(check)
+
     #: mqtt://host:1883 or mqtts://host:8883
     url: str = "mqtt://127.0.0.1:1883"
     #: fixed, so the broker keeps our session (and the messages queued in it) across restarts;

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from agent.config import Duration, Model, SourceConfig
+
+if TYPE_CHECKING:
+    from agent.preflight import Check
 
 SecurityPolicy = Literal["None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"]
 SecurityMode = Literal["None", "Sign", "SignAndEncrypt"]
@@ -252,6 +255,38 @@ class Config(SourceConfig):
             if node.event == "mfg.quality.hold" and "item" not in attrs:
                 raise ValueError(f"{where}: a hold node needs item (on the node or the source)")
         return self
+
+    def preflight(self, check: Check) -> None:
+        """The application certificate (DER or PEM) and its key, the trust folder and the
+        password file; a generated certificate needs nothing here (run makes it)."""
+        cert = check.cert_and_key(
+            "certificate", self.certificate, "private_key", self.private_key, der_ok=True
+        )
+        if cert is not None:
+            from agent.errors import SourceError
+
+            from . import security
+
+            try:
+                security.check_own_certificate(cert, Path(str(self.certificate)))
+            except SourceError as exc:
+                check.problem("certificate", str(exc))
+            uri = security.application_uri_of(cert)
+            if uri is None:
+                check.problem(
+                    "certificate",
+                    f"{self.certificate} has no ApplicationUri in its SubjectAltName, which "
+                    "OPC UA servers require (make one with: edge-agent opcua gen-cert)",
+                )
+            elif self.application_uri is not None and self.application_uri != uri:
+                check.problem(
+                    "application_uri",
+                    f"'{self.application_uri}' differs from the URI in {self.certificate} "
+                    f"('{uri}'): remove application_uri or make a matching certificate",
+                )
+        if self.trusted_certs_dir is not None:
+            check.directory("trusted_certs_dir", self.trusted_certs_dir)
+        check.secret_file("password_file", self.password_file)
 
     @property
     def mode(self) -> str:

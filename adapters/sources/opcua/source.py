@@ -41,11 +41,13 @@ from asyncua import Client, ua
 from agent.errors import BufferError_, BufferFull, SourceError
 from agent.interfaces import ComponentState, Ingest, NewEvent, Source
 
+from . import library_logs
 from .config import Config, NodeConfig
 from .connection import AuthRefused, close_quietly, open_client, translate
 from .mapping import NodeMapper, overflowed, sample_from_datavalue, status_name
 
 log = logging.getLogger("edge_agent.source.opcua")
+library_logs.install()
 
 #: the most monitored items asked for in one CreateMonitoredItems call
 _CREATE_CHUNK = 1000
