@@ -431,6 +431,7 @@ class Agent:
             "net_fill_bps": net_fill,
             "refused": dict(buffer.refused_by_stream),
             "last_write_error": buffer.last_write_error,
+            "accepting": buffer.has_room(),
             "stopped": stopped,
         }
         assert self._heartbeat is not None
