@@ -33,6 +33,19 @@ CONFIG_OPTION = click.option(
 )
 
 
+#: status' own -c: an unreadable config is its one line saying which group to join
+#: (_load_readable), not click's "is not readable" usage error
+STATUS_CONFIG_OPTION = click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False, readable=False),
+    default=Path("/etc/edge-agent/edge-agent.toml"),
+    show_default=True,
+    help="config file",
+)
+
+
 class Failure(click.ClickException):
     """A runtime failure: exit 1 with one line."""
 
@@ -221,7 +234,11 @@ def _load_readable(path: Path) -> Config:
     problem = unreadable(path)
     if problem is not None:
         raise Failure(problem)
-    return _load(path)
+    try:
+        return _load(path)
+    except PermissionError as exc:  # a file the config names (ca_file, token_file, ...)
+        named = Path(exc.filename) if exc.filename else path
+        raise Failure(unreadable(named) or f"permission denied: {named}") from None
 
 
 def _status_check(config_path: Path, thresholds: Any) -> None:
@@ -243,7 +260,7 @@ def _status_check(config_path: Path, thresholds: Any) -> None:
 
 
 @cli.command()
-@CONFIG_OPTION
+@STATUS_CONFIG_OPTION
 @click.option("--json", "as_json", is_flag=True, help="print the snapshot as JSON (schema 1)")
 @click.option("--watch", is_flag=True, help="refresh every --interval seconds until Ctrl-C")
 @click.option("--interval", type=float, default=2.0, show_default=True)
@@ -517,7 +534,8 @@ def main(argv: list[str] | None = None) -> None:
         # one line, like every expected error (click's own shows usage, hint and error)
         where = exc.ctx.command_path if exc.ctx is not None else "edge-agent"
         click.echo(f"Error: {exc.format_message().rstrip('.')} (see: {where} --help)", err=True)
-        sys.exit(2)
+        # a monitoring plugin's bad arguments are UNKNOWN (3); 2 would page as CRITICAL
+        sys.exit(3 if where.endswith(" status") and "--check" in (argv or sys.argv[1:]) else 2)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -36,6 +36,7 @@ from agent.errors import ConfigError, EdgeAgentError
 from agent.forwarder import ForwarderSettings, PriorityGate, StreamForwarder
 from agent.heartbeat import HeartbeatFile
 from agent.interfaces import Sink, Source
+from agent.outage import SinkOutages
 from agent.status import HEARTBEAT_INTERVAL, build_snapshot
 
 log = logging.getLogger("edge_agent.runtime")
@@ -76,6 +77,7 @@ class Agent:
         self._reload = asyncio.Event()
         self._gen: _Generation | None = None
         self._gate = PriorityGate()
+        self._outages = SinkOutages()
         self._samples: collections.deque[tuple[float, int, int, int]] = collections.deque()
         self._snapshot: dict[str, Any] = {}
         self._metrics: Any = None
@@ -237,6 +239,7 @@ class Agent:
                         priority=cfg.priority_of(stream),
                         gate=self._gate,
                         observe=self._observe,
+                        outages=self._outages,
                     )
                     gen.forwarders[stream] = fw
                     fwd_tasks.append(tg.create_task(fw.run(), name=f"forward:{stream}"))
