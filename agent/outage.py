@@ -59,6 +59,7 @@ class SinkOutage:
         self.clock = clock
         self.started: float | None = None
         self.failing: set[str] = set()
+        self.involved: set[str] = set()  # every stream that failed during this outage
         self.retries = 0
         self.auth = False
         self.last_reason: str | None = None
@@ -81,6 +82,7 @@ class SinkOutage:
     ) -> None:
         now = self.clock()
         self.failing.add(stream)
+        self.involved.add(stream)
         self.last_reason = reason
         if self.started is None:
             self.started, self.retries, self.auth = now, 0, auth
@@ -116,7 +118,7 @@ class SinkOutage:
         if self.started is None or self.failing:
             return
         length = self.clock() - self.started
-        backlog, _ = await figures({stream}) if figures else (None, None)
+        backlog, _ = await figures(self.involved) if figures else (None, None)
         draining = f"; draining a backlog of {backlog:,}" if backlog else ""
         self._log(
             logging.INFO,
@@ -130,6 +132,7 @@ class SinkOutage:
         self.started = None
         self.retries = 0
         self.auth = False
+        self.involved = set()
 
     def _first(
         self,
