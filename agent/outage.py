@@ -95,7 +95,11 @@ class SinkOutage:
             return
         if now - self._last_line < self.interval:
             return
-        backlog, oldest = await figures(self.failing) if figures else (None, None)
+        # Claim this summary before awaiting the figures: another stream's forwarder may
+        # fail meanwhile, and must not write a second one.
+        self._last_line = now
+        started = self.started
+        backlog, oldest = await figures(set(self.failing)) if figures else (None, None)
         parts = [f"{self.retries:,} retries"]
         if backlog is not None:
             parts.append(f"backlog {backlog:,}")
@@ -107,7 +111,7 @@ class SinkOutage:
             "sink %s %s for %s: %s (last error: %s)",
             self.sink,
             what,
-            _age(now - self.started),
+            _age(now - started),
             ", ".join(parts),
             reason,
             extra={"sink": self.sink, "outcome": "auth" if auth else "retry"},
@@ -117,22 +121,22 @@ class SinkOutage:
         self.failing.discard(stream)
         if self.started is None or self.failing:
             return
+        # End the outage before awaiting anything: the other streams' forwarders deliver
+        # too, and exactly one of them may say so.
         length = self.clock() - self.started
-        backlog, _ = await figures(self.involved) if figures else (None, None)
+        retries, involved = self.retries, self.involved
+        self.started, self.retries, self.auth, self.involved = None, 0, False, set()
+        backlog, _ = await figures(involved) if figures else (None, None)
         draining = f"; draining a backlog of {backlog:,}" if backlog else ""
         self._log(
             logging.INFO,
             "sink %s delivering again after an outage of %s (%s retries)%s",
             self.sink,
             _age(length),
-            f"{self.retries:,}",
+            f"{retries:,}",
             draining,
             extra={"sink": self.sink, "stream": stream, "outage_s": round(length, 3)},
         )
-        self.started = None
-        self.retries = 0
-        self.auth = False
-        self.involved = set()
 
     def _first(
         self,

@@ -295,3 +295,26 @@ def test_real_outage_is_a_few_lines_with_priorities(gateway: Any, tmp_path: Path
     assert len(others) <= 2, others
     print(f"real outage of {length:.1f} s, summary interval {INTERVAL:g} s: {len(during)} log "
           f"lines ({len(fwd)} from the forwarder), {retries} retries")  # fmt: skip
+
+
+def test_streams_racing_through_the_figures_say_things_once(collected: Collect) -> None:
+    """Found by the 10-minute measurement: two streams' forwarders recovering together
+    both logged the recovery while one awaited the buffer's figures."""
+    clock = Clock()
+    out = SinkOutage("central", interval=60.0, clock=clock)
+
+    async def slow(_: set[str]) -> tuple[int, float | None]:
+        await asyncio.sleep(0.01)
+        return 5, 1.0
+
+    async def run() -> None:
+        await out.failed("a", "down", figures=slow)
+        await out.failed("b", "down", figures=slow)
+        clock.now += 61
+        await asyncio.gather(out.failed("a", "down", figures=slow),
+                             out.failed("b", "down", figures=slow))  # fmt: skip
+        await asyncio.gather(out.delivered("a", figures=slow), out.delivered("b", figures=slow))
+
+    asyncio.run(run())
+    msgs = [r.getMessage() for r in collected.records]
+    assert [m.split(" ")[2] for m in msgs] == ["failing", "still", "delivering"], msgs
