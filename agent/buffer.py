@@ -135,6 +135,10 @@ MIGRATIONS: list[str] = [
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
+#: The buffer's mode (and so its -wal and -shm): the agent's user writes, members of its
+#: group (``edge-agent`` on a .deb install) may read, for `edge-agent status`; others nothing.
+FILE_MODE = 0o640
+
 #: After the disk filled up, appends are refused until this much is free again, so the
 #: agent does not flap between accepting and refusing at the edge of a full disk.
 DISK_RESERVE = 4 * 1024 * 1024
@@ -252,11 +256,11 @@ class Buffer:
         if existed and not os.access(self.path, os.R_OK | os.W_OK):
             raise BufferError_(
                 f"cannot open buffer {self.path}: permission denied "
-                "(the agent's user must own it: chown edge-agent and chmod 600)"
+                "(the agent's user must own it: chown edge-agent and chmod 640)"
             )
         if not existed:
-            # 0600 from the first byte, whatever the umask (-wal/-shm follow the main file)
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+            # FILE_MODE from the first byte, whatever the umask (-wal/-shm follow the main file)
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, FILE_MODE))
         try:
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
             await self._call(self._init_sync, existed)
@@ -279,7 +283,7 @@ class Buffer:
         await self._reader.execute("PRAGMA query_only = ON")
         await self._reader.execute("PRAGMA busy_timeout = 5000")
         with contextlib.suppress(OSError):
-            os.chmod(self.path, 0o600)
+            os.chmod(self.path, FILE_MODE)
         self._writer = asyncio.create_task(self._write_loop(), name="buffer-writer")
 
     def _init_sync(self, existed: bool) -> None:

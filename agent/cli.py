@@ -35,6 +35,19 @@ CONFIG_OPTION = click.option(
 )
 
 
+#: status' own -c: an unreadable config is its one line saying which group to join
+#: (_load_readable), not click's "is not readable" usage error
+STATUS_CONFIG_OPTION = click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False, readable=False),
+    default=Path("/etc/edge-agent/edge-agent.toml"),
+    show_default=True,
+    help="config file",
+)
+
+
 class Failure(click.ClickException):
     """A runtime failure: exit 1 with one line."""
 
@@ -210,14 +223,21 @@ def config_show(config_path: Path, as_json: bool) -> None:
 # ---------------------------------------------------------------------------------- status
 
 
+class NoBuffer(Failure):
+    """The buffer does not exist: the agent never ran with this config."""
+
+
 def _snapshot_offline(cfg: Config) -> dict[str, Any]:
-    from agent.status import build_snapshot, read_offline
+    from agent.status import access_problem, build_snapshot, read_offline
 
     path = Path(cfg.buffer.path)
+    problem = access_problem(path)
+    if problem is not None:
+        raise Failure(problem)
     try:
         rows, hb, meta = read_offline(path)
     except FileNotFoundError:
-        raise Failure(
+        raise NoBuffer(
             f"no buffer at {path}: the agent has not run with this config yet "
             "(start it: edge-agent run -c FILE)"
         ) from None
@@ -241,28 +261,144 @@ def _snapshot_offline(cfg: Config) -> dict[str, Any]:
     )
 
 
+class Duration(click.ParamType):
+    """A duration as in the config (90s, 15m, 4h, 2d, plain seconds); ``off`` disables."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value is None or isinstance(value, float):
+            return value
+        if str(value).strip().lower() in ("off", "none", "-"):
+            return None
+        from agent.config import parse_duration
+
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class Count(click.ParamType):
+    name = "count"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value is None or isinstance(value, int):
+            return value
+        if str(value).strip().lower() in ("off", "none", "-"):
+            return None
+        if not str(value).strip().isdigit():
+            self.fail(f"'{value}' is not a count (a whole number, or off)", param, ctx)
+        return int(value)
+
+
+def _threshold(name: str, kind: click.ParamType, default: str, what: str) -> Any:
+    return click.option(f"--{name}", type=kind, default=default, show_default=True,
+                        help=f"--check: {what} (off disables)")  # fmt: skip
+
+
+def _load_readable(path: Path) -> Config:
+    """_load, but a config this user may not read says how to get access (status is the
+    one command a non-root operator runs)."""
+    from agent.status import unreadable
+
+    problem = unreadable(path)
+    if problem is not None:
+        raise Failure(problem)
+    try:
+        return _load(path)
+    except PermissionError as exc:  # a file the config names (ca_file, token_file, ...)
+        named = Path(exc.filename) if exc.filename else path
+        raise Failure(unreadable(named) or f"permission denied: {named}") from None
+
+
+def _status_check(config_path: Path, thresholds: Any) -> None:
+    """The monitoring-plugin form: one line on stdout, exit 0/1/2/3, never another code."""
+    from agent.status_check import CRITICAL, UNKNOWN, evaluate, line
+
+    try:
+        cfg = _load_readable(config_path)
+        code, out = evaluate(_snapshot_offline(cfg), thresholds)
+    except NoBuffer as exc:
+        code, out = CRITICAL, line(CRITICAL, f"agent not running: {exc.message}")
+    except (Failure, ConfigError, OSError) as exc:
+        text = exc.message if isinstance(exc, Failure) else f"{exc}"
+        if isinstance(exc, ConfigError):
+            text = f"config error: {exc}"
+        code, out = UNKNOWN, line(UNKNOWN, text)
+    click.echo(out)
+    sys.exit(code)
+
+
 @cli.command()
-@CONFIG_OPTION
+@STATUS_CONFIG_OPTION
 @click.option("--json", "as_json", is_flag=True, help="print the snapshot as JSON (schema 1)")
 @click.option("--watch", is_flag=True, help="refresh every --interval seconds until Ctrl-C")
 @click.option("--interval", type=float, default=2.0, show_default=True)
-def status(config_path: Path, as_json: bool, watch: bool, interval: float) -> None:
-    """Backlog, oldest unsent age, connections and errors at a glance (agent running or not)."""
-    cfg = _load(config_path)
+@click.option(
+    "--check",
+    is_flag=True,
+    help="monitoring plugin (Nagios, Icinga, Zabbix, Checkmk): one line with perfdata; "
+    "exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN",
+)
+@_threshold("warn-age", Duration(), "15m", "WARNING when the oldest unsent event is older")
+@_threshold("crit-age", Duration(), "4h", "CRITICAL when the oldest unsent event is older")
+@_threshold("warn-runway", Duration(), "12h", "WARNING when the buffer is full sooner")
+@_threshold("crit-runway", Duration(), "2h", "CRITICAL when the buffer is full sooner")
+@_threshold("warn-dead-letters", Count(), "0", "WARNING above this many dead letters")
+@_threshold("crit-dead-letters", Count(), "off", "CRITICAL above this many dead letters")
+def status(
+    config_path: Path,
+    as_json: bool,
+    watch: bool,
+    interval: float,
+    check: bool,
+    **thresholds: Any,
+) -> None:
+    """Backlog, oldest unsent age, connections and errors at a glance (agent running or not).
+
+    Exit codes: 0 the agent runs, 3 it does not (the table still shows the buffer), 1 the
+    status cannot be read (the line says why), 2 a config error. With --json: 0 whenever
+    the snapshot is printed ("running" says the rest), like `systemctl show`. With --check:
+    0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (Nagios plugin guidelines).
+    """
+    if check:
+        from agent.status_check import Thresholds
+
+        _status_check(config_path, Thresholds(**thresholds))
+    cfg = _load_readable(config_path)
     if as_json and not watch:
         click.echo(orjson.dumps(_snapshot_offline(cfg), option=orjson.OPT_INDENT_2).decode())
         return
     from agent.status_view import render
 
     if not watch:
-        render(_snapshot_offline(cfg))
+        snap = _snapshot_offline(cfg)
+        render(snap)
+        if not snap["agent"]["running"]:
+            sys.exit(3)  # LSB and `systemctl status`: 3 = program is not running
         return
     from rich.console import Console
     from rich.live import Live
 
-    from agent.status_view import renderable
+    from agent.status_view import WIDTH, renderable
 
-    console = Console()
+    probe = Console()
+    # piped (a file, `| tee`): exactly 100 columns, as the one-shot table; a terminal: its own
+    if not probe.is_terminal:
+        # Piped (a file, `| tee`): one frame per interval, exactly 100 columns like the
+        # one-shot table, with the time between frames (a Live display would print nothing
+        # until Ctrl-C, and at the pipe's default 80 columns).
+        console = Console(width=WIDTH)
+        with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
+            while True:
+                snap = _snapshot_offline(cfg)
+                console.print(f"--- {datetime.now(UTC).strftime('%Y-%m-%d %H:%M:%SZ')}")
+                console.print(renderable(snap))
+                sys.stdout.flush()
+                time.sleep(interval)
+        return
+    console = probe if probe.width <= WIDTH else Console(width=WIDTH)
     with contextlib.suppress(KeyboardInterrupt), Live(console=console, auto_refresh=False) as live:
         while True:
             live.update(renderable(_snapshot_offline(cfg)), refresh=True)
@@ -309,7 +445,9 @@ def dl_list(config_path: Path, stream: str | None, as_json: bool) -> None:
     for name, seq, eid, at, st, retry, reason in rows:
         when = datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
         flag = " (retry requested)" if retry else ""
-        click.echo(f"{name}  #{seq}  {eid}  {when}  HTTP {st or '-'}{flag}  {reason[:120]}")
+        # the gateway's reason in full, on the same line (one line per dead letter, for grep)
+        reason = " ".join((reason or "").split())
+        click.echo(f"{name}  #{seq}  {eid}  {when}  HTTP {st or '-'}{flag}  {reason}")
 
 
 def _dl_where(ids: tuple[str, ...], all_: bool, stream: str | None) -> tuple[str, tuple[Any, ...]]:
@@ -482,11 +620,11 @@ def main(argv: list[str] | None = None) -> None:
             exc, click.ClickException | click.exceptions.Abort | KeyboardInterrupt
         ):
             raise
-        sys.exit(_report(exc))
+        sys.exit(_report(exc, argv if argv is not None else sys.argv[1:]))
     sys.exit(0)
 
 
-def _report(exc: BaseException) -> int:
+def _report(exc: BaseException, args: list[str]) -> int:
     """One line for an expected failure, and its exit code: 2 when the config or a file it
     names is at fault, 1 otherwise. Anything else is a bug: logged with its traceback."""
     if isinstance(exc, click.exceptions.Abort):
@@ -496,7 +634,8 @@ def _report(exc: BaseException) -> int:
         # one line, like every expected error (click's own shows usage, hint and error)
         where = exc.ctx.command_path if exc.ctx is not None else "edge-agent"
         click.echo(f"Error: {exc.format_message().rstrip('.')} (see: {where} --help)", err=True)
-        return 2
+        # a monitoring plugin's bad arguments are UNKNOWN (3); 2 would page as CRITICAL
+        return 3 if where.endswith(" status") and "--check" in args else 2
     if isinstance(exc, click.ClickException):
         exc.show()
         return exc.exit_code

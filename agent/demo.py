@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shlex
 import signal
 import socket
 import sys
@@ -33,6 +34,21 @@ def self_command() -> list[str]:
     if getattr(sys, "frozen", False):
         return [sys.executable]
     return [sys.executable, "-m", "agent"]
+
+
+def operator_command(*args: str) -> str:
+    """A command line an operator can paste into another shell, as printed.
+
+    The ``edge-agent`` console script is often not on PATH (a venv not activated, ``python3
+    dev.py demo``), so name it by its full path: the binary itself when frozen, else the
+    script beside this interpreter, else ``python -m agent``.
+    """
+    if getattr(sys, "frozen", False):
+        argv = [sys.executable]
+    else:
+        script = Path(sys.executable).parent / "edge-agent"
+        argv = [str(script)] if os.access(script, os.X_OK) else [sys.executable, "-m", "agent"]
+    return shlex.join([*argv, *args])
 
 
 def free_port() -> int:
@@ -134,7 +150,7 @@ async def run_demo(
     if outage_at > 0:
         echo(f"  at {outage_at:g}s the gateway is killed for {outage_for:g}s: watch the backlog")
     echo("  Ctrl-C stops. In another shell, while it runs:")
-    echo(f"    edge-agent status -c {workdir / 'demo.toml'}")
+    echo(f"    {operator_command('status', '-c', str(workdir / 'demo.toml'))}")
     (workdir / "demo.toml").write_text(
         f'[agent]\nid = "demo-agent"\nplant = "demo-plant"\n[buffer]\npath = "{cfg.buffer.path}"\n'
         f'[sinks.gateway]\ntype = "https"\nurl = "{gw.url}"\n'

@@ -29,6 +29,7 @@ from typing import Any
 from agent.buffer import Buffer
 from agent.ids import ulid
 from agent.interfaces import Batch, ComponentState, Outcome, SendResult, Sink
+from agent.outage import SinkOutage, SinkOutages
 
 log = logging.getLogger("edge_agent.forwarder")
 
@@ -89,6 +90,7 @@ class StreamForwarder:
         priority: str = "normal",
         gate: PriorityGate | None = None,
         observe: ResultObserver | None = None,
+        outages: SinkOutages | None = None,
     ) -> None:
         self.buffer = buffer
         self.stream = stream
@@ -102,6 +104,9 @@ class StreamForwarder:
         self.status = ComponentState(state="idle", since=time.time())
         self._attempt = 0
         self._last_poll = 0.0
+        #: the sink's outage, shared with the other streams to the same sink: a few log
+        #: lines per outage instead of one per retry (agent/outage.py)
+        self.outage: SinkOutage = (outages or SinkOutages()).get(sink.name)
 
     # ------------------------------------------------------------------ main loop
 
@@ -222,7 +227,7 @@ class StreamForwarder:
             if outcome is Outcome.RETRY:
                 delay = self._backoff(result.retry_after)
                 self._set_state("retrying", result.reason)
-                log.warning(
+                log.debug(
                     "stream %s: batch %s (sequences %d-%d) not delivered: %s; retry %d in %.1f s",
                     self.stream,
                     batch.batch_id,
@@ -233,18 +238,24 @@ class StreamForwarder:
                     delay,
                     extra=self._extra(batch),
                 )
+                await self.outage.failed(
+                    self.stream,
+                    result.reason,
+                    retry_in=delay,
+                    extra=self._extra(batch),
+                    figures=self._figures,
+                )
                 await self._note_error(result.reason)
                 await asyncio.sleep(delay)
             elif outcome is Outcome.AUTH:
                 self._set_state("auth_failed", result.reason)
-                log.error(
-                    "stream %s: THE CENTRAL SIDE REFUSES OUR CREDENTIALS: %s. Nothing is dropped; "
-                    "retrying every %.0f s. Fix the token or certificate of sink %s.",
+                await self.outage.failed(
                     self.stream,
                     result.reason,
-                    self.settings.auth_retry_interval,
-                    self.sink.name,
+                    auth=True,
+                    retry_in=self.settings.auth_retry_interval,
                     extra=self._extra(batch),
+                    figures=self._figures,
                 )
                 await self._note_error(f"AUTH: {result.reason}")
                 await self._mark_busy(False)
@@ -303,7 +314,8 @@ class StreamForwarder:
     async def _accepted(self, batch: Batch, result: SendResult) -> None:
         await self.buffer.ack(batch)
         if self._attempt or self.status.state not in ("sending", "idle"):
-            log.info("stream %s: delivering again after %d retries", self.stream, self._attempt)
+            log.debug("stream %s: delivering again after %d retries", self.stream, self._attempt)
+        await self.outage.delivered(self.stream, figures=self._figures)
         self._attempt = 0
         self._set_state("sending")
         log.debug(
@@ -387,6 +399,18 @@ class StreamForwarder:
             self.settings.backoff_max, self.settings.backoff_initial * (2 ** min(self._attempt, 30))
         )
         return random.uniform(0, cap)  # full jitter  # noqa: S311
+
+    async def _figures(self, streams: set[str]) -> tuple[int, float | None]:
+        """Backlog and oldest unsent age of ``streams``, for an outage summary (a minute
+        apart at most, so one read of the streams table is cheap)."""
+        rows = await self.buffer.stream_rows()
+        now = time.time()
+        mine = [r for r in rows if r["name"] in streams]
+        oldest = [r["oldest_unsent_at"] for r in mine if r.get("oldest_unsent_at")]
+        return (
+            sum(int(r["backlog_events"]) for r in mine),
+            now - min(oldest) if oldest else None,
+        )
 
     def _set_state(self, state: str, error: str | None = None) -> None:
         if state != self.status.state:

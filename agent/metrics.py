@@ -23,21 +23,31 @@ oldest_unsent_age_seconds                   gauge   stream, sink (0 when nothing
 dead_letters                                gauge   stream, sink
 last_sequence, forwarded_sequence           gauge   stream, sink
 last_forwarded_timestamp_seconds            gauge   stream, sink
-forwarder_state                             gauge   stream, sink, state (1 for current)
+forwarder_state                             gauge   stream, sink, state (enum, see below)
 forwarder_up                                gauge   stream, sink (1 idle/sending, else 0)
 source_connected                            gauge   source, type, stream (1 up / 0 down)
-source_state                                gauge   source, type, state (1 for current)
+source_state                                gauge   source, type, state (enum, see below)
 source_events_accepted_total                counter source
 source_events_rejected_total                counter source, reason
 source_duplicates_total                     counter source
 source_* (OPC UA detail, see SOURCE_DETAIL) mixed   source
-sink_connected                              gauge   sink, type, state (1 up / 0 otherwise)
+sink_connected                              gauge   sink, type (1 connected / 0 otherwise)
+sink_state                                  gauge   sink, type, state (enum, see below)
 buffer_file_bytes, _used_bytes, _max_bytes  gauge
 buffer_ingest_rate_events_per_second        gauge
 buffer_full_in_seconds                      gauge   +Inf when the buffer is not filling
 batch_latency_seconds                       histo   stream, sink (send round trip per batch)
 batches_total, batch_events_total           counter stream, sink, outcome
+process_*, python_info, python_gc_*         mixed   the standard process and runtime collectors
 =========================================== ======= ==========================================
+
+The ``*_state`` gauges are enums (the prometheus-client ``Enum`` shape): one series per
+known state (SINK_STATES, SOURCE_STATES, FORWARDER_STATES), 1 for the current one and 0 for
+the others, so a series never changes its labels when the state changes: ``for:`` clauses,
+``changes()`` and recording rules keep working across a transition. A state outside the
+known list (a newer adapter) is added as one more series, never hidden. No ``_created``
+series: counters here restart from the buffer's values, and a creation time would only
+double the number of series.
 
 ``buffer_full_in_seconds`` is the same forecast as status' "buffer full in ~31 h": used and
 free bytes against the recent ingest rate. When the buffer is not filling (status shows
@@ -59,7 +69,11 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
@@ -70,9 +84,12 @@ log = logging.getLogger("edge_agent.metrics")
 __all__ = [
     "DEFAULT_LISTEN",
     "LATENCY_BUCKETS",
+    "FORWARDER_STATES",
     "FORWARDER_UP_STATES",
+    "SINK_STATES",
     "SINK_UP_STATES",
     "SOURCE_DETAIL",
+    "SOURCE_STATES",
     "SOURCE_UP_STATES",
     "UP_STATES",
     "MetricsServer",
@@ -95,6 +112,24 @@ SINK_UP_STATES = frozenset({"connected"})
 FORWARDER_UP_STATES = frozenset({"idle", "sending"})
 #: Every state that counts as up somewhere (kept for callers of the old single set).
 UP_STATES = SOURCE_UP_STATES | SINK_UP_STATES
+
+#: The enum gauges' states: every one of them is exported, 1 for the current, 0 otherwise.
+SINK_STATES = ("starting", "connected", "disconnected", "auth_failed", "error", "stopped")
+SOURCE_STATES = (
+    "starting", "connected", "listening", "disconnected", "auth_failed", "error", "finished",
+    "stopped",
+)  # fmt: skip
+FORWARDER_STATES = ("idle", "sending", "retrying", "auth_failed", "error", "stopped")
+
+
+def _enum(fam: GaugeMetricFamily, labels: list[str], current: str, states: Iterable[str]) -> None:
+    """One series per state, 1 for ``current`` (added when it is not a known state)."""
+    known = list(states)
+    if current and current not in known:
+        known.append(current)
+    for st in known:
+        fam.add_metric([*labels, st], 1 if st == current else 0)
+
 
 #: Numeric ``sources[].detail`` keys exported per source, beyond accepted / rejected /
 #: duplicates: (detail key, metric name, kind, help). A dict value counts its entries
@@ -300,7 +335,7 @@ class SnapshotCollector(Collector):
         )
         fwd_state = GaugeMetricFamily(
             "edge_agent_forwarder_state",
-            "1 for the stream forwarder's current state "
+            "Stream forwarder state as an enum: one series per state, 1 for the current "
             "(idle, sending, retrying, auth_failed, error, stopped)",
             labels=[*labels, "state"],
         )
@@ -314,7 +349,7 @@ class SnapshotCollector(Collector):
             lv = [_s(s.get("stream")), _s(s.get("sink"))]
             if "state" in s:
                 st = _s(s.get("state"))
-                fwd_state.add_metric([*lv, st], 1)
+                _enum(fwd_state, lv, st, FORWARDER_STATES)
                 fwd_up.add_metric(lv, 1 if st in FORWARDER_UP_STATES else 0)
             for key, counter in counters.items():
                 counter.add_metric(lv, _num(s.get(key)))
@@ -338,7 +373,7 @@ class SnapshotCollector(Collector):
         )
         state = GaugeMetricFamily(
             "edge_agent_source_state",
-            "1 for the source's current state",
+            "Source state as an enum: one series per state, 1 for the current",
             labels=["source", "type", "state"],
         )
         accepted = CounterMetricFamily(
@@ -364,7 +399,7 @@ class SnapshotCollector(Collector):
                 [name, _s(s.get("type")), _s(s.get("stream"))],
                 1 if st in SOURCE_UP_STATES else 0,
             )
-            state.add_metric([name, _s(s.get("type")), st], 1)
+            _enum(state, [name, _s(s.get("type"))], st, SOURCE_STATES)
             detail = s.get("detail") or {}
             if not isinstance(detail, dict):
                 continue
@@ -398,14 +433,22 @@ class SnapshotCollector(Collector):
     def _sinks(sinks: list[dict[str, Any]]) -> Iterator[Any]:
         fam = GaugeMetricFamily(
             "edge_agent_sink_connected",
-            "1 when the sink is connected, else 0; the state label says which state",
+            "1 when the sink is connected, else 0 (edge_agent_sink_state says which state)",
+            labels=["sink", "type"],
+        )
+        state = GaugeMetricFamily(
+            "edge_agent_sink_state",
+            "Sink state as an enum: one series per state, 1 for the current "
+            "(auth_failed: the central side refuses our credentials)",
             labels=["sink", "type", "state"],
         )
         for s in sinks:
             st = _s(s.get("state"))
-            up = 1 if st in SINK_UP_STATES else 0
-            fam.add_metric([_s(s.get("name")), _s(s.get("type")), st], up)
+            lv = [_s(s.get("name")), _s(s.get("type"))]
+            fam.add_metric(lv, 1 if st in SINK_UP_STATES else 0)
+            _enum(state, lv, st, SINK_STATES)
         yield fam
+        yield state
 
 
 class MetricsServer:
@@ -421,8 +464,14 @@ class MetricsServer:
         self._host, self._port = parse_listen(listen)
         self._snapshot = snapshot
         self._ready = ready
+        # No *_created series (see the module docstring); prometheus-client's switch is
+        # process-wide, and this process serves no other registry.
+        disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SnapshotCollector(snapshot))
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, _resident_...
+        PlatformCollector(registry=self.registry)  # python_info
+        GCCollector(registry=self.registry)
         self._latency = Histogram(
             "edge_agent_batch_latency_seconds",
             "Seconds from sending a batch to the sink's answer",

@@ -37,6 +37,7 @@ from agent.errors import ConfigError, EdgeAgentError
 from agent.forwarder import ForwarderSettings, PriorityGate, StreamForwarder
 from agent.heartbeat import HeartbeatFile
 from agent.interfaces import Sink, Source
+from agent.outage import SinkOutages
 from agent.preflight import preflight
 from agent.status import HEARTBEAT_INTERVAL, build_snapshot
 
@@ -81,6 +82,7 @@ class Agent:
         self._reload = asyncio.Event()
         self._gen: _Generation | None = None
         self._gate = PriorityGate()
+        self._outages = SinkOutages()
         self._samples: collections.deque[tuple[float, int, int, int]] = collections.deque()
         self._snapshot: dict[str, Any] = {}
         self._metrics: Any = None
@@ -255,6 +257,7 @@ class Agent:
                         priority=cfg.priority_of(stream),
                         gate=self._gate,
                         observe=self._observe,
+                        outages=self._outages,
                     )
                     gen.forwarders[stream] = fw
                     fwd_tasks.append(tg.create_task(fw.run(), name=f"forward:{stream}"))
@@ -455,6 +458,7 @@ class Agent:
             "net_fill_bps": net_fill,
             "refused": dict(buffer.refused_by_stream),
             "last_write_error": buffer.last_write_error,
+            "accepting": buffer.has_room(),
             "stopped": stopped,
         }
         assert self._heartbeat is not None

@@ -11,7 +11,8 @@ Schema 1 of ``status --json`` (stable; new keys may be added, none removed or re
     {"schema": 1,
      "agent": {"id", "plant", "version", "running", "pid", "started_at", "heartbeat_age_s"},
      "buffer": {"path", "file_bytes", "used_bytes", "max_bytes", "on_full", "durability",
-                "epoch", "ingest_rate_eps", "full_in_s", "refused_total"},
+                "epoch", "ingest_rate_eps", "full_in_s", "refused_total", "last_write_error",
+                "accepting"},
      "streams": [{"stream", "sink", "priority", "last_sequence", "forwarded_sequence",
                   "backlog_events", "backlog_bytes", "oldest_unsent_age_s", "last_forwarded_at",
                   "last_error", "state", "dead_letters", "ingested_total", "forwarded_total",
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.buffer import read_stream_rows
-from agent.heartbeat import read_heartbeat
+from agent.heartbeat import heartbeat_path, read_heartbeat
 
 HEARTBEAT_INTERVAL = 2.0
 SCHEMA = 1
@@ -141,6 +142,8 @@ def build_snapshot(
             "full_in_s": full_in,
             "refused_total": int(sum(refused.values())) if refused else 0,
             "last_write_error": hb.get("last_write_error") if running else None,
+            # False while appends are refused (buffer full under on_full = block, disk full)
+            "accepting": bool(hb.get("accepting", True)) if running else None,
         },
         "streams": streams,
         "sinks": hb.get("sinks", [])
@@ -150,6 +153,69 @@ def build_snapshot(
         if running
         else [{**s, "state": "stopped"} for s in hb.get("sources", [])],
     }
+
+
+def access_problem(path: Path) -> str | None:
+    """None when this user may read the buffer and heartbeat; else one line saying what to do.
+
+    A non-root operator reads them through the group that owns them (``edge-agent`` on a
+    .deb install: state directory 0750, buffer and heartbeat 0640). Without this, SQLite
+    says "unable to open database file" and a heartbeat that cannot be read would look like
+    an agent that is not running.
+    """
+    return unreadable(path, heartbeat_path(path))
+
+
+def unreadable(*files: Path) -> str | None:
+    """The one-line fix when this user may not read one of ``files`` (None: all readable
+    or absent)."""
+    blocked: Path | None = None
+    checks: list[tuple[Path, int]] = []
+    for f in files:
+        checks += [(f.parent, os.X_OK), (f, os.R_OK)]
+    for p, need in checks:
+        try:
+            os.stat(p)
+        except FileNotFoundError:
+            continue  # no buffer yet, or no heartbeat yet: said elsewhere
+        except PermissionError:
+            blocked = p.parent
+            break
+        if not os.access(p, need):
+            blocked = p
+            break
+    if blocked is None:
+        return None
+    import grp
+    import pwd
+    import stat
+
+    try:
+        st = os.stat(blocked)
+    except OSError:
+        return f"permission denied: cannot reach {blocked}: run it as root (sudo edge-agent status)"
+
+    def name(fn: Any, ident: int) -> str:
+        try:
+            return str(fn(ident)[0])
+        except KeyError:
+            return str(ident)
+
+    user = name(pwd.getpwuid, os.geteuid())
+    owner, group = name(pwd.getpwuid, st.st_uid), name(grp.getgrgid, st.st_gid)
+    mode = stat.filemode(st.st_mode)
+    where = f"{blocked} ({mode} {owner}:{group})"
+    if st.st_gid == 0 or not st.st_mode & (stat.S_IRGRP if blocked.is_file() else stat.S_IXGRP):
+        fix = (
+            "run it as root (sudo edge-agent status ...), or let the edge-agent group read "
+            "the state directory (0750) and the buffer and heartbeat (0640), see docs/install.md"
+        )
+    else:
+        fix = (
+            f"add {user} to the {group} group (sudo usermod -aG {group} {user}, then log in "
+            "again) or run it as root"
+        )
+    return f"permission denied: {user} may not read {where}: {fix}"
 
 
 def read_offline(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None, dict[str, str]]:

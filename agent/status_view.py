@@ -37,6 +37,8 @@ def _ago(ts: float | None) -> str:
     return human_duration(time.time() - ts) + " ago" if ts else "-"
 
 
+#: the table's width when piped, and its widest on a terminal
+WIDTH = 100
 #: widest the per-source detail cell gets; the rest of the row must fit in 100 columns
 DETAIL_WIDTH = 32
 
@@ -168,5 +170,5 @@ def renderable(snap: dict[str, Any]) -> Group:
 def render(snap: dict[str, Any]) -> None:
     """On a terminal: its width, at most 100. Piped (a file, a ticket): exactly 100."""
     probe = Console()
-    width = min(100, probe.width) if probe.is_terminal else 100
+    width = min(WIDTH, probe.width) if probe.is_terminal else WIDTH
     Console(width=width).print(renderable(snap))

@@ -225,10 +225,12 @@ async def test_presence_online_retained_then_offline_on_stop(
     offline = orjson.loads(msgs[1].payload)
     assert offline["status"] == "offline" and offline["reason"] == "stopped"
     assert offline["started_at"] == body["started_at"]
+    assert msgs[1].content_type == "application/json"  # docs/mqtt.md: every presence message
     # ... and retained: what a new subscriber sees now
     fresh = mqtt_subscriber(mosquitto, STATUS_TOPIC)
     (kept,) = await received(fresh, lambda m: len(m) >= 1)
     assert kept.retain and orjson.loads(kept.payload)["status"] == "offline"
+    assert kept.content_type == "application/json"
     assert sink.state().state == "stopped"
     await sink.stop()  # idempotent
 

@@ -323,8 +323,11 @@ def test_status_running_and_stopped(gateway: Any, tmp_path: Path) -> None:
     buf = Path(cfg["buffer"]["path"])
     files = sorted(p for p in tmp_path.iterdir() if p.name.startswith("buffer.db"))
     before = {p.name: sha256(p) for p in files}
-    stopped = status_json(c)
-    table = ok(edge_agent("status", "-c", str(c)))
+    stopped = status_json(c)  # --json: 0 whenever it prints the snapshot
+    res = edge_agent("status", "-c", str(c))
+    assert res.returncode == 3, (res.returncode, res.stderr)  # the table: 3 = not running
+    assert "Traceback" not in res.stdout + res.stderr and res.stderr == ""
+    table = res.stdout
     assert {p.name: sha256(p) for p in files} == before, "status changed the buffer"
     assert buf in files
     assert stopped["agent"]["running"] is False and stopped["agent"]["pid"] is None
@@ -434,10 +437,15 @@ def test_dead_letters_and_replay_with_the_same_ids(gateway: Any, tmp_path: Path)
         assert [(d["stream"], d["sequence"], d["id"], d["status"]) for d in dl] == [
             ("mes", 10, poison_id, 422)
         ]
-        assert "poison" in dl[0]["reason"]
+        # the reason is the gateway's whole answer, with its own words for this event
+        answer = json.loads(dl[0]["reason"].removeprefix("HTTP 422: "))
+        (refused,) = answer["rejected"]
+        assert refused["id"] == poison_id and refused["reason"] == "poison subject 'POISON-1'"
         listed = ok(edge_agent("dead-letter", "list", "-c", c)).splitlines()
         assert len(listed) == 1 and listed[0].startswith(f"mes  #10  {poison_id}  "), listed
-        assert "HTTP 422" in listed[0] and "poison" in listed[0]
+        assert "HTTP 422" in listed[0]
+        assert listed[0].endswith(f"  {dl[0]['reason']}"), listed  # in full, not cut off
+        assert len(dl[0]["reason"]) > 120, dl  # (the old list cut it at 120 characters)
         assert ok(edge_agent("dead-letter", "list", "--stream", "other", "-c", c)) == (
             "no dead letters\n"
         )

@@ -19,7 +19,14 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.metrics import MetricsServer, observe_batch, parse_listen
+from agent.metrics import (
+    FORWARDER_STATES,
+    SINK_STATES,
+    SOURCE_STATES,
+    MetricsServer,
+    observe_batch,
+    parse_listen,
+)
 
 SNAPSHOT: dict[str, Any] = {
     "schema": 1,
@@ -239,19 +246,16 @@ async def test_metrics_equal_the_status_snapshot(served) -> None:
     )
     assert value(m, "edge_agent_source_connected", source="mes", type="mes_http", stream="mes") == 0
     assert value(m, "edge_agent_source_state", source="mes", type="mes_http", state="disconnected")
-    assert (
-        value(m, "edge_agent_sink_connected", sink="central", type="https", state="disconnected")
-        == 0
-    )
+    assert value(m, "edge_agent_sink_connected", sink="central", type="https") == 0
+    assert value(m, "edge_agent_sink_state", sink="central", type="https", state="disconnected")
 
     # Scrape-time: a change in the snapshot shows on the next scrape, nothing cached.
     snap["streams"][0]["backlog_events"] = 7
     snap["sinks"][0]["state"] = "connected"
     m = samples((await client.get("/metrics")).text)
     assert value(m, "edge_agent_backlog_events", stream="line1", sink="central") == 7
-    assert (
-        value(m, "edge_agent_sink_connected", sink="central", type="https", state="connected") == 1
-    )
+    assert value(m, "edge_agent_sink_connected", sink="central", type="https") == 1
+    assert value(m, "edge_agent_sink_state", sink="central", type="https", state="connected") == 1
 
 
 async def test_buffer_not_filling_is_plus_inf(served) -> None:
@@ -304,6 +308,53 @@ async def test_source_detail_per_channel(served) -> None:
     assert value(m, "edge_agent_source_events_rejected_total", source="drop", reason="x") == 0
 
 
+async def test_states_are_enum_gauges(served) -> None:
+    """Issue 10: one series per state, 1 for the current; a transition changes values only."""
+    _, state, client = served
+
+    def series(m: dict, name: str, **fixed: str) -> dict[str, float]:
+        out = {}
+        for (n, labels), v in m.items():
+            d = dict(labels)
+            if n == name and all(d.get(k) == x for k, x in fixed.items()):
+                out[d["state"]] = v
+        return out
+
+    cases = [
+        ("edge_agent_sink_state", {"sink": "central", "type": "https"}, SINK_STATES,
+         lambda st: state.snapshot["sinks"][0].__setitem__("state", st)),
+        ("edge_agent_source_state", {"source": "line1", "type": "opcua"}, SOURCE_STATES,
+         lambda st: state.snapshot["sources"][0].__setitem__("state", st)),
+        ("edge_agent_forwarder_state", {"stream": "line1", "sink": "central"}, FORWARDER_STATES,
+         lambda st: state.snapshot["streams"][0].__setitem__("state", st)),
+    ]  # fmt: skip
+    for name, fixed, states, set_state in cases:
+        for st in states:
+            set_state(st)
+            m = samples((await client.get("/metrics")).text)
+            got = series(m, name, **fixed)
+            assert set(got) == set(states), f"{name}: {sorted(got)}"
+            assert got == {x: (1.0 if x == st else 0.0) for x in states}, (name, st, got)
+        # a state the list does not know (a newer adapter) is shown, not hidden
+        set_state("draining")
+        got = series(samples((await client.get("/metrics")).text), name, **fixed)
+        assert got["draining"] == 1 and sum(got.values()) == 1 and len(got) == len(states) + 1
+
+
+async def test_no_created_series_and_process_metrics(served) -> None:
+    server, _, client = served
+    server.observe_batch("line1", "central", 0.03, 500, "accepted")
+    text = (await client.get("/metrics")).text
+    assert "_created" not in text
+    m = samples(text)
+    assert value(m, "edge_agent_batches_total", stream="line1", sink="central",
+                 outcome="accepted") == 1  # fmt: skip
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes",
+                 "process_open_fds", "process_start_time_seconds"):  # fmt: skip
+        assert value(m, name) > 0, name
+    assert any(k[0] == "python_info" for k in m)
+
+
 async def test_states_up_or_down(served) -> None:
     """Up is decided per kind: sources, sinks and forwarders name their states differently."""
     _, state, client = served
@@ -337,7 +388,8 @@ async def test_states_up_or_down(served) -> None:
                 got = value(m, "edge_agent_source_connected", source="line1", type="opcua",
                             stream="line1")  # fmt: skip
             elif kind == "sink":
-                got = value(m, "edge_agent_sink_connected", sink="central", type="https", state=st)
+                got = value(m, "edge_agent_sink_connected", sink="central", type="https")
+                assert value(m, "edge_agent_sink_state", sink="central", type="https", state=st)
             else:
                 got = value(m, "edge_agent_forwarder_up", **lv)
                 assert value(m, "edge_agent_forwarder_state", state=st, **lv) == 1
@@ -532,13 +584,12 @@ listen = "127.0.0.1:{mes_port}"
             == 1
         )
     for sink in after["sinks"]:
-        assert value(
-            m,
-            "edge_agent_sink_connected",
-            sink=sink["name"],
-            type=sink["type"],
-            state=sink["state"],
-        ) == (1 if sink["state"] == "connected" else 0)
+        lv = {"sink": sink["name"], "type": sink["type"]}
+        assert value(m, "edge_agent_sink_connected", **lv) == (sink["state"] == "connected")
+        assert value(m, "edge_agent_sink_state", state=sink["state"], **lv) == 1
+    # a real agent's scrape: the process collector, no _created series
+    assert value(m, "process_resident_memory_bytes") > 0
+    assert not [k for k in m if k[0].endswith("_created")]
 
 
 # --------------------------------------------------------------------------- alert rules
@@ -561,8 +612,18 @@ tests:
         values: '1x5 0x30'
       - series: 'edge_agent_events_dead_lettered_total{{instance="a",stream="line1",sink="c"}}'
         values: '0x10 3x30'
-      - series: 'edge_agent_sink_connected{{instance="a",sink="c",type="https",state="retrying"}}'
+      - series: 'edge_agent_sink_connected{{instance="a",sink="c",type="https"}}'
         values: '0x40'
+      - series: 'edge_agent_sink_state{{instance="a",sink="c",type="https",state="disconnected"}}'
+        values: '1x40'
+      - series: 'edge_agent_sink_state{{instance="a",sink="c",type="https",state="auth_failed"}}'
+        values: '0x40'
+      - series: 'edge_agent_sink_connected{{instance="a",sink="d",type="mqtt"}}'
+        values: '1x5 0x35'
+      - series: 'edge_agent_sink_state{{instance="a",sink="d",type="mqtt",state="connected"}}'
+        values: '1x5 0x35'
+      - series: 'edge_agent_sink_state{{instance="a",sink="d",type="mqtt",state="auth_failed"}}'
+        values: '0x5 1x35'
     alert_rule_test:
       - eval_time: 8m
         alertname: EdgeAgentBufferFullSoon
@@ -590,10 +651,22 @@ tests:
         alertname: EdgeAgentDeadLetters
         exp_alerts:
           - exp_labels: {{severity: warning, instance: a, stream: line1, sink: c}}
-      - eval_time: 15m
+      - eval_time: 12m
         alertname: EdgeAgentSinkDown
         exp_alerts:
           - exp_labels: {{severity: warning, instance: a, sink: c}}
+      - eval_time: 20m
+        alertname: EdgeAgentSinkDown
+        exp_alerts:
+          - exp_labels: {{severity: warning, instance: a, sink: c}}
+          - exp_labels: {{severity: warning, instance: a, sink: d}}
+      - eval_time: 5m
+        alertname: EdgeAgentCredentialsRefused
+        exp_alerts: []
+      - eval_time: 10m
+        alertname: EdgeAgentCredentialsRefused
+        exp_alerts:
+          - exp_labels: {{severity: critical, instance: a, sink: d, type: mqtt}}
 """
 
 

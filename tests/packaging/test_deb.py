@@ -139,7 +139,7 @@ done
 sleep 1
 kill -TERM $p; wait $p' >/root/run.log 2>&1 || true
 cd /
-/usr/bin/edge-agent status -c /etc/edge-agent/edge-agent.toml >/dev/null && echo root-status=ok
+/usr/bin/edge-agent status -c /etc/edge-agent/edge-agent.toml >/dev/null; [ $? -eq 3 ] && echo root-status=ok
 find /var/lib/edge-agent -mindepth 1 -exec stat -c "file %n %a %U:%G %F" {} +
 runuser -u nobody -- cat /var/lib/edge-agent/buffer.db >/dev/null 2>&1 && echo other-can-read-buffer=yes || echo other-can-read-buffer=no
 cp /root/packaged.toml /etc/edge-agent/edge-agent.toml
@@ -235,7 +235,8 @@ def test_install_remove_purge(edge_agent_deb: Path, tmp_path: Path) -> None:
     assert any(f[1] == "/var/lib/edge-agent/buffer.db" for f in files), ran
     for _, name, mode, owner, *kind in files:
         assert owner == "edge-agent:edge-agent", f"{name} is owned by {owner}"
-        assert mode == ("700" if kind == ["directory"] else "600"), f"{name} has mode {mode}"
+        # buffer and heartbeat 0640: the edge-agent group may run `edge-agent status`
+        assert mode == ("700" if kind == ["directory"] else "640"), f"{name} has mode {mode}"
     assert "other-can-read-buffer=no" in ran
     assert "systemctl enable --now edge-agent" in install  # tells the admin what is next
     assert "state 700 edge-agent:edge-agent" in reinstall

@@ -40,8 +40,16 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+#: how much of a refusal's body is kept: a rejected event's reason is the gateway's whole
+#: answer (the contract: "the response as reason", shown by dead-letter list and show);
+#: a transient failure's is logged and shown in status, so a short snippet does
+REJECTION_BODY_MAX = 8192
+SNIPPET_MAX = 300
+
+
 def classify(status: int, body: str, retry_after: float | None) -> SendResult:
-    snippet = " ".join(body.split())[:300]
+    limit = REJECTION_BODY_MAX if status in (400, 413, 422) else SNIPPET_MAX
+    snippet = " ".join(body.split())[:limit]
     reason = f"HTTP {status}" + (f": {snippet}" if snippet else "")
     if 200 <= status < 300:
         return SendResult.accepted(status)

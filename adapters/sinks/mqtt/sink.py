@@ -248,7 +248,11 @@ class MqttSink(Sink):
         if conn is not None and not conn.lost.done():
             if self._cfg.presence:
                 sent = self._publish(
-                    conn, self._status_topic, self._status("offline", "stopped"), None, True
+                    conn,
+                    self._status_topic,
+                    self._status("offline", "stopped"),
+                    self._status_properties(),
+                    True,
                 )
                 if isinstance(sent, _Pending):
                     await asyncio.wait({sent.future}, timeout=STOP_TIMEOUT)
@@ -803,12 +807,18 @@ class MqttSink(Sink):
 
     # ------------------------------------------------------------------ helpers
 
+    def _status_properties(self) -> Properties | None:
+        """Every presence message (online, stopped) says it is JSON, as the Last Will does."""
+        if not self._v5:
+            return None
+        props = Properties(PacketTypes.PUBLISH)
+        props.ContentType = STATUS_CONTENT_TYPE
+        return props
+
     def _announce(self, conn: _Connection) -> None:
-        props = None
-        if self._v5:
-            props = Properties(PacketTypes.PUBLISH)
-            props.ContentType = STATUS_CONTENT_TYPE
-        self._publish(conn, self._status_topic, self._status("online"), props, True)
+        self._publish(
+            conn, self._status_topic, self._status("online"), self._status_properties(), True
+        )
 
     def _status(self, status: str, reason: str | None = None) -> bytes:
         body: dict[str, Any] = {
