@@ -285,8 +285,10 @@ class NatsSink(Sink):
         except nats.errors.AuthorizationError as exc:
             raise _Refused(f"{url}: authorization violation ({exc})", auth=True) from exc
         except ssl.SSLCertVerificationError as exc:
-            raise _Refused(f"{url}: TLS verification failed: {exc} (check ca_file)", auth=True)
-        except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
+            raise _Refused(
+                f"{url}: TLS verification failed: {exc} (check ca_file)", auth=True
+            ) from exc
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
             text = f"{type(exc).__name__}: {exc}".strip(": ")
             if "authorization" in text.lower() or "authentication" in text.lower():
                 raise _Refused(f"{url}: {text}", auth=True) from exc
