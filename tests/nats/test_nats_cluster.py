@@ -23,7 +23,7 @@ import pytest
 
 from agent.gateway.nats_consume import consume
 from agent.gateway.report import read_report
-from tests.fixtures.common import agent_config
+from tests.fixtures.common import agent_config, run_cli
 from tests.fixtures.nats_cluster import (
     ADMIN,
     ADMIN_PASSWORD,
@@ -316,6 +316,19 @@ def test_batch_over_max_payload_is_split(js, agent_process, tmp_path):
     assert max(len(orjson.loads(m.data)) for m in msgs) < 100
     assert "too large" in agent.log()
     assert agent.stop() == 0
+    # the reference consumer as an operator runs it
+    pw = tmp_path / "admin.password"
+    pw.write_text(ADMIN_PASSWORD + "\n")
+    db = tmp_path / "consumer.sqlite3"
+    res = run_cli(
+        "gateway", "consume", cluster.url, "--stream", stream, "--db", str(db),
+        "--user", ADMIN, "--password-file", str(pw), "--idle", "1", "--json", "--check",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = orjson.loads(res.stdout)
+    assert report["totals"]["received"] == 300, report["totals"]
+    assert report["totals"]["missing"] == 0 and report["totals"]["duplicates"] == 0
+    assert report["totals"]["batches"] == len(msgs)
 
 
 def test_start_check_says_loudly_when_the_stream_does_not_fit(js, agent_process, tmp_path):

@@ -31,11 +31,8 @@ class Config(SinkConfig):
     #: no PubAck this long: the batch is retried under the same Nats-Msg-Id
     ack_timeout: Duration = Field(default=10.0, gt=0)
     connect_timeout: Duration = Field(default=5.0, gt=0)
-    #: between reconnect attempts (nats-py's own reconnect loop, with its jitter)
+    #: first pause between reconnect rounds; doubles (with jitter) up to 30 s
     reconnect_wait: Duration = Field(default=1.0, gt=0)
-    #: start refuses (exit 1) when the stream is missing, does not cover our subjects or
-    #: its duplicate window is shorter than the retry horizon; false = say so and go on
-    strict_stream_check: bool = False
     #: credentials: a .creds file (NKey seed + user JWT), or user + password, or a token
     credentials_file: Path | None = None
     username: str | None = None

@@ -290,7 +290,12 @@ class NatsSink(Sink):
             ) from exc
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             text = f"{type(exc).__name__}: {exc}".strip(": ")
-            if "authorization" in text.lower() or "authentication" in text.lower():
+            low = text.lower()
+            if isinstance(exc, ssl.SSLError) and "alert" in low:
+                # the server refused our client certificate (mutual TLS)
+                raise _Refused(f"{url}: TLS refused by the server: {text} (check cert_file)",
+                               auth=True) from exc  # fmt: skip
+            if "authorization" in low or "authentication" in low:
                 raise _Refused(f"{url}: {text}", auth=True) from exc
             raise _Refused(f"{url}: {text}", auth=False) from exc
         self._nc = nc
