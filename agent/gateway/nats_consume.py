@@ -101,7 +101,13 @@ async def consume(
     stats = ConsumeStats()
     t0 = time.monotonic()
     store = GatewayStore.open(db)
-    nc = await nats.connect(servers=servers, max_reconnect_attempts=-1, **(connect or {}))
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats: %s: %s", type(exc).__name__, exc)
+
+    nc = await nats.connect(
+        servers=servers, max_reconnect_attempts=-1, error_cb=on_error, **(connect or {})
+    )
     try:
         js = nc.jetstream(timeout=10)
         cfg = ConsumerConfig(
