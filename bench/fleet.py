@@ -130,6 +130,7 @@ async def _agent(i: int, args: argparse.Namespace, plan: dict[str, float], out: 
             "forwarded": fwd,
             "drained_at": time.time() if fwd >= last else None,
             "reconnected_at": reconnected_at,
+            "appended_steady": sum(1 for t in appended if plan["start"] + 2 <= t < steady_end),
             "latencies": latencies,
             "delivered": delivered,
             "connects": sink.state().detail.get("connects"),
@@ -309,6 +310,9 @@ def run_phase(kind: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
         "sink": kind,
         "agents": len(agents),
         "offered_events_per_s": args.rate * len(agents),
+        "appended_events_per_s_steady": round(
+            sum(a.get("appended_steady", 0) for a in agents.values()) / span, 1
+        ),
         "delivered_events_per_s_steady": round(sum(per_agent_steady) / span, 1),
         "fairness_jain_steady": _jain([float(x) for x in per_agent_steady]),
         "fairness_jain_herd_first_10s_of_delivery": _jain([float(x) for x in per_agent_herd]),

@@ -28,6 +28,8 @@ from tests.fixtures.nats_cluster import (
     ADMIN,
     ADMIN_PASSWORD,
     INSTALL_HINT,
+    LIMITED,
+    LIMITED_PASSWORD,
     PASSWORD,
     USER,
     NatsCluster,
@@ -374,3 +376,38 @@ def _count_auth_errors(p: Path, offset: int) -> int:
         for ln in text.splitlines()
         if "authentication error" in ln or "Authorization Violation" in ln
     )
+
+
+def test_publish_denied_by_permissions_is_auth_not_a_timeout(js, tmp_path):
+    from adapters.registry import AdapterContext
+    from adapters.sinks.nats import Config, NatsSink
+    from agent.interfaces import Batch, Outcome
+
+    cluster, stream = js
+    asyncio.run(cluster.add_stream(stream, ["denied.>"]))
+
+    async def main() -> tuple[Any, float, Any]:
+        cfg = Config(
+            url=cluster.url, stream=stream, subject_prefix="denied", username=LIMITED,
+            password=LIMITED_PASSWORD, ack_timeout=20,
+        )  # fmt: skip
+        ctx = AdapterContext("a", "p1", tmp_path, "0", backoff_max=1, auth_retry_interval=60)
+        sink = NatsSink("central", cfg, ctx)
+        await sink.start()
+        try:
+            deadline = time.monotonic() + 20
+            while sink.state().state != "connected":
+                assert time.monotonic() < deadline, sink.state()
+                await asyncio.sleep(0.05)
+            t0 = time.monotonic()
+            batch = Batch("s1", "B1", "E1", 1, 1, ["i1"], [b'{"id":"i1"}'])
+            result = await sink.send(batch)
+            return result, time.monotonic() - t0, sink.state().state
+        finally:
+            await sink.stop()
+
+    result, seconds, state = asyncio.run(main())
+    assert result.outcome is Outcome.AUTH, result
+    assert "permissions violation" in result.reason.lower() and "denied.p1.s1" in result.reason
+    assert seconds < 10, f"answered after {seconds:.1f}s: it waited for the ack timeout"
+    assert state == "auth_failed", state

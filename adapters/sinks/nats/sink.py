@@ -100,6 +100,8 @@ class NatsSink(Sink):
         self._stopping = False
         #: why publishing cannot work at all (no stream, wrong stream): answered as auth
         self._config_problem: str | None = None
+        #: resolved by the error callback when the server denies the publish in flight
+        self._denied: asyncio.Future[str] | None = None
         self._last_error: str | None = None
         self._auth_failed = False
         self._connected = asyncio.Event()
@@ -188,6 +190,19 @@ class NatsSink(Sink):
     # ------------------------------------------------------------------ connecting
 
     async def _run(self) -> None:
+        """The connect loop; an unexpected error is logged and the loop starts again."""
+        while not self._stopping:
+            try:
+                await self._connect_loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug or a library surprise: never stop connecting
+                log.exception("sink %s: connect loop failed; again in 5 s", self.name)
+                self._set_state("error", f"internal error: {exc}")
+                await self._close_conn("internal error")
+                await asyncio.sleep(5)
+
+    async def _connect_loop(self) -> None:
         servers = self._cfg.servers
         attempt = 0
         index = random.randrange(len(servers))  # noqa: S311 - spread agents over servers
@@ -250,8 +265,10 @@ class NatsSink(Sink):
 
         async def on_error(exc: Exception) -> None:
             text = f"{type(exc).__name__}: {exc}".strip()
-            if "Permissions Violation" in str(exc):
-                self._config_problem = f"{exc} (check the user's publish permissions)"
+            if "permissions violation" in str(exc).lower():
+                denied = self._denied
+                if denied is not None and not denied.done():
+                    denied.set_result(f"{exc} (check the NATS user's publish permissions)")
             log.debug("sink %s: nats error: %s", self.name, text)
             self._last_error = text
 
@@ -338,6 +355,7 @@ class NatsSink(Sink):
                 self._stream_check = check
                 return
             log.error("sink %s: %s", self.name, self._config_problem)
+            self._set_state("error", self._config_problem)
             check["error"] = self._config_problem
             self._stream_check = check
             return
@@ -357,6 +375,7 @@ class NatsSink(Sink):
                 "(add that subject to the stream, or fix subject_prefix / agent.plant)"
             )
             log.error("sink %s: %s", self.name, self._config_problem)
+            self._set_state("error", self._config_problem)
             check["error"] = self._config_problem
         else:
             self._config_problem = None
@@ -420,19 +439,27 @@ class NatsSink(Sink):
                 )
         subject = f"{self._prefix}.{batch.stream}"
         self._stats["published"] += 1
+        denied: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._denied = denied
         pub = asyncio.ensure_future(
             js.publish(subject, payload, timeout=self._cfg.ack_timeout, headers=headers)
         )
         try:
-            done, _ = await asyncio.wait({pub, lost}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({pub, lost, denied}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             pub.cancel()
             raise
+        finally:
+            self._denied = None
         if pub not in done:
             pub.cancel()
             with contextlib.suppress(BaseException):
                 await pub
             self._stats["failed"] += 1
+            if denied.done():
+                reason = f"publish to {subject} denied: {denied.result()}"
+                self._set_state("auth_failed", reason)
+                return SendResult.auth(reason)
             return SendResult.retry(f"connection lost before the PubAck ({lost.result()})")
         try:
             ack = pub.result()
@@ -455,7 +482,7 @@ class NatsSink(Sink):
         except (nats.errors.Error, OSError) as exc:
             self._stats["failed"] += 1
             text = f"{type(exc).__name__}: {exc}"
-            if "Permissions Violation" in text:
+            if "permissions violation" in text.lower():
                 return SendResult.auth(text)
             return SendResult.retry(f"publish failed: {text}")
         if ack.duplicate:
