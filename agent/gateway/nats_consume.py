@@ -95,7 +95,6 @@ async def consume(
     """Read ``stream`` into the gateway file ``db`` until it has been idle ``until_idle``
     seconds with nothing pending (None: until ``stop`` is set)."""
     import nats
-    import nats.errors
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
     stats = ConsumeStats()
@@ -122,7 +121,7 @@ async def consume(
         while stop is None or not stop.is_set():
             try:
                 msgs = await sub.fetch(fetch, timeout=1.0)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats-py raises both its own and the builtin one
                 msgs = []
             if msgs:
                 for m in msgs:
