@@ -239,3 +239,61 @@ async def test_server_certificate_from_another_ca_is_refused(tls_server, tmp_pat
         assert "verif" in (sink.state().last_error or "").lower(), sink.state()
     finally:
         await sink.stop()
+
+
+# --------------------------------------------------------------------------- NKey / JWT
+
+
+@pytest.fixture
+def operator_server(tmp_path: Path):
+    from tests.fixtures.nats_jwt import operator_mode
+
+    if find_nats_server() is None:
+        pytest.fail(INSTALL_HINT, pytrace=False)
+    om = operator_mode(tmp_path / "jwt")
+    port = _free_port()
+    conf = tmp_path / "op.conf"
+    conf.write_text(
+        f'listen: 127.0.0.1:{port}\njetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
+        + om.server_config
+    )
+    log_path = tmp_path / "nats.log"
+    log = log_path.open("ab")
+    proc = subprocess.Popen([find_nats_server(), "-c", str(conf)], stdout=log, stderr=log)
+    log.close()
+    deadline = time.monotonic() + 30
+    while "Server is ready" not in log_path.read_text(errors="replace"):
+        assert proc.poll() is None, log_path.read_text()
+        assert time.monotonic() < deadline, log_path.read_text()
+        time.sleep(0.1)
+    try:
+        yield om, f"nats://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+
+async def test_credentials_file_nkey_jwt_publishes_and_a_foreign_one_is_auth(
+    operator_server, tmp_path: Path
+) -> None:
+    import nats
+
+    om, url = operator_server
+    nc = await nats.connect(url, user_credentials=str(om.creds))
+    try:
+        await nc.jetstream().add_stream(name="EDGE", subjects=["edge.>"], duplicate_window=300)
+    finally:
+        await nc.close()
+    good = NatsSink("central", Config(url=url, credentials_file=om.creds), _ctx(tmp_path))
+    bad = NatsSink("other", Config(url=url, credentials_file=om.foreign_creds), _ctx(tmp_path))
+    await good.start()
+    await bad.start()
+    try:
+        assert await _wait_state(good, {"connected", "auth_failed"}) == "connected"
+        assert (await good.send(_batch(1))).outcome is Outcome.ACCEPTED
+        assert await _wait_state(bad, {"connected", "auth_failed"}) == "auth_failed"
+        assert (await bad.send(_batch(2))).outcome is Outcome.AUTH
+        assert "authorization" in (bad.state().last_error or "").lower(), bad.state()
+    finally:
+        await good.stop()
+        await bad.stop()
