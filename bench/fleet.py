@@ -97,7 +97,7 @@ async def _agent(i: int, args: argparse.Namespace, plan: dict[str, float], out: 
     events = [event(k) for k in range(1000)]
     task: asyncio.Task[None] | None = None
     reconnected_at = None
-    tick = 0.1
+    tick = 0.5  # a source commits what arrived in the last 0.5 s (fewer, larger appends)
     per_tick = args.rate * tick
     credit = 0.0
     try:
