@@ -71,6 +71,8 @@ async def _batches(path: Path, stream: str) -> list[Any]:
 
 
 async def agent_drain(cluster: Any, stream: str, path: Path, d: Path, n: int) -> float:
+    from pydantic import SecretStr
+
     from adapters.registry import AdapterContext
     from adapters.sinks.nats import Config, NatsSink
     from agent.buffer import Buffer
@@ -80,7 +82,7 @@ async def agent_drain(cluster: Any, stream: str, path: Path, d: Path, n: int) ->
     buf = await Buffer.open(path, plant="p", agent_id="a", durability="fsync", max_bytes=8 << 30)
     cfg = Config(
         url=cluster.url, stream=stream, subject_prefix=stream.lower(), username=ADMIN,
-        password=ADMIN_PASSWORD, ack_timeout=30,
+        password=SecretStr(ADMIN_PASSWORD), ack_timeout=30,
     )  # fmt: skip
     sink = NatsSink("central", cfg, AdapterContext("a", "p", d, "bench"))
     await sink.start()

@@ -46,6 +46,8 @@ if str(REPO) not in sys.path:
 
 
 async def _agent(i: int, args: argparse.Namespace, plan: dict[str, float], out: dict) -> None:
+    from pydantic import SecretStr
+
     from adapters.registry import AdapterContext
     from agent.buffer import Buffer
     from agent.forwarder import ForwarderSettings, StreamForwarder
@@ -62,7 +64,9 @@ async def _agent(i: int, args: argparse.Namespace, plan: dict[str, float], out: 
 
         sink: Sink = NatsSink(
             "central",
-            Config(url=args.url, stream="FLEET", username="admin", password="admin-secret"),
+            Config(
+                url=args.url, stream="FLEET", username="admin", password=SecretStr("admin-secret")
+            ),
             ctx,
         )
     else:
@@ -359,18 +363,19 @@ def main() -> int:
     import tempfile
 
     work = Path(tempfile.mkdtemp(prefix="edge-fleet-"))
-    out = {
+    phases: dict[str, Any] = {}
+    out: dict[str, Any] = {
         "command": "python -m bench.fleet " + " ".join(sys.argv[1:]),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": f"{os.cpu_count()} cores",
         "agents_are": f"in-process instances, {args.agents // args.workers} per worker "
         f"process x {args.workers} workers",
-        "phases": {},
+        "phases": phases,
     }
     for kind in [args.only] if args.only else ["nats", "mqtt"]:
         print(f"== fleet phase {kind}", flush=True)
-        out["phases"][kind] = run_phase(kind, args, work)
-        print(json.dumps(out["phases"][kind], indent=2), flush=True)
+        phases[kind] = run_phase(kind, args, work)
+        print(json.dumps(phases[kind], indent=2), flush=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     return 0
 

@@ -64,14 +64,14 @@ def store_message(store: GatewayStore, headers: Mapping[str, str] | None, data: 
         store.bump("rejected_400")
         log.warning("message refused (not a contract batch): %s", exc.message)
         return
-    key = (batch.stream, batch.epoch)
-    if batch.first <= stats.last.get(key, 0):
-        stats.out_of_order_batches += 1
-    stats.last[key] = max(stats.last.get(key, 0), batch.last)
     if store.lookup_batch(batch.key) is not None:
         stats.replayed_batches += 1
         store.bump("replayed_batches")
         return
+    key = (batch.stream, batch.epoch)
+    if batch.first <= stats.last.get(key, 0):
+        stats.out_of_order_batches += 1
+    stats.last[key] = max(stats.last.get(key, 0), batch.last)
     accepted, dups, _ = store.store_batch(
         batch, lambda a, d: orjson.dumps({"accepted": a, "duplicates": d})
     )

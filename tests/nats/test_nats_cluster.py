@@ -411,3 +411,49 @@ def test_publish_denied_by_permissions_is_auth_not_a_timeout(js, tmp_path):
     assert "permissions violation" in result.reason.lower() and "denied.p1.s1" in result.reason
     assert seconds < 10, f"answered after {seconds:.1f}s: it waited for the ack timeout"
     assert state == "auth_failed", state
+
+
+def test_consumer_counts_a_batch_stored_twice_and_refuses_a_foreign_message(js, tmp_path):
+    """Beyond the duplicate window a resend is stored again (new Nats-Msg-Id here stands in
+    for an expired one): the consumer must count it, not store its events twice; and a
+    message that is not a contract batch is refused without stopping the consumer."""
+    cluster, stream = js
+    asyncio.run(cluster.add_stream(stream, [f"{stream.lower()}.>"]))
+    events = [
+        {"specversion": "1.0", "id": f"ev{i}", "source": "urn:edge:p1:a1:s1", "type": "mfg.test",
+         "time": "2026-11-23T10:15:02.123Z", "sequence": f"{i:020d}", "streamepoch": "E1",
+         "plant": "p1", "agentid": "a1", "data": {"i": i}}
+        for i in (1, 2)
+    ]  # fmt: skip
+    headers = {
+        "Idempotency-Key": "BATCH-1", "X-Edge-Stream": "s1", "X-Edge-Stream-Epoch": "E1",
+        "X-Edge-First-Sequence": f"{1:020d}", "X-Edge-Last-Sequence": f"{2:020d}",
+        "Content-Type": "application/cloudevents-batch+json",
+    }  # fmt: skip
+    subject = f"{stream.lower()}.p1.s1"
+
+    async def publish() -> None:
+        nc = await cluster.connect()
+        try:
+            j = nc.jetstream(timeout=10)
+            body = orjson.dumps(events)
+            await j.publish(subject, body, headers={**headers, "Nats-Msg-Id": "m1"})
+            await j.publish(subject, b"not json", headers={"Nats-Msg-Id": "m2"})
+            await j.publish(subject, body, headers={**headers, "Nats-Msg-Id": "m3"})
+        finally:
+            await nc.close()
+
+    asyncio.run(publish())
+    db = tmp_path / "consumer.sqlite3"
+    stats = asyncio.run(
+        consume(cluster.urls, stream, db, until_idle=1.0,
+                connect={"user": ADMIN, "password": ADMIN_PASSWORD})
+    )  # fmt: skip
+    assert (stats.messages, stats.stored_batches, stats.replayed_batches, stats.refused) == (
+        3, 1, 1, 1,
+    ), stats  # fmt: skip
+    assert stats.out_of_order_batches == 0, stats
+    report = read_report(db)
+    assert report["totals"]["received"] == 2 and report["totals"]["missing"] == 0, report
+    assert report["requests"]["replayed_batches"] == 1
+    assert report["requests"]["rejected_400"] == 1
