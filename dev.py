@@ -3,7 +3,7 @@
 
     python3 dev.py demo    set up .venv if needed, then run `edge-agent demo`
     python3 dev.py test    set up .venv with test extras, install the real peers the
-                           tests talk to (mosquitto, node-opcua), run the whole suite
+                           tests talk to (mosquitto, nats-server, node-opcua), run the whole suite
 
 Extra arguments go to the command (`python3 dev.py test -k buffer`, `python3 dev.py demo
 --rate 100`). `python3 dev.py bench` runs the benchmarks. Nothing here is skipped
@@ -83,6 +83,8 @@ def apt_install(packages: list[str], why: str) -> None:
 def ensure_peers() -> None:
     if not which("mosquitto") or not which("mosquitto_passwd"):
         apt_install(["mosquitto", "mosquitto-clients"], "the MQTT tests (a real broker)")
+    if not which("nats-server"):
+        apt_install(["nats-server"], "the NATS JetStream tests (a real 3-node cluster)")
     missing = [
         pkg
         for tool, pkg in [

@@ -27,6 +27,7 @@ SOURCES: dict[str, str] = {
 SINKS: dict[str, str] = {
     "https": "adapters.sinks.https",
     "mqtt": "adapters.sinks.mqtt",
+    "nats": "adapters.sinks.nats",
 }
 
 
@@ -39,6 +40,10 @@ class AdapterContext:
     #: directory next to the buffer file for adapter state (PKI, certificates)
     state_dir: Path
     version: str
+    #: the forwarder's longest pauses between retries (a sink that deduplicates within a
+    #: window, like NATS JetStream, checks the window covers them)
+    backoff_max: float = 15.0
+    auth_retry_interval: float = 60.0
 
 
 def known(kind: str) -> list[str]:

@@ -210,6 +210,8 @@ class Agent:
             plant=cfg.agent.plant,
             state_dir=Path(cfg.buffer.path).parent,
             version=__version__,
+            backoff_max=cfg.forwarder.backoff_max,
+            auth_retry_interval=cfg.forwarder.auth_retry_interval,
         )
         gen = _Generation(cfg)
         for name, sc in cfg.sinks.items():

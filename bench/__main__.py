@@ -22,6 +22,7 @@ FIGURES = [
     "ingest",
     "drain_https",
     "drain_mqtt",
+    "drain_nats",
     "push",
     "latency",
     "memory",

@@ -15,6 +15,7 @@ LABELS = {
     "ingest_concurrent": "Ingest, 200 concurrent 1-event appenders (fsync)",
     "drain_https": "Drain 200k backlog over HTTPS",
     "drain_mqtt": "Drain 200k backlog over MQTT",
+    "drain_nats": "Drain 200k backlog into NATS JetStream (3 nodes, replicas 3)",
     "buffer_read": "Buffer read path alone (take_batch)",
     "push": "HTTP push, 500-event POSTs",
     "latency": "End-to-end latency at 1,000 ev/s",

@@ -254,3 +254,141 @@ def report(db: Path, as_json: bool, check: bool) -> None:
         click.echo(render_text(data))
     if check and not data["totals"]["ok"]:
         sys.exit(1)
+
+
+@gateway.command()
+@click.argument("url")
+@click.option("--stream", required=True, help="The JetStream stream the agents publish into.")
+@click.option(
+    "--db",
+    "db",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=_DEFAULT_DB,
+    show_default=True,
+    help="The gateway's SQLite file to store into (the same file `gateway report` reads).",
+)
+@click.option(
+    "--durable",
+    default="edge-gateway-report",
+    show_default=True,
+    help="Name of the durable pull consumer (kept on the server: a rerun resumes).",
+)
+@click.option("--subject", default=None, help="Only this subject filter (default: the stream's).")
+@click.option(
+    "--follow",
+    is_flag=True,
+    help="Keep reading until interrupted, instead of stopping once the stream is read.",
+)
+@click.option(
+    "--idle",
+    type=click.FloatRange(0.1),
+    default=2.0,
+    show_default=True,
+    help="Without --follow: stop after this many seconds with nothing pending.",
+)
+@click.option("--user", default=None, help="User name (with --password-file).")
+@click.option("--password-file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--creds",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A .creds file (NKey seed and user JWT).",
+)
+@click.option("--ca-file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--cert", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Exit 1 when any stream has unexplained missing sequences or id conflicts.",
+)
+def consume(
+    url: str,
+    stream: str,
+    db: Path,
+    durable: str,
+    subject: str | None,
+    follow: bool,
+    idle: float,
+    user: str | None,
+    password_file: Path | None,
+    token_file: Path | None,
+    creds: Path | None,
+    ca_file: Path | None,
+    cert: Path | None,
+    key: Path | None,
+    as_json: bool,
+    check: bool,
+) -> None:
+    """Read a NATS JetStream stream (URL: nats://host:4222[,nats://...]) into the gateway
+    file, then print the same report as `gateway report`: received, duplicates, gaps per
+    stream and epoch, checkpoints."""
+    import asyncio
+    import logging
+    import signal
+    import ssl
+
+    from agent.gateway.nats_consume import consume as run_consume
+    from agent.gateway.report import read_report, render_text
+    from agent.gateway.store import GatewayDbError
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    servers = [s.strip() for s in url.split(",") if s.strip()]
+    if not servers or not all(s.startswith(("nats://", "tls://")) for s in servers):
+        _fail(f"URL {url!r}: give nats://HOST:PORT or tls://HOST:PORT (comma-separated)")
+    if (cert is None) != (key is None):
+        _fail("--cert and --key go together (mutual TLS)")
+    conn: dict[str, object] = {}
+    if user:
+        conn["user"] = user
+        if password_file is not None:
+            conn["password"] = password_file.read_text(encoding="utf-8").rstrip("\r\n")
+    if token_file is not None:
+        conn["token"] = _read_token(token_file)
+    if creds is not None:
+        conn["user_credentials"] = str(creds)
+    if ca_file or cert or any(s.startswith("tls://") for s in servers):
+        try:
+            ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+            if cert and key:
+                ctx.load_cert_chain(str(cert), str(key))
+        except (OSError, ssl.SSLError) as exc:
+            _fail(f"--ca-file/--cert/--key: cannot load ({exc}); give PEM files that match")
+        conn["tls"] = ctx
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_consume(
+            servers,
+            stream,
+            db,
+            durable=durable,
+            subject=subject,
+            until_idle=None if follow else idle,
+            connect=conn,
+            stop=stop,
+        )
+
+    try:
+        asyncio.run(main())
+    except GatewayDbError as exc:
+        _fail(f"--db {exc}")
+    except Exception as exc:  # noqa: BLE001 - the server's answer, on one line
+        _fail(f"consume {url} stream {stream}: {type(exc).__name__}: {exc}", 1)
+    try:
+        data = read_report(db)
+    except GatewayDbError as exc:
+        _fail(f"report: {exc}")
+    if as_json:
+        import orjson
+
+        click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(render_text(data))
+    if check and not data["totals"]["ok"]:
+        sys.exit(1)
