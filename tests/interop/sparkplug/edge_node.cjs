@@ -10,6 +10,7 @@
 //   {"cmd": "skip_seq"}                   the next message skips one seq (a lost message)
 //   {"cmd": "ddeath"}                     DDEATH "Filler"
 //   {"cmd": "stop"}                       NDEATH (publishDeath) and disconnect
+//   {"cmd": "auto_birth"}                 from now on, births again after every reconnect
 // events: {"event": "connected"}, {"event": "ncmd", "rebirth": true}, {"event": "sent", ...}
 "use strict";
 const readline = require("readline");
@@ -54,7 +55,9 @@ function births() {
   say({ event: "sent", what: "births" });
 }
 
+let autoBirth = false; // {"cmd": "auto_birth"}: births on every (re)connect, as a Tahu app does
 client.on("connect", () => say({ event: "connected" }));
+client.on("birth", () => { if (autoBirth) births(); });
 client.on("ncmd", (payload) => {
   const rebirth = (payload.metrics || []).some(
     (m) => m.name === "Node Control/Rebirth" && m.value === true
@@ -68,6 +71,7 @@ const rl = readline.createInterface({ input: process.stdin });
 rl.on("line", (line) => {
   const c = JSON.parse(line);
   if (c.cmd === "birth") births();
+  else if (c.cmd === "auto_birth") autoBirth = true;
   else if (c.cmd === "ddata") {
     const metrics = [];
     if (c.temp !== undefined) metrics.push({ alias: 10, type: "Double", value: c.temp, timestamp: c.ts || now() });
