@@ -193,6 +193,7 @@ async def test_birth_data_death_with_aliases(
     assert detail["seq_gaps"] == 0 and detail["rebirths_requested"] == 0
     assert rebirth_requests(wire) == []
     # stopping: STATE offline, retained, with the Will's timestamp of the online before it
+    await asyncio.to_thread(wire.wait_for, lambda _m: not states(wire)[-1]["online"])
     st = states(wire)
     assert st[-1]["online"] is False and st[-2]["online"] is True
     assert st[-1]["timestamp"] == st[-2]["timestamp"]
@@ -317,3 +318,21 @@ async def test_state_goes_offline_while_the_buffer_refuses_and_online_after(
         assert source.state().detail["dropped_buffer_full"] == 0
     finally:
         await small.close()
+
+
+async def test_an_offline_state_for_our_host_id_is_answered_by_online(
+    mosquitto: Mosquitto, mqtt_subscriber: Callable[..., Subscriber], buf: Buffer
+) -> None:
+    wire = mqtt_subscriber(mosquitto, "spBv1.0/#")
+    source = build(STREAM, make_config(mosquitto), CTX)
+    async with running(source, buf, wire):
+        born = [s for s in states(wire) if s["online"]][-1]
+        stale = orjson.dumps({"online": False, "timestamp": born["timestamp"] - 1000})
+        wire.client.publish(STATE_TOPIC, stale, qos=1, retain=True)
+        await asyncio.to_thread(
+            wire.wait_for,
+            lambda _m: any(
+                s["online"] and s["timestamp"] > born["timestamp"] for s in states(wire)
+            ),
+        )
+        assert source.state().detail["host_state"] == "online"

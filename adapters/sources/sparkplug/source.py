@@ -115,6 +115,7 @@ class SparkplugSource(Source):
         #: what we last published on our STATE topic: None, "online" or "offline"
         self.host_state: str | None = None
         self._holding = False
+        self._room_ok = True
         self._state_changes = 0
         self._kick = asyncio.Event()
 
@@ -339,11 +340,10 @@ class SparkplugSource(Source):
             self._connected = False
             self._set(item.state, item.text)
 
-    _room_ok = True
-
     def _on_own_state(self, raw: bytes) -> None:
         """A STATE for our host id: if it says offline while we mean to be online (a late
-        Will of an earlier session, another process), say online again."""
+        Will of an earlier session, another process), say online again, with the current
+        time so that edge nodes do not take it for an older message."""
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -359,7 +359,7 @@ class SparkplugSource(Source):
                 self.config.host_id,
                 extra={"source": self.name},
             )
-            self._publish_state(True, self._will_ts)
+            self._publish_state(True, _now_ms())
 
     def _publish_state(self, online: bool, ts: int) -> None:
         client = self._client
