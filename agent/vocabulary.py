@@ -305,8 +305,10 @@ class SignalSampled(_Located):
     status_code: StatusCode
     source_timestamp: Timestamp | None = None
     server_timestamp: Timestamp | None = None
-    protocol: Literal["opcua", "sparkplug"] | None = Field(
-        default=None, description="where the signal came from; absent means opcua"
+    protocol: Literal["opcua", "sparkplug", "mqtt"] | None = Field(
+        default=None,
+        description="where the signal came from (mqtt: a unified namespace value topic); "
+        "absent means opcua",
     )
     quality: Literal["good", "uncertain", "bad"] | None = Field(
         default=None, description="the status in one word (Sparkplug: from the Quality property)"

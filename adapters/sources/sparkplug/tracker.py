@@ -25,10 +25,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from adapters.units import uom_code
 from agent.interfaces import NewEvent
 
 from . import payload as sp
-from .units import uom_code
 
 log = logging.getLogger("edge_agent.sources.sparkplug")
 

@@ -1,4 +1,4 @@
-"""Engineering units as edge nodes write them -> UN/CEFACT Recommendation 20 codes.
+"""Engineering units as plant systems write them -> UN/CEFACT Rec. 20 codes (Sparkplug, UNS).
 
 Only unambiguous spellings map; anything else is kept as ``engineering_unit`` text only.
 """
