@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
-"""Install Eclipse Tahu's JavaScript Sparkplug client into tests/interop/sparkplug, once.
+"""Install the two Sparkplug edge node implementations of the interop tests, once.
 
-The Sparkplug interop tests drive an edge node built on ``sparkplug-client`` (npm, pinned
-by package.json and package-lock.json beside edge_node.cjs). The test command calls this
-script before pytest; it is idempotent and returns at once when the pinned install is there.
+* Eclipse Tahu's JavaScript client ``sparkplug-client`` (npm, pinned by package.json and
+  package-lock.json beside edge_node.cjs) into tests/interop/sparkplug/node_modules;
+* ``mqtt-spb-wrapper`` (PyPI, pinned below) into its own venv tests/interop/sparkplug/pyvenv:
+  it pins paho-mqtt 1.6.1 and protobuf 3.20.3, which cannot share the agent's venv.
+
+The test command calls this script before pytest; it is idempotent and returns at once
+when the pinned installs are there.
 
 Exit status 0 when ready; 1 with instructions when node or npm is missing or npm fails.
 """
@@ -41,7 +45,36 @@ def installed() -> bool:
     return SERVER.is_file() and MARKER.is_file() and MARKER.read_text().strip() == fingerprint()
 
 
+SPB_WRAPPER = "mqtt-spb-wrapper==2.1.2"
+PYVENV = HERE / "pyvenv"
+PY_MARKER = PYVENV / ".edge-agent-install"
+
+
+def ensure_spb_wrapper() -> int:
+    if PY_MARKER.is_file() and PY_MARKER.read_text().strip() == SPB_WRAPPER:
+        return 0
+    print(f"ensure_sparkplug_client: installing {SPB_WRAPPER} into {PYVENV}", flush=True)
+    for cmd in (
+        [sys.executable, "-m", "venv", "--clear", str(PYVENV)],
+        [str(PYVENV / "bin" / "python"), "-m", "pip", "install", "-q",
+         "--disable-pip-version-check", SPB_WRAPPER],
+    ):  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
+            print(
+                f"ensure_sparkplug_client: {' '.join(cmd)} failed ({proc.returncode}); "
+                "is PyPI reachable? (Debian: apt-get install -y python3-venv)",
+                file=sys.stderr,
+            )
+            return 1
+    PY_MARKER.write_text(SPB_WRAPPER + "\n")
+    return 0
+
+
 def ensure() -> int:
+    if ensure_spb_wrapper() != 0:
+        return 1
     if installed():
         return 0
     npm, node = shutil.which("npm"), shutil.which("node")
