@@ -29,6 +29,7 @@ FIGURES = [
     "outage",
     "opcua",
     "peers",
+    "sparkplug",
 ]
 
 

@@ -53,6 +53,8 @@ class MetricInfo:
     last_value: Any = None
     last_time: str | None = None
     count: int = 0
+    #: (path, origin without seq/bd_seq/message, type name): built on first sample
+    cache: tuple[str, dict[str, Any], str] | None = None
 
 
 @dataclass
@@ -118,6 +120,8 @@ class Tracker:
         self.seq_gaps = 0
         self.rebirths_requested = 0
         self.stale_deaths = 0
+        self._last_ms = -1
+        self._last_when = ""
 
     # ------------------------------------------------------------------ entry
 
@@ -361,9 +365,11 @@ class Tracker:
         props: dict[str, Any] | None,
         prefix: str = "",
     ) -> None:
-        datatype = int(m.datatype) if m.datatype else info.datatype
-        name = f"{prefix}{info.name}" if not prefix else f"{prefix}{m.name}"
+        """One metric value -> one event. The hot path of the source: what does not change
+        between samples of a metric (path, origin, type name) is built once per birth."""
+        datatype = m.datatype or info.datatype
         if datatype == 19 and m.WhichOneof("value") == "template_value":
+            name = f"{prefix}{info.name}" if not prefix else f"{prefix}{m.name}"
             for member in m.template_value.metrics:
                 child = MetricInfo(member.name, None, int(member.datatype))
                 self._sample(
@@ -382,36 +388,52 @@ class Tracker:
         try:
             value = sp.metric_value(m, datatype)
         except sp.Unsupported as exc:
+            name = f"{prefix}{m.name or info.name}"
             self._refuse(
                 out, exc.reason, f"{node.group_id}/{node.edge_node_id}: metric {name!r}: {exc.text}"
             )
             return
         ms = m.timestamp or msg.timestamp or now_ms
-        when = sp.ms_to_rfc3339(ms)
+        if ms == self._last_ms:
+            when = self._last_when
+        else:
+            when = self._last_when = sp.ms_to_rfc3339(ms)
+            self._last_ms = ms
         if not prefix:
             info.last_value, info.last_time = value, when
             info.count += 1
         self.metrics_seen += 1
         if not self.emit_events:
             return
-        quality = _quality(props, m.is_null)
-        path = f"{node.group_id}/{node.edge_node_id}/" + (f"{dev.device_id}/" if dev else "") + name
-        unit = _unit(props) if props else None
-        origin: dict[str, Any] = {"group_id": node.group_id, "edge_node_id": node.edge_node_id}
-        if dev is not None:
-            origin["device_id"] = dev.device_id
-        origin["metric"] = name
-        if info.alias is not None and not prefix:
-            origin["alias"] = info.alias
+        cache = info.cache if not prefix and datatype == info.datatype else None
+        if cache is None:
+            name = f"{prefix}{m.name}" if prefix else info.name
+            path = (
+                f"{node.group_id}/{node.edge_node_id}/"
+                + (f"{dev.device_id}/" if dev else "")
+                + name
+            )
+            base: dict[str, Any] = {"group_id": node.group_id, "edge_node_id": node.edge_node_id}
+            if dev is not None:
+                base["device_id"] = dev.device_id
+            base["metric"] = name
+            if info.alias is not None and not prefix:
+                base["alias"] = info.alias
+            cache = (path, base, sp.DATATYPE_NAMES.get(datatype, str(datatype)))
+            if not prefix and datatype == info.datatype:
+                info.cache = cache
+        path, base, type_name = cache
+        origin = dict(base)
         if msg.HasField("seq"):
-            origin["seq"] = int(msg.seq) % 256
+            origin["seq"] = msg.seq % 256
         if node.bd_seq is not None:
             origin["bd_seq"] = node.bd_seq
         origin["message"] = kind
+        quality = _quality(props, m.is_null) if props else "good"
         data: dict[str, Any] = {
             "node_id": path,
             "value": value,
-            "data_type": sp.DATATYPE_NAMES.get(datatype, str(datatype)),
+            "data_type": type_name,
             "status_code": _STATUS[quality],
             "source_timestamp": when,
             "protocol": "sparkplug",
@@ -419,7 +441,7 @@ class Tracker:
         }
         if m.is_historical:
             data["historical"] = True
-        unit = unit or info.engineering_unit
+        unit = (_unit(props) if props else None) or info.engineering_unit
         if unit:
             code = uom_code(unit)
             if code:
