@@ -322,3 +322,13 @@ def test_generated_protobuf_module_matches_the_proto() -> None:
     walk(sp.Payload.DESCRIPTOR)
     known.update(v.name for v in sp.pb.DataType.DESCRIPTOR.values)
     assert declared <= known, declared - known
+
+
+def test_sample_toml_validates() -> None:
+    import tomllib
+    from pathlib import Path
+
+    sample = Path(sp.__file__).parent / "sample.toml"
+    body = tomllib.loads(sample.read_text())["sources"]["line1_spb"]
+    cfg = Config.model_validate(body)
+    assert cfg.host_id == "edge-agent-plant1" and cfg.tls

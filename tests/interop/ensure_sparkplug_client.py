@@ -3,7 +3,7 @@
 
 * Eclipse Tahu's JavaScript client ``sparkplug-client`` (npm, pinned by package.json and
   package-lock.json beside edge_node.cjs) into tests/interop/sparkplug/node_modules;
-* ``mqtt-spb-wrapper`` (PyPI, pinned below) into its own venv tests/interop/sparkplug/pyvenv:
+* ``mqtt-spb-wrapper`` (PyPI, pinned below) into its own venv tests/interop/sparkplug/.venv:
   it pins paho-mqtt 1.6.1 and protobuf 3.20.3, which cannot share the agent's venv.
 
 The test command calls this script before pytest; it is idempotent and returns at once
@@ -46,7 +46,7 @@ def installed() -> bool:
 
 
 SPB_WRAPPER = "mqtt-spb-wrapper==2.1.2"
-PYVENV = HERE / "pyvenv"
+PYVENV = HERE / ".venv"
 PY_MARKER = PYVENV / ".edge-agent-install"
 
 

@@ -44,7 +44,7 @@ async def buf(tmp_path: Path) -> AsyncIterator[Buffer]:
         await b.close()
 
 
-PY = HERE / "pyvenv" / "bin" / "python"
+PY = HERE / ".venv" / "bin" / "python"
 
 
 def _bd(msg: object) -> int | None:

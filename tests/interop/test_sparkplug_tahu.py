@@ -315,7 +315,7 @@ async def test_state_goes_offline_while_the_buffer_refuses_and_online_after(
                         await small.ack(await small.open_batch(STREAM, rows))
                     await asyncio.sleep(0.05)
         assert drained == [0, *range(1, sent + 1)]
-        assert source.state().detail["dropped_buffer_full"] == 0
+        assert source.state().detail["dropped_overflow"] == 0
     finally:
         await small.close()
 

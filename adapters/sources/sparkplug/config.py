@@ -35,9 +35,10 @@ class Config(SourceConfig, MqttConnection):
     room_check_interval: Duration = Field(default=0.25, gt=0)
     #: how long to wait before trying a refused commit again
     retry_interval: Duration = Field(default=0.5, gt=0)
-    #: messages held in memory while the buffer refuses events; data beyond is dropped,
-    #: counted, and answered by a rebirth request (births and deaths are always kept)
-    max_held_messages: int = Field(default=10000, ge=1)
+    #: messages held in memory while the buffer refuses events or the commits fall behind;
+    #: data beyond is dropped, counted (dropped_overflow) and answered by a rebirth request
+    #: (births and deaths are always kept). QoS 0 cannot be held back at the broker.
+    max_held_messages: int = Field(default=100_000, ge=1)
     #: default edge-agent-<agent id>-<source name>
     client_id: str | None = Field(default=None, min_length=1, max_length=128)
 

@@ -18,10 +18,10 @@ STATE (``spBv1.0/STATE/<host_id>``, retained, QoS 1, the 3.0 JSON payload):
 * if we ever read an offline STATE for ourselves while we mean to be online (a late Will
   of an earlier session), we publish online again.
 
-Messages that arrive while the buffer refuses are held in memory and committed in order
-when it takes them again, up to ``max_held_messages``; data beyond that is dropped and
-counted (births and deaths are always kept), and the gap it leaves in seq is answered by
-a rebirth request like any other gap.
+Messages that arrive while the buffer refuses (or faster than commits complete) are held
+in memory and committed in order, up to ``max_held_messages``; data beyond that is dropped
+and counted (``dropped_overflow``; births and deaths are always kept), and the gap it
+leaves in seq is answered by a rebirth request like any other gap.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ class SparkplugSource(Source):
         self._state = ComponentState(state="starting", since=time.time())
         self._accepted = 0
         self._duplicates = 0
-        self._dropped_full = 0
+        self._dropped = 0
         self._refused_logged: Counter[str] = Counter()
         self._client: paho.Client | None = None
         self._queue: asyncio.Queue[_Message] | None = None
@@ -132,7 +132,7 @@ class SparkplugSource(Source):
             "duplicates": self._duplicates,
             "held_back": self._holding,
             "held_messages": self._queue.qsize() if self._queue else 0,
-            "dropped_buffer_full": self._dropped_full,
+            "dropped_overflow": self._dropped,
             **self.tracker.snapshot(),
         }
         return self._state
@@ -313,13 +313,19 @@ class SparkplugSource(Source):
                 and item.topic is not None
                 and not any(k in item.topic for k in _KEPT)
             ):
-                self._dropped_full += 1
-                if self._dropped_full == 1 or self._dropped_full % 1000 == 0:
+                self._dropped += 1
+                if self._dropped == 1 or self._dropped % 1000 == 0:
+                    why = (
+                        "the buffer refuses events"
+                        if self._holding
+                        else "the commits do not keep up with the broker"
+                    )
                     log.error(
-                        "buffer refuses events and %d messages are held: dropped %d data "
-                        "message(s) so far (edge nodes will be asked to rebirth)",
+                        "%s and %d messages are held in memory (max_held_messages): dropped "
+                        "%d data message(s) so far; edge nodes will be asked to rebirth",
+                        why,
                         queue.qsize(),
-                        self._dropped_full,
+                        self._dropped,
                         extra={"source": self.name, "stream": self.stream},
                     )
                 return

@@ -1,9 +1,9 @@
 """An edge node on mqtt-spb-wrapper (PyPI), a second Sparkplug B implementation we did not
-write, for the interop tests. Runs in its own venv (tests/interop/sparkplug/pyvenv: the
+write, for the interop tests. Runs in its own venv (tests/interop/sparkplug/.venv: the
 package pins paho-mqtt 1.6.1 and protobuf 3.20.3), installed by
 tests/interop/ensure_sparkplug_client.py.
 
-    pyvenv/bin/python spb_wrapper_node.py HOST PORT GROUP EDGE_NODE COUNT
+    .venv/bin/python spb_wrapper_node.py HOST PORT GROUP EDGE_NODE COUNT
 
 Connects, publishes NBIRTH with metrics Count (Int) and Speed (Float/Double) and an
 attribute, then COUNT NDATA messages (Count = 1..COUNT, Speed = 1.5 * Count), then
