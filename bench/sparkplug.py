@@ -197,6 +197,9 @@ def agent_10k(port: int, d: Path, seconds: int) -> dict[str, Any]:
     agent.wait(30)
     return {
         "cores": used / wall,
+        # CPU-seconds per second at 10,000 metrics/s, from what was committed: the cores the
+        # load needs, whatever share of the machine the agent got (a loaded machine starves it)
+        "cores_needed": used / max(committed, 1) * 10_000,
         "committed": committed,
         "expected": want,
         "sent_for": sent_for,
@@ -232,10 +235,12 @@ def run(ctx: Ctx) -> dict[str, Any]:
             unit="cores",
             target="<= 1.0 core at 10,000 metrics/s",
             met=k10["cores"] <= 1.0 and k10["committed"] >= k10["expected"],
+            cores_needed_at_10k=round(k10["cores_needed"], 3),
             detail=(
                 f"edge-agent run, {seconds} s at 1,000 NDATA/s x {METRICS} metrics "
                 f"(published over {k10['sent_for']:.1f} s); committed {k10['committed']} of "
-                f"{k10['expected']}; CPU over {k10['wall']:.1f} s wall incl. catching up"
+                f"{k10['expected']} within {k10['wall']:.1f} s; CPU over that window; "
+                "cores_needed_at_10k = CPU-seconds per committed metric x 10,000"
             ),
         ),
     }
