@@ -106,6 +106,7 @@ class SparkplugSource(Source):
         self._client: paho.Client | None = None
         self._queue: asyncio.Queue[_Message] | None = None
         self._gen_lock = threading.Lock()
+        self._cycle_lock = threading.Lock()
         self._thread_generation = 0
         self._generation = 0
         self._connected = False
@@ -186,7 +187,12 @@ class SparkplugSource(Source):
         client.loop_start()
 
     def _close(self, client: paho.Client) -> None:
-        """Stopping: STATE offline with the Will's timestamp, then a clean disconnect."""
+        """Stopping: STATE offline with the Will's timestamp, then a clean disconnect.
+        Waits for a reconnect under way (_cycle) so the two never interleave."""
+        with self._cycle_lock:
+            self._close_now(client)
+
+    def _close_now(self, client: paho.Client) -> None:
         if self.config.primary and client.is_connected():
             info = client.publish(
                 self.state_topic, state_payload(False, self._will_ts), qos=1, retain=True
@@ -200,9 +206,12 @@ class SparkplugSource(Source):
     def _cycle(self, client: paho.Client) -> None:
         """Reconnect with a new Will, so the STATE online that follows carries a newer
         timestamp than the offline before it (edge nodes ignore older STATE messages)."""
-        client.disconnect()
-        client.loop_stop()
-        self._connect(client)
+        with self._cycle_lock:
+            if self._stopping:
+                return
+            client.disconnect()
+            client.loop_stop()
+            self._connect(client)
 
     def _make_client(self) -> paho.Client:
         cfg = self.config
