@@ -303,8 +303,17 @@ class SignalSampled(_Located):
         description="the source's type name: OPC UA built-in type or Sparkplug datatype, e.g. Double",
     )
     status_code: StatusCode
-    source_timestamp: Timestamp | None = None
-    server_timestamp: Timestamp | None = None
+    source_timestamp: Timestamp | None = Field(
+        default=None, description="when the value changed at its source; absent when unknown"
+    )
+    server_timestamp: Timestamp | None = Field(
+        default=None, description="when the OPC UA server saw it; absent when unknown"
+    )
+    time_basis: Literal["source", "server", "received"] | None = Field(
+        default=None,
+        description="which clock the envelope time is from: the source timestamp, else the "
+        "server timestamp, else when the agent received the value",
+    )
     protocol: Literal["opcua", "sparkplug", "mqtt"] | None = Field(
         default=None,
         description="where the signal came from (mqtt: a unified namespace value topic); "

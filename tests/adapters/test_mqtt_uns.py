@@ -83,6 +83,8 @@ async def test_uns_values_become_signals_with_subject_stream_and_location(
     assert temp["data"]["attributes"] == {"enterprise": "acme", "tag": "temperature"}
     assert temp["data"]["protocol"] == "mqtt"
     assert count["data"]["value"] == 42 and count["data"]["quality"] == "good"
+    assert temp["data"]["time_basis"] == "source"
+    assert count["data"]["time_basis"] == "received" and "source_timestamp" not in count["data"]
     (mode,) = events["dallas.line2"]
     assert mode["data"]["value"] == "RUN"
     for e in [*events["dallas.line1"], *events["dallas.line2"]]:

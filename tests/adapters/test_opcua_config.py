@@ -11,7 +11,14 @@ from asyncua import ua
 
 from adapters.sources.opcua import Config
 from adapters.sources.opcua.config import NodeConfig
-from adapters.sources.opcua.mapping import Counter, NodeMapper, Sample, event_time
+from adapters.sources.opcua.mapping import (
+    Counter,
+    NodeMapper,
+    Sample,
+    event_time,
+    known,
+    to_json,
+)
 from agent import vocabulary
 from agent.config import ConfigError, parse_config
 
@@ -163,17 +170,35 @@ def test_signal_shape_matches_the_vocabulary_and_keeps_bad_status():
     assert bad.data["value"] is None and good.data["attributes"] == {"item": "I-1"}
 
 
-def test_absurd_server_timestamp_is_kept_but_source_time_wins():
+def test_unknown_timestamps_are_left_out_and_time_falls_back_in_order():
     src = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
-    far = datetime(9999, 12, 31, 23, 59, tzinfo=UTC)
-    assert event_time(_sample(1, src=src, srv=far)) == src
-    s = _sample(1, src=None, srv=far)
-    assert event_time(s) == s.received  # neither believable: when we received it
+    srv_t = src + timedelta(milliseconds=5)
+    null = datetime(1601, 1, 1, tzinfo=UTC)
+    far = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+    # Part 6, 5.2.2.5: at or before 1601-01-01 and at or after 9999-12-31 mean "unknown"
+    assert known(null) is None and known(far) is None
+    assert known(datetime(9999, 12, 31, tzinfo=UTC)) is None
+    assert known(datetime(1601, 1, 1, 0, 0, 1, tzinfo=UTC)) is not None
+    assert known(src.replace(tzinfo=None)) == src  # naive is UTC
+    assert event_time(_sample(1, src=src, srv=srv_t)) == (src, "source")
+    assert event_time(_sample(1, src=None, srv=srv_t)) == (srv_t, "server")
+    s = _sample(1, src=None, srv=None)
+    assert event_time(s) == (s.received, "received")
+    # a known but unbelievable clock (never set: 1970) is kept in data, not used for time
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    assert event_time(_sample(1, src=epoch, srv=srv_t)) == (srv_t, "server")
     node = NodeConfig(node_id="ns=1;s=P")
     m = NodeMapper(node, node_id="ns=1;s=P", browse_path=None, attributes={})
-    [ev] = m.map(_sample(2.0, src=src, srv=far))
-    assert ev.data["server_timestamp"].startswith("9999-12-31")
+    [ev] = m.map(_sample(2.0, src=epoch, srv=None))
+    assert ev.data["source_timestamp"].startswith("1970-01-01")
+    assert "server_timestamp" not in ev.data and ev.data["time_basis"] == "received"
     assert vocabulary.validate_data(ev.type, ev.data)
+
+
+def test_unknown_datetime_values_are_null():
+    assert to_json(datetime(1601, 1, 1, tzinfo=UTC)) is None
+    assert to_json(datetime(9999, 12, 31, 23, 59, 59)) is None
+    assert to_json(datetime(2026, 1, 2, tzinfo=UTC)) == "2026-01-02T00:00:00.000000Z"
 
 
 def test_repeated_initial_value_after_reconnect_is_not_emitted_twice():

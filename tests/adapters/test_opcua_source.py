@@ -12,6 +12,7 @@ import orjson
 import pytest
 from asyncua import Client, ua
 
+from agent import vocabulary
 from tests.adapters.opcua_helpers import (
     CutProxy,
     make_config,
@@ -62,6 +63,7 @@ async def test_values_arrive_in_order_with_timestamps_and_status(plain, tmp_path
         assert abs(_ts(d["source_timestamp"]).timestamp() - expected) < 0.002
         assert _ts(e["time"]) == _ts(d["source_timestamp"]).replace(microsecond=_ms(d))
         assert d["server_timestamp"] is not None
+        assert d["time_basis"] == "source"
         assert d["line"] == "L1" and e["subject"] == d["node_id"]
         assert d["data_type"] == "UInt32"
     # bad and uncertain values are forwarded with their status, never dropped or made good
@@ -80,6 +82,42 @@ async def test_values_arrive_in_order_with_timestamps_and_status(plain, tmp_path
     assert quality[0]["data"]["machine"] == "M1"
     # notifications are committed in groups, not one transaction each
     assert st.detail["appends"] < st.detail["notifications_total"] / 2, st.detail
+
+
+async def test_unknown_timestamps_are_left_out_and_time_falls_back(plain, tmp_path):
+    """OPC UA's null (1601-01-01) and max (9999-12-31) DateTime mean "unknown" (Part 6,
+    5.2.2.5): never forwarded as dates; the envelope time falls back to the server
+    timestamp, then to the receipt time, and data.time_basis says which."""
+    srv = plain
+    cfg = make_config(srv.endpoint, [node("NullSource"), node("UnknownTimes")])
+    async with running_source(cfg, tmp_path) as (src, buf):
+        null_source = await wait_for(
+            lambda: _enough(buf, "Line1.NullSource", 5), 20, "5 NullSource samples", src
+        )
+        unknown = await wait_for(
+            lambda: _enough(buf, "Line1.UnknownTimes", 5), 20, "5 UnknownTimes samples", src
+        )
+    for e in null_source + unknown:
+        d = e["data"]
+        for key in ("source_timestamp", "server_timestamp"):
+            assert key not in d or _ts(d[key]).year not in (1601, 9999), (key, d)
+        assert 1601 < _ts(e["time"]).year < 9999, e["time"]
+    for e in null_source:
+        d = e["data"]
+        assert "source_timestamp" not in d, d
+        assert d["time_basis"] == "server"
+        # the server stamps the tick: the envelope time is the server timestamp
+        expected = srv.t0 + d["value"] * srv.tick
+        assert abs(_ts(d["server_timestamp"]).timestamp() - expected) < 0.002
+        assert abs(_ts(e["time"]).timestamp() - expected) < 0.002
+    for e in unknown:
+        d = e["data"]
+        assert "source_timestamp" not in d and "server_timestamp" not in d, d
+        assert d["time_basis"] == "received"
+        # received: after the tick, and not long after it
+        lag = _ts(e["time"]).timestamp() - (srv.t0 + d["value"] * srv.tick)
+        assert -0.002 < lag < 10, lag
+        assert vocabulary.validate_data(e["type"], d) == d
 
 
 def _ms(d: dict) -> int:

@@ -182,7 +182,7 @@ async def test_birth_data_death_with_aliases(
     ]
     temp = signals(events, "Temperature")[1]
     assert temp["time"] == "2025-12-01T12:00:00.123000Z"  # the metric's own timestamp
-    assert temp["data"]["data_type"] == "Double"
+    assert temp["data"]["data_type"] == "Double" and temp["data"]["time_basis"] == "source"
     assert temp["data"]["uom"] == "CEL" and temp["data"]["engineering_unit"] == "°C"
     assert temp["data"]["sparkplug"]["alias"] == 10
     assert temp["data"]["quality"] == "good"

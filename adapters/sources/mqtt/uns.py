@@ -142,12 +142,18 @@ def value_event(template: str, topic: str, payload: bytes, received: datetime) -
         value = body["value"]
     else:
         value = body
-    when = when or received.astimezone(UTC).isoformat().replace("+00:00", "Z")
     data: dict[str, Any] = {
         "node_id": topic,
         "value": value,
         "status_code": _STATUS[quality],
-        "source_timestamp": when,
+    }
+    if when:
+        data["source_timestamp"] = when
+        data["time_basis"] = "source"
+    else:
+        when = received.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        data["time_basis"] = "received"
+    data |= {
         "protocol": "mqtt",
         "quality": quality,
     }

@@ -27,7 +27,7 @@ import math
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from asyncua import ua
 from asyncua.ua import status_codes
@@ -46,10 +46,18 @@ HOLD_RELEASED = "mfg.quality.hold_released"
 #: StatusCode info bits: "this is a data value" + "the server's item queue overflowed"
 _OVERFLOW_BITS = 0x0480
 
-#: timestamps outside this window are not believed (node-opcua sends 9999-12-31 as the server
-#: timestamp of its notifications; a PLC without a clock sends 1601-01-01)
+#: OPC UA Part 6, 5.2.2.5: a DateTime at or before 1601-01-01 is the null value and one at or
+#: after 9999-12-31 the max value; both mean "unknown", so they are never forwarded as dates
+_UNKNOWN_BEFORE = datetime(1601, 1, 1, 0, 0, 1, tzinfo=UTC)
+_UNKNOWN_FROM = datetime(9999, 12, 31, tzinfo=UTC)
+
+#: known timestamps outside this window are forwarded as sent but not believed for the
+#: envelope time (a PLC whose clock was never set starts at 1970 or 2000)
 _SANE_FROM = datetime(1990, 1, 1, tzinfo=UTC)
 _SANE_AHEAD = timedelta(days=1)
+
+#: which clock an event's envelope time comes from (`data.time_basis`)
+TimeBasis = Literal["source", "server", "received"]
 
 
 @dataclasses.dataclass(slots=True)
@@ -92,17 +100,29 @@ def _aware(t: datetime | None) -> datetime | None:
     return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
+def known(t: datetime | None) -> datetime | None:
+    """The timestamp as an aware datetime, or None where OPC UA says it is unknown (null or
+    max DateTime): such a value is left out of the event, never sent as 1601 or 9999."""
+    t = _aware(t)
+    if t is None or t < _UNKNOWN_BEFORE or t >= _UNKNOWN_FROM:
+        return None
+    return t
+
+
 def sane(t: datetime | None, now: datetime) -> bool:
     return t is not None and _SANE_FROM <= t <= now + _SANE_AHEAD
 
 
-def event_time(sample: Sample) -> datetime:
-    """When it happened: the source timestamp, else the server's, else when we received it."""
-    for t in (sample.source_timestamp, sample.server_timestamp):
-        if sane(t, sample.received):
-            assert t is not None
-            return t
-    return sample.received
+def event_time(sample: Sample) -> tuple[datetime, TimeBasis]:
+    """When it happened, and by which clock: the source timestamp, else the server's, else
+    when we received it."""
+    if sane(sample.source_timestamp, sample.received):
+        assert sample.source_timestamp is not None
+        return sample.source_timestamp, "source"
+    if sane(sample.server_timestamp, sample.received):
+        assert sample.server_timestamp is not None
+        return sample.server_timestamp, "server"
+    return sample.received, "received"
 
 
 def rfc3339(t: datetime | None) -> str | None:
@@ -125,8 +145,8 @@ def sample_from_datavalue(dv: ua.DataValue, received: datetime) -> Sample:
     return Sample(
         value=value,
         status_code=code,
-        source_timestamp=_aware(dv.SourceTimestamp),
-        server_timestamp=_aware(dv.ServerTimestamp),
+        source_timestamp=known(dv.SourceTimestamp),
+        server_timestamp=known(dv.ServerTimestamp),
         received=received,
     )
 
@@ -145,7 +165,7 @@ def to_json(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, datetime):
-        return rfc3339(_aware(value))
+        return rfc3339(known(value))  # a null or max DateTime value is unknown: null
     if isinstance(value, bytes | bytearray):
         return base64.b64encode(bytes(value)).decode("ascii")
     if isinstance(value, uuid.UUID):
@@ -267,10 +287,10 @@ class NodeMapper:
         if self.is_repeat(sample):
             return []
         self._last = (sample.source_timestamp, sample.value, sample.status_code)
-        when = event_time(sample)
+        when, basis = event_time(sample)
         out: list[NewEvent] = []
         if self.node.event == SIGNAL or self.node.raw:
-            out.append(self._signal(sample, when, data_type))
+            out.append(self._signal(sample, when, basis, data_type))
         if self.node.event != SIGNAL and is_good(sample.status_code):
             try:
                 business = self._business(sample, when)
@@ -284,7 +304,9 @@ class NodeMapper:
                 out.append(business)
         return out
 
-    def _signal(self, s: Sample, when: datetime, data_type: str | None) -> NewEvent:
+    def _signal(
+        self, s: Sample, when: datetime, basis: TimeBasis, data_type: str | None
+    ) -> NewEvent:
         data = dict(self._static)
         data["value"] = to_json(s.value)
         if data_type:
@@ -294,6 +316,7 @@ class NodeMapper:
             data["source_timestamp"] = rfc3339(s.source_timestamp)
         if s.server_timestamp is not None:
             data["server_timestamp"] = rfc3339(s.server_timestamp)
+        data["time_basis"] = basis
         return NewEvent(type=SIGNAL, data=data, time=when, subject=self.subject)
 
     def _business(self, s: Sample, when: datetime) -> NewEvent | None:

@@ -393,7 +393,8 @@ class Tracker:
                 out, exc.reason, f"{node.group_id}/{node.edge_node_id}: metric {name!r}: {exc.text}"
             )
             return
-        ms = m.timestamp or msg.timestamp or now_ms
+        source_ms = m.timestamp or msg.timestamp
+        ms = source_ms or now_ms
         if ms == self._last_ms:
             when = self._last_when
         else:
@@ -435,7 +436,13 @@ class Tracker:
             "value": value,
             "data_type": type_name,
             "status_code": _STATUS[quality],
-            "source_timestamp": when,
+        }
+        if source_ms:
+            data["source_timestamp"] = when
+            data["time_basis"] = "source"
+        else:
+            data["time_basis"] = "received"
+        data |= {
             "protocol": "sparkplug",
             "quality": quality,
         }
