@@ -20,10 +20,12 @@ import struct
 from datetime import UTC, datetime
 from typing import Any
 
-from . import sparkplug_b_pb2 as pb
+from . import sparkplug_b_pb2
 
-Payload = pb.Payload
-Metric = pb.Payload.Metric
+#: protoc's module builds its classes at import time: typed as Any for mypy
+pb: Any = sparkplug_b_pb2
+Payload: Any = pb.Payload
+Metric: Any = pb.Payload.Metric
 
 NAMESPACE = "spBv1.0"
 

@@ -142,7 +142,8 @@ class SparkplugSource(Source):
 
     async def run(self, ingest: Ingest) -> None:
         loop = asyncio.get_running_loop()
-        self._queue = queue = asyncio.Queue()
+        queue: asyncio.Queue[_Message] = asyncio.Queue()
+        self._queue = queue
         self._kick = asyncio.Event()
         self._stopping = False
         client = await asyncio.to_thread(self._make_client)
