@@ -336,3 +336,57 @@ async def test_an_offline_state_for_our_host_id_is_answered_by_online(
             ),
         )
         assert source.state().detail["host_state"] == "online"
+
+
+async def test_qos1_sparkplug_messages_are_acknowledged_only_after_commit(
+    mosquitto: Mosquitto, mqtt_subscriber: Callable[..., Subscriber], tmp_path: Path
+) -> None:
+    """Sparkplug data is QoS 0; what a node publishes at QoS 1 gets our PUBACK only once
+    committed (the mosquitto log shows the PUBACKs it received from us)."""
+    import re
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    def pubacks() -> int:
+        return len(re.findall(r"Received PUBACK from edge-agent-test-spb\b", mosquitto.log()))
+
+    def payload(seq: int, *metrics: tuple[str, int, float]) -> bytes:
+        msg = sp.Payload()
+        msg.timestamp, msg.seq = 1764590400000, seq
+        for name, alias, value in metrics:
+            m = msg.metrics.add()
+            if name:
+                m.name, m.datatype = name, sp.DATATYPE_CODES["Double"]
+            m.alias, m.double_value = alias, value
+        return bytes(msg.SerializeToString())
+
+    small = await Buffer.open(
+        tmp_path / "small.db", plant="p", agent_id="a", max_bytes=4_000, on_full="block"
+    )
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="qos1-node")
+    pub.connect("127.0.0.1", mosquitto.port)
+    pub.loop_start()
+    try:
+        wire = mqtt_subscriber(mosquitto, "spBv1.0/#")
+        source = build(STREAM, make_config(mosquitto), CTX)
+        async with running(source, small, wire):
+            pub.publish("spBv1.0/Plant1/NBIRTH/Q", payload(0, ("T", 1, 0.0)), qos=1)
+            await wait_until(lambda: pubacks() == 1)
+            n = 0
+            while not source.state().detail["held_back"]:
+                n += 1
+                pub.publish("spBv1.0/Plant1/NDATA/Q", payload(n % 256, ("", 1, float(n))), qos=1)
+                await asyncio.sleep(0.05)
+                assert n < 200, "the buffer never filled"
+            held = pubacks()
+            assert held < n + 1  # the message being held has no PUBACK
+            await asyncio.sleep(0.3)
+            assert pubacks() == held
+            rows = await small.read_next(STREAM, 0, 100_000, 1 << 30)
+            await small.ack(await small.open_batch(STREAM, rows))
+            await wait_until(lambda: pubacks() >= n + 1)
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+        await small.close()
