@@ -105,6 +105,11 @@ def ensure_peers() -> None:
         if not shutil.which("npm") or not shutil.which("node"):
             apt_install(["nodejs", "npm"], "the OPC UA interop test (node-opcua sample server)")
         run([str(PY), str(interop)])
+    sparkplug = ROOT / "tests" / "interop" / "ensure_sparkplug_client.py"
+    if sparkplug.exists():
+        if not shutil.which("npm") or not shutil.which("node"):
+            apt_install(["nodejs", "npm"], "the Sparkplug interop tests (Eclipse Tahu edge node)")
+        run([str(PY), str(sparkplug)])
 
 
 def cmd_demo(args: list[str]) -> None:

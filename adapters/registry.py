@@ -22,6 +22,7 @@ SOURCES: dict[str, str] = {
     "mes_http": "adapters.sources.mes_http",
     "drop_folder": "adapters.sources.drop_folder",
     "mqtt": "adapters.sources.mqtt",
+    "sparkplug": "adapters.sources.sparkplug",
 }
 
 SINKS: dict[str, str] = {

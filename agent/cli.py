@@ -65,6 +65,7 @@ class LazyGroup(click.Group):
     lazy = {
         "gateway": "agent.gateway.cli:gateway",
         "opcua": "adapters.sources.opcua.cli:opcua",
+        "sparkplug": "adapters.sources.sparkplug.cli:sparkplug",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -268,17 +268,40 @@ class StatusCode(_Base):
     name: Id = Field(description="symbolic name, e.g. Good, BadCommunicationError")
 
 
+class SparkplugOrigin(_Base):
+    """Where a Sparkplug B metric came from (adapters/sources/sparkplug, docs/sparkplug.md)."""
+
+    group_id: Id
+    edge_node_id: Id
+    device_id: Id | None = Field(default=None, description="absent for a node-level metric")
+    metric: Annotated[str, Field(min_length=1, max_length=4096)] = Field(
+        description="metric name as born; Template members as template/member"
+    )
+    alias: int | None = Field(default=None, ge=0, le=2**64 - 1)
+    seq: int | None = Field(default=None, ge=0, le=255, description="payload seq it came in")
+    bd_seq: int | None = Field(default=None, ge=0, description="bdSeq of the node's birth")
+    message: Literal["NBIRTH", "DBIRTH", "NDATA", "DDATA"] = Field(
+        description="message type that carried the value"
+    )
+
+
 class SignalSampled(_Located):
-    """mfg.signal.sampled: one OPC UA data change as received from the server."""
+    """mfg.signal.sampled: one value of a signal as received: an OPC UA data change, or a
+    Sparkplug B metric value (then ``protocol`` is ``sparkplug`` and ``sparkplug`` says
+    where it came from)."""
 
     node_id: Annotated[str, Field(min_length=1, max_length=4096)] = Field(
-        description="OPC UA NodeId string, e.g. ns=2;s=Line1.Counter"
+        description="the signal's address at its source: an OPC UA NodeId string "
+        "(ns=2;s=Line1.Counter), or for Sparkplug B group/edge_node[/device]/metric"
     )
     browse_path: Text | None = Field(
         default=None, description="browse path, e.g. /Objects/Line1/Counter"
     )
     value: Any = Field(description="the value as JSON (numbers, strings, booleans, arrays, null)")
-    data_type: Id | None = Field(default=None, description="OPC UA built-in type, e.g. Double")
+    data_type: Id | None = Field(
+        default=None,
+        description="the source's type name: OPC UA built-in type or Sparkplug datatype, e.g. Double",
+    )
     status_code: StatusCode
     source_timestamp: Timestamp | None = Field(
         default=None, description="when the value changed at its source; absent when unknown"
@@ -291,6 +314,26 @@ class SignalSampled(_Located):
         description="which clock the envelope time is from: the source timestamp, else the "
         "server timestamp, else when the agent received the value",
     )
+    protocol: Literal["opcua", "sparkplug", "mqtt"] | None = Field(
+        default=None,
+        description="where the signal came from (mqtt: a unified namespace value topic); "
+        "absent means opcua",
+    )
+    quality: Literal["good", "uncertain", "bad"] | None = Field(
+        default=None, description="the status in one word (Sparkplug: from the Quality property)"
+    )
+    historical: bool | None = Field(
+        default=None,
+        description="true for a value the source stored and sent late (Sparkplug is_historical)",
+    )
+    uom: Id | None = Field(
+        default=None,
+        description="UN/CEFACT Rec. 20 code when the source's engineering unit matched one",
+    )
+    engineering_unit: Id | None = Field(
+        default=None, description="the engineering unit as the source wrote it"
+    )
+    sparkplug: SparkplugOrigin | None = None
 
     @field_validator("value")
     @classmethod
@@ -406,6 +449,23 @@ class InventoryMoved(_Located):
     transfer_id: Id | None = None
 
 
+class SparkplugStateChanged(_Base):
+    """mfg.sparkplug.state_changed: a Sparkplug B edge node or device went online or offline."""
+
+    group_id: Id
+    edge_node_id: Id
+    device_id: Id | None = Field(
+        default=None, description="absent when the edge node itself changed"
+    )
+    state: Literal["online", "offline"]
+    reason: Literal["birth", "rebirth", "death", "node_death"] = Field(
+        description="birth: NBIRTH/DBIRTH; rebirth: a birth while already online; death: "
+        "NDEATH (bdSeq matched) or DDEATH; node_death: a device whose edge node died"
+    )
+    bd_seq: int | None = Field(default=None, ge=0, description="the node's bdSeq")
+    metrics: Count | None = Field(default=None, description="metrics declared by the birth")
+
+
 class AgentCheckpoint(_Base):
     """mfg.agent.checkpoint: a stream's high-water mark, so the central side can reconcile.
 
@@ -459,6 +519,7 @@ TYPES: dict[str, type[BaseModel]] = {
     "mfg.quality.hold_placed": QualityHoldPlaced,
     "mfg.quality.hold_released": QualityHoldReleased,
     "mfg.inventory.moved": InventoryMoved,
+    "mfg.sparkplug.state_changed": SparkplugStateChanged,
     "mfg.agent.checkpoint": AgentCheckpoint,
     "mfg.agent.gap": AgentGap,
 }
@@ -478,6 +539,7 @@ _SUBJECT_FIELDS: dict[str, tuple[str, ...]] = {
     "mfg.quality.hold_placed": ("lot", "item"),
     "mfg.quality.hold_released": ("lot", "item"),
     "mfg.inventory.moved": ("lot", "item"),
+    "mfg.sparkplug.state_changed": ("edge_node_id",),
     "mfg.agent.checkpoint": ("stream",),
     "mfg.agent.gap": ("stream",),
 }

@@ -30,6 +30,7 @@ FIGURES = [
     "outage",
     "opcua",
     "peers",
+    "sparkplug",
 ]
 
 

@@ -74,6 +74,15 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "to_location": "LINE-1",
         "quantity": {"value": 100, "uom": "H87"},
     },
+    "mfg.sparkplug.state_changed": {
+        "group_id": "Plant1",
+        "edge_node_id": "Line1-Gateway",
+        "device_id": "Filler",
+        "state": "online",
+        "reason": "birth",
+        "bd_seq": 3,
+        "metrics": 12,
+    },
     "mfg.agent.checkpoint": {
         "streamepoch": "01JD3V0000000000000000000",
         "first_sequence": 1,

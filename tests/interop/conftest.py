@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.opcua_server import free_port
+from tests.interop.sparkplug_peers import tahu  # noqa: F401  (the Tahu edge node fixture)
 
 HERE = Path(__file__).resolve().parent
 SERVER = HERE / "node_modules" / "node-opcua-samples" / "bin" / "simple_server.cjs"

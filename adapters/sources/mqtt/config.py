@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from adapters.mqtt_connection import MqttConnection
 from adapters.sources.mes_common import FieldMapping
+from adapters.sources.mqtt.uns import check_template
 from agent.config import ByteSize, Duration, Model, SourceConfig, parse_bytes
 
 if TYPE_CHECKING:
@@ -22,6 +24,33 @@ class Subscription(Model):
     #: the MES's own field names -> canonical fields; when the topic says what the payload
     #: is, fix the type with ``mapping.constants.type`` (see adapters/sources/mes_common)
     mapping: FieldMapping = FieldMapping()
+    #: unified namespace: name the topic's levels, e.g. "{enterprise}/{site}/{area}/{line}/{cell}/{tag}";
+    #: payloads are then values ({"value": ..., "timestamp": ...} or bare) and each becomes
+    #: one mfg.signal.sampled (see adapters/sources/mqtt/uns.py)
+    topic_template: str | None = None
+    #: with topic_template: the stream of these events, from the level names ("{site}.{line}");
+    #: default the source's stream
+    stream: str | None = None
+
+    @model_validator(mode="after")
+    def _uns(self) -> Subscription:
+        if self.topic_template is None:
+            if self.stream is not None:
+                raise ValueError("stream: needs a topic_template to name levels from")
+            return self
+        try:
+            names = check_template(self.topic_template)
+        except ValueError as exc:
+            raise ValueError(f"topic_template: {exc}") from None
+        if self.mapping != FieldMapping():
+            raise ValueError(
+                "mapping: a topic_template subscription takes value payloads, no mapping"
+            )
+        if self.stream is not None:
+            for used in re.findall(r"\{([^}]*)\}", self.stream):
+                if used not in names:
+                    raise ValueError(f"stream: {{{used}}} is not a level of the topic_template")
+        return self
 
     @field_validator("topic")
     @classmethod

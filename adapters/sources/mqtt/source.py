@@ -30,6 +30,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -41,6 +42,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from adapters.registry import AdapterContext
 from adapters.sources.mes_common import MesInputError, parse_mes_payload
+from adapters.sources.mqtt import uns
 from agent.config import read_secret
 from agent.errors import BufferFull, SourceError
 from agent.interfaces import Committed, ComponentState, Ingest, NewEvent, Source
@@ -327,7 +329,7 @@ class MqttSource(Source):
         group = await self._current(group)
         if not group:
             return
-        decoded: list[tuple[_Message, list[NewEvent]]] = []
+        decoded: list[tuple[_Message, list[tuple[str, NewEvent]]]] = []
         for msg in group:
             self._messages += 1
             try:
@@ -341,14 +343,25 @@ class MqttSource(Source):
         events = [ev for _, evs in decoded for ev in evs]
         if events:
             try:
-                self._count(await ingest.append(self.stream, events))
+                await self._append(ingest, events)
             except BufferFull as exc:
                 await self._hold_back(ingest, decoded, exc)
                 return
         self._ack(group)
 
+    async def _append(self, ingest: Ingest, events: list[tuple[str, NewEvent]]) -> None:
+        """Commit events to their streams (one append per stream, in order of arrival)."""
+        by_stream: dict[str, list[NewEvent]] = {}
+        for stream, ev in events:
+            by_stream.setdefault(stream, []).append(ev)
+        for stream, evs in by_stream.items():
+            self._count(await ingest.append(stream, evs))
+
     async def _hold_back(
-        self, ingest: Ingest, decoded: list[tuple[_Message, list[NewEvent]]], exc: BufferFull
+        self,
+        ingest: Ingest,
+        decoded: list[tuple[_Message, list[tuple[str, NewEvent]]]],
+        exc: BufferFull,
     ) -> None:
         """The buffer is full: commit message by message (a whole group may never fit, a
         single message will once the sink drains the backlog), retrying each until it goes
@@ -368,7 +381,7 @@ class MqttSource(Source):
                 if not await self._current([msg]):
                     break  # the broker will send it again on the new connection
                 try:
-                    self._count(await ingest.append(self.stream, events))
+                    await self._append(ingest, events)
                     break
                 except BufferFull as again:
                     self._state.last_error = str(again)
@@ -405,7 +418,7 @@ class MqttSource(Source):
             if msg.qos > 0 and connected and msg.generation == self._thread_generation:
                 client.ack(msg.mid, msg.qos)
 
-    def _decode(self, msg: _Message) -> list[NewEvent]:
+    def _decode(self, msg: _Message) -> list[tuple[str, NewEvent]]:
         if msg.topic is None:
             raise _Rejected("bad_topic", "topic is not UTF-8")
         if len(msg.payload) > self.config.max_payload:
@@ -417,6 +430,16 @@ class MqttSource(Source):
         sub = self._subscription_for(msg.topic)
         if sub is None:
             raise _Rejected("no_subscription", "no configured topic filter matches")
+        if sub.topic_template is not None:
+            try:
+                named = uns.levels(sub.topic_template, msg.topic) if sub.stream else {}
+                stream = uns.stream_name(sub.stream, named) if sub.stream else self.stream
+                event = uns.value_event(
+                    sub.topic_template, msg.topic, msg.payload, datetime.now(UTC)
+                )
+            except uns.UnsError as exc:
+                raise _Rejected(exc.reason, exc.text) from None
+            return [(stream, event)]
         try:
             body = orjson.loads(msg.payload)
         except orjson.JSONDecodeError as exc:
@@ -431,7 +454,12 @@ class MqttSource(Source):
                 )
             try:
                 events.append(
-                    parse_mes_payload(obj, sub.mapping, extra_uom_codes=self.config.extra_uom_codes)
+                    (
+                        self.stream,
+                        parse_mes_payload(
+                            obj, sub.mapping, extra_uom_codes=self.config.extra_uom_codes
+                        ),
+                    )
                 )
             except MesInputError as exc:
                 text = "; ".join(
