@@ -1,7 +1,8 @@
 """`edge-agent`: the command line.
 
 Exit codes: 0 ok, 2 usage or config error, 1 runtime failure. Expected errors are one
-line on stderr, never a traceback (``--debug`` shows it).
+line on stderr, never a traceback (``--debug`` shows it). ``status`` adds 3 (the agent is
+not running); ``status --check`` has the monitoring-plugin codes (0-3, never another).
 """
 
 from __future__ import annotations
