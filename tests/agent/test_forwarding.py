@@ -244,8 +244,10 @@ def test_wrong_token_is_auth_failed_keeps_everything_and_resumes_when_fixed(
 def test_gateway_down_then_up_loses_nothing_and_keeps_order(gateway, agent_process, tmp_path):
     gw = gateway()
     total = 1500
+    # 15 s of production: the outage starts well before the last event, even on a loaded
+    # machine where the first 200 take a while to be seen at the gateway
     cfg = agent_config(tmp_path, sinks={"central": https_sink(gw)},
-                       sources={"line1": simulator(rate=300, limit=total)})  # fmt: skip
+                       sources={"line1": simulator(rate=100, limit=total)})  # fmt: skip
     agent = agent_process(cfg, workdir=tmp_path).start()
     gw.wait_received(200, stream="line1", timeout=30)
     gw.stop()  # a real outage: the process is gone, the port refuses connections
