@@ -125,6 +125,19 @@ def mqtt_sink(**keys: str) -> str:
     return "\n".join(lines)
 
 
+def nats(**keys: str) -> str:
+    lines = ['type = "nats"', 'url = "tls://127.0.0.1:4222"']
+    lines += [f'{k} = "{v}"' for k, v in keys.items()]
+    return "\n".join(lines)
+
+
+def sparkplug(**keys: str) -> str:
+    lines = ["[sources.spb]", 'type = "sparkplug"', 'url = "mqtt://127.0.0.1:1883"']
+    lines += ['groups = ["Plant1"]', 'host_id = "edge-host"']
+    lines += [f'{k} = "{v}"' for k, v in keys.items()]
+    return "\n".join(lines) + "\n"
+
+
 def mes(listen: str = "127.0.0.1:0", **keys: str) -> str:
     lines = ["[sources.mes]", 'type = "mes_http"', f'listen = "{listen}"']
     lines += [f'{k} = "{v}"' for k, v in keys.items()]
@@ -410,6 +423,25 @@ CASES = [
         "sources.drop.path",
         "Read-only file system",
         wrap="ro",
+    ),
+    # ------------------------------------------------------------------ later adapters
+    Case(
+        "nats ca_file in DER",
+        lambda f, t, p: base(t, sink=nats(ca_file=str(f.ca_der))),
+        "sinks.central.ca_file",
+        "is a DER certificate",
+    ),
+    Case(
+        "nats token_file empty",
+        lambda f, t, p: base(t, sink=nats(token_file=str(f.empty))),
+        "sinks.central.token_file",
+        "is empty",
+    ),
+    Case(
+        "sparkplug password_file empty",
+        lambda f, t, p: base(t, extra=sparkplug(username="u", password_file=str(f.empty))),
+        "sources.spb.password_file",
+        "is empty",
     ),
 ]
 

@@ -8,18 +8,31 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from agent.config import Duration, SinkConfig, is_loopback_host
 
+if TYPE_CHECKING:
+    from agent.preflight import Check
+
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class Config(SinkConfig):
     type: Literal["nats"] = "nats"
+
+    def preflight(self, check: Check) -> None:
+        """The files run opens to connect: credentials, secrets, CA bundle, client pair."""
+        check.secret_file("credentials_file", self.credentials_file)
+        check.secret_file("password_file", self.password_file)
+        check.secret_file("token_file", self.token_file)
+        if self.tls:
+            check.ca_bundle("ca_file", self.ca_file)
+            check.cert_and_key("cert_file", self.cert_file, "key_file", self.key_file)
+
     #: one or more servers of the cluster, comma-separated or a list:
     #: tls://host:4222 (TLS) or nats://host:4222 (plain; loopback only unless allow_insecure)
     url: str | list[str]

@@ -9,18 +9,25 @@ only the connection with the mqtt source (adapters/mqtt_connection.py).
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
 
 from adapters.mqtt_connection import MqttConnection
 from agent.config import Duration, SourceConfig
 
+if TYPE_CHECKING:
+    from agent.preflight import Check
+
 _ID = re.compile(r"[^/+#\x00]+")
 
 
 class Config(SourceConfig, MqttConnection):
     type: Literal["sparkplug"] = "sparkplug"
+
+    def preflight(self, check: Check) -> None:
+        self.connection_preflight(check)
+
     url: str = "mqtt://127.0.0.1:1883"
     #: Sparkplug group ids to host (each subscribed as spBv1.0/<group>/#); "+" for all
     groups: list[str] = Field(min_length=1)
