@@ -60,7 +60,7 @@ def test_sample_toml_validates():
                 "nodes": [{"node_id": "i=1"}],
             },
             "sources.s",
-            "trusted_certs_dir or server_thumbprint",
+            "needs pki_dir (or trusted_certs_dir, or server_thumbprint)",
         ),
         (
             {

@@ -194,13 +194,37 @@ async def test_untrusted_server_certificate_is_refused_naming_its_thumbprint(sec
         )
         assert await read_events(buf, "line1") == []
     pretty = ":".join(thumb[i : i + 2] for i in range(0, 40, 2))
-    assert f"server certificate of {srv.endpoint} is not trusted: SHA-1 thumbprint {pretty}" in (
+    assert f"server certificate of {srv.endpoint} (CN=edge-agent test server, SHA-1 {pretty})" in (
         st.last_error
     )
+    assert "is not trusted" in st.last_error
     saved = tmp_path / "state" / "opcua" / "line1" / "rejected" / f"{thumb}.der"
-    assert f"copy {saved} into {trusted}" in st.last_error
-    assert f'set server_thumbprint = "{thumb}"' in st.last_error
+    assert st.last_error.endswith(f"trust it: edge-agent opcua trust --dir {trusted} {saved}")
     assert saved.read_bytes() == srv.cert.read_bytes()
+
+
+async def test_pki_dir_trusts_the_asyncua_server_by_its_own_certificate(secure, tmp_path):
+    """The Part 12 folder with the self-signed server certificate in trusted/certs: no CA,
+    so no CRL is needed; our own certificate is made in own/."""
+    srv = secure
+    pki = tmp_path / "pki"
+    (pki / "trusted" / "certs").mkdir(parents=True)
+    (pki / "trusted" / "certs" / "srv.der").write_bytes(srv.cert.read_bytes())
+    (tmp_path / "pw").write_text("s3cret\n")
+    cfg = make_config(
+        srv.endpoint,
+        [node("Counter")],
+        security_policy="Aes128_Sha256_RsaOaep",
+        pki_dir=str(pki),
+        username="operator",
+        password_file=str(tmp_path / "pw"),
+    )
+    async with running_source(cfg, tmp_path) as (src, buf):
+        await wait_for(lambda: _enough(buf, "Line1.Counter", 3), 20, "3 samples", src)
+    for sub in ("trusted/crl", "issuers/certs", "issuers/crl", "rejected"):
+        assert (pki / sub).is_dir(), sub
+    assert (pki / "own" / "certs" / "cert.der").is_file()
+    assert (pki / "own" / "private" / "key.pem").stat().st_mode & 0o077 == 0
 
 
 def _thumb(path) -> str:

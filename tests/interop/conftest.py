@@ -43,8 +43,7 @@ class NodeOpcUaServer:
         return f"urn:{socket.gethostname()}:NodeOPCUA-Server"
 
 
-@pytest.fixture(scope="session")
-def node_opcua_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeOpcUaServer]:
+def _node() -> str:
     node = shutil.which("node")
     if node is None or not SERVER.is_file():
         pytest.fail(
@@ -53,7 +52,29 @@ def node_opcua_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node
             "Debian: apt-get install -y nodejs npm)",
             pytrace=False,
         )
-    home = tmp_path_factory.mktemp("node-opcua")
+    return node
+
+
+def pki_of(home: Path) -> Path:
+    """The sample server's PKI under XDG_CONFIG_HOME=home."""
+    return home / "NodeOPCUA-Server-nodejs" / "PKI"
+
+
+def seed_certificate(home: Path, cert_pem: bytes, key_pem: bytes) -> None:
+    """Give the sample server our certificate (leaf, then its CAs) and key.
+
+    The sample server makes a self-signed certificate only when PKI/server_certificate1.pem
+    is missing, and its certificate manager keeps the key in PKI/own/private/private_key.pem:
+    both are put there before it starts."""
+    pki = pki_of(home)
+    (pki / "own" / "private").mkdir(parents=True, exist_ok=True)
+    (pki / "server_certificate1.pem").write_bytes(cert_pem)
+    (pki / "own" / "private" / "private_key.pem").write_bytes(key_pem)
+
+
+def start_node_opcua(home: Path) -> NodeOpcUaServer:
+    """Start a sample server with its config (and PKI) under ``home``; wait until it listens."""
+    node = _node()
     port = free_port()
     log = home / "server.log"
     with log.open("wb") as out:
@@ -73,7 +94,7 @@ def node_opcua_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node
             env={**os.environ, "XDG_CONFIG_HOME": str(home)},
         )
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while "waiting for connections" not in log.read_text(errors="replace"):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(
@@ -81,9 +102,22 @@ def node_opcua_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node
                     + log.read_text(errors="replace")[-3000:]
                 )
             time.sleep(0.1)
-        yield NodeOpcUaServer(
-            f"opc.tcp://127.0.0.1:{port}", home / "NodeOPCUA-Server-nodejs" / "PKI", proc
-        )
-    finally:
+    except BaseException:
         proc.kill()
         proc.wait(10)
+        raise
+    return NodeOpcUaServer(f"opc.tcp://127.0.0.1:{port}", pki_of(home), proc)
+
+
+def stop_node_opcua(srv: NodeOpcUaServer) -> None:
+    srv.proc.kill()
+    srv.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def node_opcua_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeOpcUaServer]:
+    srv = start_node_opcua(tmp_path_factory.mktemp("node-opcua"))
+    try:
+        yield srv
+    finally:
+        stop_node_opcua(srv)

@@ -2,7 +2,7 @@
 
 Config   the [sources.NAME] table (type = "opcua"), see sample.toml
 build()  the Source for the runtime
-cli      ``edge-agent opcua browse|test|gen-cert``
+cli      ``edge-agent opcua endpoints|browse|read|test|trust|gen-cert``
 """
 
 from __future__ import annotations

@@ -152,7 +152,14 @@ class Config(SourceConfig):
     private_key: Path | None = None
     #: must equal the URI in the certificate; read from the certificate when unset
     application_uri: str | None = None
-    #: folder of trusted server certificates (DER or PEM files)
+    #: the OPC UA Part 12 PKI folder (trusted/certs, trusted/crl, issuers/certs, issuers/crl,
+    #: rejected/; created when missing): trust a server by its own certificate or its CA
+    pki_dir: Path | None = None
+    #: refuse a CA-signed server certificate when its CA's CRL is not in the PKI
+    #: (revocation status unknown); false accepts it with a warning
+    require_crl: bool = True
+    #: a flat folder of trusted server certificates (DER or PEM files), the older setting;
+    #: used as one more trusted/certs
     trusted_certs_dir: Path | None = None
     #: or pin one server certificate by its SHA-1 thumbprint
     server_thumbprint: str | None = None
@@ -220,11 +227,11 @@ class Config(SourceConfig):
         if (self.certificate is None) != (self.private_key is None):
             raise ValueError("set both certificate and private_key, or neither")
         if self.security_policy != "None" and not (
-            self.trusted_certs_dir or self.server_thumbprint
+            self.pki_dir or self.trusted_certs_dir or self.server_thumbprint
         ):
             raise ValueError(
-                "a secured connection needs trusted_certs_dir or server_thumbprint to check the "
-                "server's certificate"
+                "a secured connection needs pki_dir (or trusted_certs_dir, or server_thumbprint) "
+                "to check the server's certificate"
             )
         if self.password is not None and self.password_file is not None:
             raise ValueError("set password or password_file, not both")

@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from asyncua import Client, ua
@@ -21,7 +23,7 @@ from asyncua.ua import uaerrors
 from agent.config import read_secret
 from agent.errors import SourceError
 
-from . import security
+from . import pki, security
 from .config import Config
 from .mapping import status_name
 from .security import AuthRefused
@@ -53,16 +55,56 @@ _CERT_CODES = {
 }
 
 
+#: warn this long before the agent's own certificate expires
+RENEW_WARNING = timedelta(days=30)
+_warned_expiry: set[Path] = set()
+
+
 @dataclass(frozen=True, slots=True)
 class OwnCertificate:
     cert: Path
     key: Path
     application_uri: str
     thumbprint: str
+    not_after: datetime | None = None
+
+
+def own_certificate_paths(cfg: Config, state_dir: Path, name: str) -> tuple[Path, Path]:
+    """Where the agent's certificate and key are: configured, the PKI's own/, or state_dir."""
+    if cfg.certificate is not None and cfg.private_key is not None:
+        return cfg.certificate, cfg.private_key
+    if cfg.pki_dir is not None:
+        return (
+            cfg.pki_dir / "own" / "certs" / "cert.der",
+            cfg.pki_dir / "own" / "private" / "key.pem",
+        )
+    base = state_dir / "opcua" / name
+    return base / "cert.der", base / "key.pem"
+
+
+def warn_if_expiring(
+    cert_path: Path, key_path: Path, not_after: datetime, now: datetime | None = None
+) -> str | None:
+    """The renewal warning (logged once per process per file), or None when not due."""
+    now = now or datetime.now(UTC)
+    if not_after - now > RENEW_WARNING:
+        return None
+    days = max(0, (not_after - now).days)
+    text = (
+        f"the agent's certificate {cert_path} expires on {not_after:%Y-%m-%d} (in {days} "
+        f"days): renew it with `edge-agent opcua gen-cert --renew --cert {cert_path} --key "
+        f"{key_path}` "
+        "and trust the new one on the server"
+    )
+    if cert_path not in _warned_expiry:
+        _warned_expiry.add(cert_path)
+        log.warning("%s", text)
+    return text
 
 
 def own_certificate(cfg: Config, state_dir: Path, name: str) -> OwnCertificate:
-    """The configured application certificate, or one generated once under state_dir."""
+    """The configured application certificate, or one generated once (in the PKI's own/
+    folder when pki_dir is set, else under state_dir)."""
     if cfg.certificate is not None and cfg.private_key is not None:
         cert_path, key_path = cfg.certificate, cfg.private_key
         try:
@@ -74,8 +116,7 @@ def own_certificate(cfg: Config, state_dir: Path, name: str) -> OwnCertificate:
         if not key_path.is_file():
             raise SourceError(f"private_key {key_path} does not exist")
     else:
-        base = state_dir / "opcua" / name
-        cert_path, key_path = base / "cert.der", base / "key.pem"
+        cert_path, key_path = own_certificate_paths(cfg, state_dir, name)
         uri = cfg.application_uri or security.default_application_uri()
         if cert_path.is_file() and key_path.is_file():
             cert = security.load_certificate(cert_path)
@@ -104,8 +145,13 @@ def own_certificate(cfg: Config, state_dir: Path, name: str) -> OwnCertificate:
             f"application_uri '{cfg.application_uri}' differs from the URI in {cert_path} "
             f"('{uri_in_cert}'): remove application_uri or make a matching certificate"
         )
+    warn_if_expiring(cert_path, key_path, cert.not_valid_after_utc)
     return OwnCertificate(
-        cert_path, key_path, uri_in_cert, security.thumbprint(security.der_of(cert))
+        cert_path,
+        key_path,
+        uri_in_cert,
+        security.thumbprint(security.der_of(cert)),
+        cert.not_valid_after_utc,
     )
 
 
@@ -168,9 +214,7 @@ def translate(exc: BaseException, cfg: Config, own: OwnCertificate | None = None
     return SourceError(f"connection to {url} failed: {_message_of(exc)}")
 
 
-async def _secure(
-    client: Client, cfg: Config, trust: security.TrustPolicy, own: OwnCertificate
-) -> None:
+async def _secure(client: Client, cfg: Config, trust: pki.Pki, own: OwnCertificate) -> pki.Verdict:
     policy_cls = POLICIES[cfg.security_policy]
     mode = getattr(ua.MessageSecurityMode, cfg.mode)
     client.application_uri = own.application_uri
@@ -191,35 +235,61 @@ async def _secure(
             f"server {cfg.endpoint} does not offer {cfg.security_policy}/{cfg.mode} "
             f"(it offers: {', '.join(offered)}): change security_policy/security_mode"
         )
-    der = chosen.ServerCertificate
-    if not der:
+    blob = chosen.ServerCertificate
+    if not blob:
         raise AuthRefused(f"server {cfg.endpoint} sent no certificate for {cfg.security_policy}")
-    der = der[: int.from_bytes(der[2:4], "big") + 4]  # first certificate of a chain
-    trust.check(cfg.endpoint, der)
+    chain = pki.split_chain(blob)  # a leaf, maybe followed by its CAs
+    app_uri = chosen.Server.ApplicationUri if chosen.Server is not None else None
+    verdict = await asyncio.to_thread(trust.check, cfg.endpoint, chain, app_uri)
     await client.set_security(
-        policy_cls, str(own.cert), str(own.key), server_certificate=der, mode=mode
+        policy_cls, str(own.cert), str(own.key), server_certificate=chain[0], mode=mode
     )
+    return verdict
 
 
-def trust_policy(cfg: Config, state_dir: Path, name: str) -> security.TrustPolicy:
-    return security.TrustPolicy(
-        trusted_dir=cfg.trusted_certs_dir,
+def trust_policy(cfg: Config, state_dir: Path, name: str, trust_hint: str | None = None) -> pki.Pki:
+    """The PKI of a source. ``trust_hint`` is what ``opcua trust`` needs to find it."""
+    if cfg.pki_dir is not None:
+        pki.ensure_layout(cfg.pki_dir)
+    hint = trust_hint
+    if hint is None:
+        hint = f"--pki {cfg.pki_dir}" if cfg.pki_dir is not None else ""
+        if not hint and cfg.trusted_certs_dir is not None:
+            hint = f"--dir {cfg.trusted_certs_dir}"
+    return pki.Pki(
+        root=cfg.pki_dir,
+        extra_trusted=cfg.trusted_certs_dir,
         pinned=cfg.server_thumbprint,
-        rejected_dir=state_dir / "opcua" / name / "rejected",
+        rejected_dir=None if cfg.pki_dir is not None else state_dir / "opcua" / name / "rejected",
+        require_crl=cfg.require_crl,
+        trust_hint=hint,
     )
 
 
 async def open_client(
-    cfg: Config, name: str, state_dir: Path
+    cfg: Config,
+    name: str,
+    state_dir: Path,
+    *,
+    on_trust: Callable[[pki.Verdict], None] | None = None,
+    trust_hint: str | None = None,
 ) -> tuple[Client, OwnCertificate | None]:
-    """A connected, activated client session. Raises SourceError (or AuthRefused)."""
+    """A connected, activated client session. Raises SourceError (or AuthRefused).
+
+    ``on_trust`` is told how the server's certificate was trusted (and any warnings)."""
     client = make_client(cfg, name)
     own: OwnCertificate | None = None
     try:
         async with asyncio.timeout(cfg.connect_timeout):
             if cfg.security_policy != "None":
                 own = own_certificate(cfg, state_dir, name)
-                await _secure(client, cfg, trust_policy(cfg, state_dir, name), own)
+                verdict = await _secure(
+                    client, cfg, trust_policy(cfg, state_dir, name, trust_hint), own
+                )
+                for warning in verdict.warnings:
+                    log.warning("source %s: server certificate: %s", name, warning)
+                if on_trust is not None:
+                    on_trust(verdict)
             if cfg.username:
                 password = read_secret(cfg.password, cfg.password_file, "password")
                 client.set_user(cfg.username)

@@ -3,11 +3,9 @@
 OPC UA secures a channel with X.509 certificates in both directions. The agent presents an
 application instance certificate whose SubjectAltName carries its ApplicationUri (servers
 refuse one whose URI does not match the ApplicationDescription), and it must decide whether
-to trust the server's certificate. That decision is made here, before any secured message is
-sent: a certificate found in ``trusted_certs_dir``, or one whose SHA-1 thumbprint equals
-``server_thumbprint``, is trusted; anything else is refused with a message naming the
-thumbprint and the two ways to trust it, and a copy is left in ``rejected/`` for the
-operator to inspect and move.
+to trust the server's certificate. This module holds the certificate helpers and makes the
+agent's own certificate; the trust decision (Part 12 PKI folder, CA chains, CRLs) is made in
+``pki.py`` before any secured message is sent.
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import socket
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -68,65 +65,6 @@ def subject_of(cert: x509.Certificate) -> str:
 
 class AuthRefused(SourceError):
     """Security or login refused: retrying will not help until the operator acts."""
-
-
-class UntrustedServerCertificate(AuthRefused):
-    """The server presented a certificate that is neither in the trust folder nor pinned."""
-
-    def __init__(self, endpoint: str, der: bytes, trusted_dir: Path | None, saved: Path | None):
-        self.thumbprint = thumbprint(der)
-        try:
-            subject = subject_of(x509.load_der_x509_certificate(der))
-        except ValueError:
-            subject = "unparseable certificate"
-        how = [f'set server_thumbprint = "{self.thumbprint}"']
-        if trusted_dir is not None:
-            src = f"{saved}" if saved else "the server's certificate"
-            how.insert(0, f"copy {src} into {trusted_dir}")
-        super().__init__(
-            f"server certificate of {endpoint} is not trusted: SHA-1 thumbprint "
-            f"{pretty_thumbprint(self.thumbprint)} ({subject}); if this is your server, "
-            f"{' or '.join(how)}"
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class TrustPolicy:
-    """Which server certificates the agent accepts."""
-
-    trusted_dir: Path | None = None
-    pinned: str | None = None
-    rejected_dir: Path | None = None
-
-    def trusted_thumbprints(self) -> set[str]:
-        out: set[str] = set()
-        if self.trusted_dir is None or not self.trusted_dir.is_dir():
-            return out
-        for p in sorted(self.trusted_dir.iterdir()):
-            if p.suffix.lower() not in CERT_SUFFIXES or not p.is_file():
-                continue
-            try:
-                out.add(thumbprint(der_of(load_certificate(p))))
-            except (OSError, ValueError):
-                continue  # an unreadable file trusts nothing
-        return out
-
-    def check(self, endpoint: str, der: bytes) -> None:
-        """Return if ``der`` is trusted, else raise UntrustedServerCertificate."""
-        thumb = thumbprint(der)
-        if self.pinned is not None and thumb == self.pinned:
-            return
-        if thumb in self.trusted_thumbprints():
-            return
-        saved = None
-        if self.rejected_dir is not None:
-            try:
-                self.rejected_dir.mkdir(parents=True, exist_ok=True)
-                saved = self.rejected_dir / f"{thumb}.der"
-                saved.write_bytes(der)
-            except OSError:
-                saved = None
-        raise UntrustedServerCertificate(endpoint, der, self.trusted_dir, saved)
 
 
 def generate_application_certificate(
