@@ -293,6 +293,9 @@ class Config(SourceConfig):
                 )
         if self.trusted_certs_dir is not None:
             check.directory("trusted_certs_dir", self.trusted_certs_dir)
+        if self.pki_dir is not None:
+            # run creates the Part 12 folders in it and writes rejected certificates there
+            check.creatable_directory("pki_dir", self.pki_dir)
         check.secret_file("password_file", self.password_file)
 
     @property
