@@ -247,7 +247,7 @@ class Buffer:
         return self
 
     async def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs_durably(self.path.parent)
         existed = self.path.exists() and self.path.stat().st_size > 0
         if existed and not os.access(self.path, os.R_OK | os.W_OK):
             raise BufferError_(
@@ -257,6 +257,8 @@ class Buffer:
         if not existed:
             # 0600 from the first byte, whatever the umask (-wal/-shm follow the main file)
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+            # the name too: SQLite fsyncs the directory only for its -wal/-journal files
+            fsync_dir(self.path.parent)
         try:
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
             await self._call(self._init_sync, existed)
@@ -333,6 +335,9 @@ class Buffer:
             src = Path(str(self.path) + suffix)
             if src.exists():
                 src.rename(Path(str(target) + suffix))
+        # the move itself must survive a power cut: the message below points at target
+        with contextlib.suppress(OSError):
+            fsync_dir(self.path.parent)
         log.error("buffer %s quarantined to %s", self.path, target)
         return target
 
@@ -1439,6 +1444,32 @@ class Buffer:
         """(last committed sequence, forwarded cursor) as this process knows them."""
         s = self._streams[stream]
         return s.last_seq, s.forwarded_seq
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the names in ``directory`` durable (POSIX: a new, renamed or removed name
+    survives a power cut only once its directory is fsynced)."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs_durably(directory: Path) -> None:
+    """``mkdir -p`` whose every new directory survives a power cut: each one created is
+    fsynced in its parent (found by the power-cut campaign: a buffer in a directory the
+    agent had created came back, after a cut, as no directory and no buffer at all)."""
+    if directory.is_dir():
+        return
+    make_dirs_durably(directory.parent)
+    try:
+        directory.mkdir()
+    except FileExistsError:
+        if not directory.is_dir():
+            raise
+        return
+    fsync_dir(directory.parent)
 
 
 def read_stream_rows(c: sqlite3.Connection) -> list[dict[str, Any]]:

@@ -27,7 +27,15 @@ def heartbeat_path(buffer_path: Path) -> Path:
 class HeartbeatFile:
     def __init__(self, buffer_path: Path) -> None:
         self.path = heartbeat_path(buffer_path)
+        existed = self.path.exists()
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        if not existed:  # its name survives a power cut only with its directory fsynced
+            with contextlib.suppress(OSError):
+                dfd = os.open(self.path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
         try:
             os.posix_fallocate(self._fd, 0, SIZE)
         except OSError:  # filesystems without fallocate: write the zeros ourselves
