@@ -512,14 +512,14 @@ class Buffer:
 
     @contextlib.contextmanager
     def _bookkeeping(self) -> Any:
-        """Commit forwarding bookkeeping (batch ids, the cursor) without an fsync.
+        """Commit forwarding bookkeeping (an ack: the cursor) without an fsync.
 
-        Events are committed with the configured durability; a batch row or an ack needs
-        less. In WAL mode synchronous=NORMAL still survives a crash of the process; a
-        power cut may roll the last of these back, which only means a batch is sent again
-        (same event ids, perhaps under a new batch id), never that an event is lost. The
-        next event commit with synchronous=FULL makes them durable too. This saves two
-        fsyncs per batch on the drain path. Runs in the db thread only.
+        Events are committed with the configured durability; an ack needs less. In WAL
+        mode synchronous=NORMAL still survives a crash of the process; a power cut may roll
+        the last acks back, which only means a batch is sent again under its own key (its
+        batch row was made durable before its first send: _before_send), never that an
+        event is lost. The next fsynced commit makes them durable too. This saves an fsync
+        per batch on the drain path. Runs in the db thread only.
         """
         db = self._sync
         if self.durability != "fsync":
@@ -530,6 +530,29 @@ class Buffer:
             yield
         finally:
             db.execute("PRAGMA synchronous = FULL")
+
+    @contextlib.contextmanager
+    def _before_send(self) -> Any:
+        """Commit a batch row that is about to be sent with a WAL fsync, in either mode.
+
+        The batch id is the Idempotency-Key, and the wire contract says a resend after a
+        crash carries the same key; a power cut is a crash. Found by the power-cut
+        campaign: with the batch row committed without an fsync (as bookkeeping), a cut
+        right after the first send lost the row, and the events went again under a new
+        key. With ``durability = "os"`` this fsync also makes every event of the batch (and
+        every commit before it) durable before the gateway sees it, so a cut can roll back
+        only events nobody outside has seen: a sequence never reaches the gateway with two
+        ids. One fsync per batch, not per event. Runs in the db thread only.
+        """
+        db = self._sync
+        if self.durability == "fsync":
+            yield
+            return
+        db.execute("PRAGMA synchronous = FULL")
+        try:
+            yield
+        finally:
+            db.execute("PRAGMA synchronous = NORMAL")
 
     def _disk_free(self) -> int:
         try:
@@ -1041,7 +1064,7 @@ class Buffer:
         first, last = rows[0][0], rows[-1][0]
 
         def tx() -> bool:
-            with self._bookkeeping():
+            with self._before_send():
                 now = self._sync.execute(
                     "SELECT seq, id, CASE WHEN ctl = 1 THEN body END FROM events "
                     "WHERE sid = ? AND seq BETWEEN ? AND ? ORDER BY seq",
@@ -1104,7 +1127,7 @@ class Buffer:
                 return None
             bodies = [r[1] for r in _contiguous_run(rows, max_bytes)]
             first = rows[0][0]
-            with self._bookkeeping():
+            with self._before_send():
                 db.execute(
                     "INSERT INTO batches VALUES (?, ?, ?, ?, ?)",
                     (bid, s.sid, first, first + len(bodies) - 1, time.time()),
@@ -1147,7 +1170,7 @@ class Buffer:
             )
 
         def tx() -> None:
-            with self._bookkeeping():
+            with self._before_send():
                 self._sync.execute("DELETE FROM batches WHERE batch_id = ?", (batch.batch_id,))
                 self._sync.executemany(
                     "INSERT INTO batches VALUES (?, ?, ?, ?, ?)",

@@ -20,7 +20,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.faults.campaign import LONG, MesClient, mes_source, seeded, wait_listening
+from tests.faults.campaign import (
+    LONG,
+    MesClient,
+    mes_source,
+    seeded,
+    wait_drained,
+    wait_listening,
+)
 from tests.faults.powerfs.campaign import Campaign
 from tests.faults.powerfs.mount import PowerMount
 from tests.fixtures.common import agent_config, free_port, https_sink
@@ -117,11 +124,11 @@ def test_cut_after_first_start_keeps_the_buffer_in_the_directory_the_agent_creat
     assert {mes.acked[n].id for n in (1, 2, 3)} <= ids
 
 
-def wait_for(pred: Callable[[], bool], what: str, timeout: float = 60) -> None:
+def wait_for(pred: Callable[[], bool], what: str, timeout: float = 60, poll: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+        time.sleep(poll)
 
 
 def test_cut_after_a_quarantine_keeps_the_file_where_the_error_said(
@@ -154,3 +161,53 @@ def test_cut_after_a_quarantine_keeps_the_file_where_the_error_said(
     fs.mount()
     assert sorted(p.name for p in fs.mountpoint.iterdir()) == [moved.name]
     assert moved.read_bytes() == b"\xde\xad" * 4096
+
+
+def gateway_batches(gw) -> list[tuple[int, int, str]]:
+    db = sqlite3.connect(f"file:{gw.db_path}?mode=ro", uri=True)
+    try:
+        return db.execute(
+            "SELECT first_sequence, last_sequence, key FROM batches ORDER BY bn"
+        ).fetchall()
+    finally:
+        db.close()
+
+
+ROUNDS = 4
+
+
+def test_cut_right_after_the_first_send_resends_under_the_same_idempotency_key(
+    powerfs, gateway, agent_process, tmp_path
+):
+    """Found by the campaign (3 times in 15 cuts): the batch row was committed without an
+    fsync, so a cut just after the first send lost it and the events went again under a
+    new key, against the wire contract. The gateway here stores every batch and cuts the
+    answer (drop_acks), so the agent keeps resending the batch; the cut comes as soon as
+    the gateway has it. Several rounds: anything the agent fsyncs soon after (its
+    once-a-second checkpoint, the sink error it records) makes the row durable if the cut
+    comes late; without the fix about one round in three shows the new key."""
+    fs = powerfs()
+    (fs.mountpoint / "var").mkdir()
+    dfd = os.open(fs.mountpoint, os.O_RDONLY)
+    os.fsync(dfd)
+    os.close(dfd)
+    gw = gateway()
+    buffer = fs.mountpoint / "var" / "buffer.db"
+    port = free_port()
+    mes = MesClient(port)
+    for r in range(ROUNDS):
+        gw.control(drop_acks=-1)
+        agent = start_agent(agent_process, tmp_path / f"round{r}", buffer, port, gw)
+        with httpx.Client(timeout=10) as client:
+            assert mes.push_once(client, [r * 10 + i for i in range(1, 6)]) == 202
+        wait_for(lambda r=r: len(gateway_batches(gw)) > r, "the first send", 30, poll=0.005)
+        agent.kill()
+        fs.cut(seed=10 + r)
+        fs.mount()
+        gw.control(drop_acks=0)
+        agent = start_agent(agent_process, tmp_path / f"after{r}", buffer, port, gw)
+        wait_drained(agent)
+        assert agent.stop() == 0
+    assert len({e["id"] for e in gw.events("mes")}) == 5 * ROUNDS
+    batches = gateway_batches(gw)
+    assert len(batches) == ROUNDS, f"a batch went again under a new key: {batches}"
