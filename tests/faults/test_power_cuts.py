@@ -15,6 +15,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 
 import httpx
@@ -119,7 +120,7 @@ def test_cut_after_first_start_keeps_the_buffer_in_the_directory_the_agent_creat
     fs.cut(seed=1)
     fs.mount()
     assert buffer.exists(), f"after the cut: {sorted(os.listdir(fs.mountpoint))}"
-    with read_only(buffer) as db:
+    with closing(read_only(buffer)) as db:
         ids = {r[0] for r in db.execute("SELECT id FROM events")}
     assert {mes.acked[n].id for n in (1, 2, 3)} <= ids
 
@@ -268,7 +269,7 @@ def test_cut_after_a_schema_migration_keeps_the_migrated_file(powerfs, tmp_path,
         assert "opened" in res.stdout, res.stderr[-2000:]
         fs.cut(seed=seed)
         fs.mount()
-        with read_only(path) as db:
+        with closing(read_only(path)) as db:
             assert db.execute("PRAGMA quick_check").fetchone() == ("ok",)
             assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
             assert db.execute("SELECT id FROM events").fetchall() == [("ID1",)]
