@@ -296,17 +296,27 @@ class Campaign:
         return self.result
 
     def _wait_imported(self) -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            left = [
+        """Until the inbox is empty; a failure only if the agent stops making progress
+        (after a long run hundreds of files wait, and a loaded machine imports slowly)."""
+        left: list[str] = []
+        progress = time.monotonic()
+        while True:
+            now = [
                 n
                 for n in os.listdir(self.inbox)
                 if n.startswith("export-") and not n.endswith(".part")
             ]
-            if not left:
+            if not now:
+                return
+            if len(now) != len(left):
+                left, progress = now, time.monotonic()
+            elif time.monotonic() - progress > 120:
+                self.result.failures.append(
+                    f"drop folder stuck: {len(now)} files left, none imported for 120 s: "
+                    f"{sorted(now)[:5]}"
+                )
                 return
             time.sleep(0.2)
-        self.result.failures.append(f"drop folder not emptied: {sorted(left)[:5]}")
 
     # ------------------------------------------------------------------ verdict
 
