@@ -30,6 +30,8 @@ what is not durable. ``--crash`` says how much of the not-durable state the "dis
   each directory's unsynced name operations, applied in their order with the others left
   out: the kernel writes dirty pages back whenever and in whatever order it likes.
 
+(Only the last 1024 unsynced operations of a file are candidates; older ones are lost.)
+
 ``--tear`` additionally lets the last unsynced write of every file half-happen: a random
 subset of its 512-byte sectors reaches the disk, the rest does not.
 
@@ -59,6 +61,8 @@ import mfusepy as fuse
 
 CONTROL = "/.powerfs"
 SECTOR = 512
+#: --crash reorder / --tear consider at most this many of a file's latest unsynced writes
+MAX_PENDING = 1024
 
 
 @dataclass
@@ -400,6 +404,8 @@ class PowerFS(fuse.Operations):
         node.dirty.append((offset, end))
         if self.crash == "reorder" or self.tear:
             node.pending.append(("w", offset, bytes(data)))
+            if len(node.pending) > MAX_PENDING:  # older ones count as lost (bounded memory)
+                del node.pending[: len(node.pending) - MAX_PENDING]
         node.mtime_ns = time.time_ns()
         self.stats["writes"] += 1
         if len(node.dirty) > 4096:
