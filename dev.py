@@ -95,6 +95,7 @@ def ensure_peers() -> None:
             ("lintian", "lintian"),  # the .deb content check
             ("promtool", "prometheus"),  # the sample alert rules are checked and tested
             ("faketime", "faketime"),  # the fault campaign's clock jump
+            ("fusermount3", "fuse3"),  # the power-cut filesystem (tests/faults/powerfs)
         ]
         if not which(tool)
     ]

@@ -251,7 +251,7 @@ class Buffer:
         return self
 
     async def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs_durably(self.path.parent)
         existed = self.path.exists() and self.path.stat().st_size > 0
         if existed and not os.access(self.path, os.R_OK | os.W_OK):
             raise BufferError_(
@@ -261,6 +261,8 @@ class Buffer:
         if not existed:
             # FILE_MODE from the first byte, whatever the umask (-wal/-shm follow the main file)
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, FILE_MODE))
+            # the name too: SQLite fsyncs the directory only for its -wal/-journal files
+            fsync_dir(self.path.parent)
         try:
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
             await self._call(self._init_sync, existed)
@@ -337,6 +339,9 @@ class Buffer:
             src = Path(str(self.path) + suffix)
             if src.exists():
                 src.rename(Path(str(target) + suffix))
+        # the move itself must survive a power cut: the message below points at target
+        with contextlib.suppress(OSError):
+            fsync_dir(self.path.parent)
         log.error("buffer %s quarantined to %s", self.path, target)
         return target
 
@@ -511,14 +516,14 @@ class Buffer:
 
     @contextlib.contextmanager
     def _bookkeeping(self) -> Any:
-        """Commit forwarding bookkeeping (batch ids, the cursor) without an fsync.
+        """Commit forwarding bookkeeping (an ack: the cursor) without an fsync.
 
-        Events are committed with the configured durability; a batch row or an ack needs
-        less. In WAL mode synchronous=NORMAL still survives a crash of the process; a
-        power cut may roll the last of these back, which only means a batch is sent again
-        (same event ids, perhaps under a new batch id), never that an event is lost. The
-        next event commit with synchronous=FULL makes them durable too. This saves two
-        fsyncs per batch on the drain path. Runs in the db thread only.
+        Events are committed with the configured durability; an ack needs less. In WAL
+        mode synchronous=NORMAL still survives a crash of the process; a power cut may roll
+        the last acks back, which only means a batch is sent again under its own key (its
+        batch row was made durable before its first send: _before_send), never that an
+        event is lost. The next fsynced commit makes them durable too. This saves an fsync
+        per batch on the drain path. Runs in the db thread only.
         """
         db = self._sync
         if self.durability != "fsync":
@@ -529,6 +534,29 @@ class Buffer:
             yield
         finally:
             db.execute("PRAGMA synchronous = FULL")
+
+    @contextlib.contextmanager
+    def _before_send(self) -> Any:
+        """Commit a batch row that is about to be sent with a WAL fsync, in either mode.
+
+        The batch id is the Idempotency-Key, and the wire contract says a resend after a
+        crash carries the same key; a power cut is a crash. Found by the power-cut
+        campaign: with the batch row committed without an fsync (as bookkeeping), a cut
+        right after the first send lost the row, and the events went again under a new
+        key. With ``durability = "os"`` this fsync also makes every event of the batch (and
+        every commit before it) durable before the gateway sees it, so a cut can roll back
+        only events nobody outside has seen: a sequence never reaches the gateway with two
+        ids. One fsync per batch, not per event. Runs in the db thread only.
+        """
+        db = self._sync
+        if self.durability == "fsync":
+            yield
+            return
+        db.execute("PRAGMA synchronous = FULL")
+        try:
+            yield
+        finally:
+            db.execute("PRAGMA synchronous = NORMAL")
 
     def _disk_free(self) -> int:
         try:
@@ -1040,7 +1068,7 @@ class Buffer:
         first, last = rows[0][0], rows[-1][0]
 
         def tx() -> bool:
-            with self._bookkeeping():
+            with self._before_send():
                 now = self._sync.execute(
                     "SELECT seq, id, CASE WHEN ctl = 1 THEN body END FROM events "
                     "WHERE sid = ? AND seq BETWEEN ? AND ? ORDER BY seq",
@@ -1103,7 +1131,7 @@ class Buffer:
                 return None
             bodies = [r[1] for r in _contiguous_run(rows, max_bytes)]
             first = rows[0][0]
-            with self._bookkeeping():
+            with self._before_send():
                 db.execute(
                     "INSERT INTO batches VALUES (?, ?, ?, ?, ?)",
                     (bid, s.sid, first, first + len(bodies) - 1, time.time()),
@@ -1146,7 +1174,7 @@ class Buffer:
             )
 
         def tx() -> None:
-            with self._bookkeeping():
+            with self._before_send():
                 self._sync.execute("DELETE FROM batches WHERE batch_id = ?", (batch.batch_id,))
                 self._sync.executemany(
                     "INSERT INTO batches VALUES (?, ?, ?, ?, ?)",
@@ -1443,6 +1471,32 @@ class Buffer:
         """(last committed sequence, forwarded cursor) as this process knows them."""
         s = self._streams[stream]
         return s.last_seq, s.forwarded_seq
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the names in ``directory`` durable (POSIX: a new, renamed or removed name
+    survives a power cut only once its directory is fsynced)."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs_durably(directory: Path) -> None:
+    """``mkdir -p`` whose every new directory survives a power cut: each one created is
+    fsynced in its parent (found by the power-cut campaign: a buffer in a directory the
+    agent had created came back, after a cut, as no directory and no buffer at all)."""
+    if directory.is_dir():
+        return
+    make_dirs_durably(directory.parent)
+    try:
+        directory.mkdir()
+    except FileExistsError:
+        if not directory.is_dir():
+            raise
+        return
+    fsync_dir(directory.parent)
 
 
 def read_stream_rows(c: sqlite3.Connection) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from agent.buffer import FILE_MODE
+from agent.buffer import FILE_MODE, fsync_dir
 
 SIZE = 256 * 1024
 
@@ -29,9 +29,13 @@ def heartbeat_path(buffer_path: Path) -> Path:
 class HeartbeatFile:
     def __init__(self, buffer_path: Path) -> None:
         self.path = heartbeat_path(buffer_path)
+        existed = self.path.exists()
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         with contextlib.suppress(OSError):  # the buffer's mode, whatever the umask
             os.fchmod(self._fd, FILE_MODE)
+        if not existed:  # its name survives a power cut only with its directory fsynced
+            with contextlib.suppress(OSError):
+                fsync_dir(self.path.parent)
         try:
             os.posix_fallocate(self._fd, 0, SIZE)
         except OSError:  # filesystems without fallocate: write the zeros ourselves

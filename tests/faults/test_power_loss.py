@@ -6,7 +6,8 @@ What this does NOT simulate: a real power cut also loses the disk's volatile wri
 and whatever the kernel had not written. SIGKILL only ends the process; the page cache
 survives. The guarantee against a real power cut rests on synchronous=FULL (fsync of the
 WAL before COMMIT returns, and so before the 202) and on the disk honouring flushes;
-docs/guarantees.md says what that buys and what it does not.
+docs/guarantees.md says what that buys and what it does not. The real power cuts (a
+filesystem that forgets what was not fsynced) are in test_power_cuts.py.
 """
 
 from __future__ import annotations
