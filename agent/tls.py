@@ -36,6 +36,12 @@ def load_system_trust(ctx: ssl.SSLContext) -> str:
     """
     env_file, env_dir = os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")
     if env_file or env_dir:
+        for var, value, exists in (
+            ("SSL_CERT_FILE", env_file, os.path.isfile),
+            ("SSL_CERT_DIR", env_dir, os.path.isdir),
+        ):
+            if value and not exists(value):
+                raise FileNotFoundError(f"{var}={value}: not found (fix the path or unset it)")
         ctx.load_verify_locations(cafile=env_file or None, capath=env_dir or None)
         return " and ".join(p for p in (env_file, env_dir) if p)
     for path in SYSTEM_CA_FILES:
