@@ -47,6 +47,9 @@ log = logging.getLogger("edge_agent.buffer")
 T = TypeVar("T")
 
 SCHEMA_VERSION = 2
+# The buffer and its heartbeat: the agent's user writes, its group (the .deb's `edge-agent`
+# group: operators who run `edge-agent status`) reads, nobody else. Set whatever the umask.
+BUFFER_FILE_MODE = 0o640
 
 # Each migration takes the file from version i to i+1. Never edit a released one: add one.
 MIGRATIONS: list[str] = [
@@ -252,11 +255,11 @@ class Buffer:
         if existed and not os.access(self.path, os.R_OK | os.W_OK):
             raise BufferError_(
                 f"cannot open buffer {self.path}: permission denied "
-                "(the agent's user must own it: chown edge-agent and chmod 600)"
+                "(the agent's user must own it: chown edge-agent and chmod 640)"
             )
         if not existed:
-            # 0600 from the first byte, whatever the umask (-wal/-shm follow the main file)
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+            # Never world-readable, from the first byte (-wal/-shm follow the main file's mode)
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, BUFFER_FILE_MODE))
         try:
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
             await self._call(self._init_sync, existed)
@@ -279,7 +282,7 @@ class Buffer:
         await self._reader.execute("PRAGMA query_only = ON")
         await self._reader.execute("PRAGMA busy_timeout = 5000")
         with contextlib.suppress(OSError):
-            os.chmod(self.path, 0o600)
+            os.chmod(self.path, BUFFER_FILE_MODE)
         self._writer = asyncio.create_task(self._write_loop(), name="buffer-writer")
 
     def _init_sync(self, existed: bool) -> None:

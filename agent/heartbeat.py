@@ -17,6 +17,8 @@ from typing import Any
 
 import orjson
 
+from agent.buffer import BUFFER_FILE_MODE
+
 SIZE = 256 * 1024
 
 
@@ -27,7 +29,9 @@ def heartbeat_path(buffer_path: Path) -> Path:
 class HeartbeatFile:
     def __init__(self, buffer_path: Path) -> None:
         self.path = heartbeat_path(buffer_path)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, BUFFER_FILE_MODE)
+        with contextlib.suppress(OSError):  # whatever the umask: `status` reads it
+            os.fchmod(self._fd, BUFFER_FILE_MODE)
         try:
             os.posix_fallocate(self._fd, 0, SIZE)
         except OSError:  # filesystems without fallocate: write the zeros ourselves
