@@ -27,11 +27,19 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+# pytest-timeout counts fixture setup: whichever test comes first also waits for the session's
+# builds (PyInstaller: 2 to 10 minutes on a loaded 2-core machine; each .deb about one).
+# Every step inside has its own subprocess timeout, so nothing can hang for this long.
+PACKAGING_TIMEOUT = 2400
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.packaging)
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(PACKAGING_TIMEOUT))
 
 
 def _run_build(cmd: list[str], what: str) -> None:

@@ -181,13 +181,18 @@ units() {
   [ "$(readlink /etc/systemd/system/edge-agent.service)" = /dev/null ] && echo masked=yes || echo masked=no
 }
 # systemctl as deb-systemd-invoke and the scripts see it: systemd is not PID 1 here, so
-# /run/systemd/system says "booted with systemd" and a recorder stands in for systemctl
-# (enable/disable below use the real one, offline: systemctl --root=/).
+# /run/systemd/system says "booted with systemd" and a recorder stands in for systemctl:
+# it logs every call, answers is-enabled with the real systemctl working offline on the
+# files (--root=/), and is-active from /run/edge-agent.active (the test's "it is running").
+# enable/disable below are the real systemctl --root=/, as offline as that.
 mkdir -p /run/systemd/system
 cat > /usr/local/sbin/systemctl <<'SHIM'
 #!/bin/sh
 echo "systemctl $*" >> /root/systemctl.log
-case " $* " in *" is-enabled "*) echo enabled ;; esac
+case " $* " in
+  *" is-enabled "*) exec /usr/bin/systemctl --root=/ is-enabled edge-agent.service ;;
+  *" is-active "*) [ -e /run/edge-agent.active ]; exit $? ;;
+esac
 SHIM
 chmod 0755 /usr/local/sbin/systemctl
 # a container image's "no services" policy-rc.d (Docker's exits 101) is not a plant server's
@@ -260,6 +265,7 @@ dpkg -i /pkg/edge-agent.deb >/dev/null
 units
 calls
 echo "== upgrade"
+touch /run/edge-agent.active
 dpkg -i /pkg/edge-agent-next.deb >/dev/null
 dpkg-query -W -f '${Version}\n' edge-agent | sed 's/^/version /'
 units
@@ -272,6 +278,13 @@ calls
 echo "== disable"
 /usr/bin/systemctl --root=/ disable edge-agent.service 2>/dev/null
 units
+echo "== upgrade-disabled-running"
+dpkg -i /pkg/edge-agent-next.deb >/dev/null
+calls
+echo "== upgrade-disabled-stopped"
+rm /run/edge-agent.active
+dpkg -i /pkg/edge-agent-next.deb >/dev/null
+calls
 echo "== remove-disabled"
 dpkg -r edge-agent >/dev/null
 units
@@ -279,6 +292,7 @@ calls
 echo "== reinstall-disabled"
 dpkg -i /pkg/edge-agent.deb >/dev/null
 units
+calls
 echo "== purge"
 dpkg -P edge-agent </dev/null
 [ -e /var/lib/edge-agent ] && echo state=yes || echo state=no
@@ -326,7 +340,7 @@ exec chroot {merged} /bin/sh -c "$1"
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=1200,  # nine dpkg runs of a 40 MB package, man-db triggers: minutes when loaded
     )
     if "overlay" in res.stderr and res.returncode != 0 and "== install" not in res.stdout:
         raise AssertionError(
@@ -353,6 +367,15 @@ def _units(lines: list[str]) -> dict[str, str]:
 
 def _calls(lines: list[str]) -> list[str]:
     return [line.removeprefix("call ") for line in lines if line.startswith("call ")]
+
+
+def _actions(lines: list[str]) -> list[str]:
+    """The service actions systemd was asked for (start, stop, restart...), not the queries."""
+    queries = ("daemon-reload", "is-enabled", "is-active")
+    return [c for c in _calls(lines) if not any(q in c.split() for q in queries)]
+
+
+RESTART = "systemctl --quiet --system restart edge-agent.service"
 
 
 def test_install_run_remove_reinstall_upgrade_purge(
@@ -384,7 +407,8 @@ def test_install_run_remove_reinstall_upgrade_purge(
         "dsh-state": "yes",  # deb-systemd-helper knows the unit: purge cleans up after it
         "masked": "no",
     }
-    assert _calls(sec["install"]) == ["systemctl --system daemon-reload"]  # no start
+    assert "systemctl --system daemon-reload" in _calls(sec["install"])
+    assert _actions(sec["install"]) == []  # not started: it is not enabled
     assert "user-can-read-config=yes" in install
     assert "systemctl enable --now edge-agent" in install  # tells the admin what is next
 
@@ -401,7 +425,7 @@ def test_install_run_remove_reinstall_upgrade_purge(
     assert "group-can-read-buffer=yes" in ran
 
     assert "state 750 edge-agent:edge-agent" in sec["reinstall"]
-    assert "systemctl --system daemon-reload" in _calls(sec["reinstall"])
+    assert _actions(sec["reinstall"]) == []  # neither enabled nor running
 
     # enabled by the admin; `dpkg -r` stops it, keeps state, user and the enablement
     assert _units(sec["enable"])["enabled"] == "yes"
@@ -417,30 +441,32 @@ def test_install_run_remove_reinstall_upgrade_purge(
         "dsh-state": "yes",
         "masked": "yes",
     }
-    assert "systemctl stop edge-agent.service" in _calls(removed)
-    # reinstalled: enabled again, unmasked
+    assert _actions(removed) == ["systemctl stop edge-agent.service"]
+    # reinstalled: enabled again, unmasked, and started again: forwarding resumes
     assert _units(sec["reinstall-enabled"]) == {
         "enabled": "yes",
         "wants-link": "yes",
         "dsh-state": "yes",
         "masked": "no",
     }
-    assert not [c for c in _calls(sec["reinstall-enabled"]) if " start " in f"{c} "]
+    assert _actions(sec["reinstall-enabled"]) == [RESTART]
 
-    # upgrade: still enabled; a running service is restarted (only if running:
-    # try-restart), never stopped by the old prerm first
+    # upgrade of the running service: still enabled, restarted once the new files are in
+    # place, never stopped by the old prerm first
     assert f"version {agent.__version__}+next1" in sec["upgrade"]
     assert _units(sec["upgrade"])["enabled"] == "yes"
-    upgrade_calls = _calls(sec["upgrade"])
-    assert "systemctl try-restart edge-agent.service" in upgrade_calls, upgrade_calls
-    assert not [c for c in upgrade_calls if " stop " in f"{c} "], upgrade_calls
+    assert _actions(sec["upgrade"]) == [RESTART]
     # ... through deb-systemd-invoke, so the admin's policy-rc.d can forbid it
-    assert "systemctl try-restart edge-agent.service" not in _calls(sec["upgrade-policy-denied"])
+    assert _actions(sec["upgrade-policy-denied"]) == []
 
-    # disabled by the admin: stays disabled across remove and reinstall
+    # disabled by the admin: an upgrade restarts it only while it runs; it stays disabled
+    # (and stopped) across remove and reinstall
     assert _units(sec["disable"])["enabled"] == "no"
+    assert _actions(sec["upgrade-disabled-running"]) == [RESTART]
+    assert _actions(sec["upgrade-disabled-stopped"]) == []
     assert _units(sec["remove-disabled"])["wants-link"] == "no"
     assert _units(sec["reinstall-disabled"])["enabled"] == "no"
+    assert _actions(sec["reinstall-disabled"]) == []
 
     purge = sec["purge"]
     assert {"state=no", "confdir=no", "user=no", "group=no"} <= set(purge), purge
