@@ -93,6 +93,8 @@ def ensure_peers() -> None:
             ("dpkg-buildflags", "dpkg-dev"),
             ("fakeroot", "fakeroot"),
             ("lintian", "lintian"),  # the .deb content check
+            ("patchelf", "patchelf"),  # the .deb drops the build host's RUNPATHs
+            ("man", "man-db"),  # edge-agent(1) is checked with man --warnings
             ("promtool", "prometheus"),  # the sample alert rules are checked and tested
             ("faketime", "faketime"),  # the fault campaign's clock jump
             ("fusermount3", "fuse3"),  # the power-cut filesystem (tests/faults/powerfs)

@@ -47,7 +47,6 @@ log = logging.getLogger("edge_agent.buffer")
 T = TypeVar("T")
 
 SCHEMA_VERSION = 2
-
 # Each migration takes the file from version i to i+1. Never edit a released one: add one.
 MIGRATIONS: list[str] = [
     # 0 -> 1: the core tables

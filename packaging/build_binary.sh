@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build the single-file binary dist/edge-agent with PyInstaller.
+# Build dist/edge-agent (one file) and dist/edge-agent-onedir/ (one folder, for the .deb)
+# with PyInstaller, from one analysis (packaging/edge-agent.spec).
 #
 #   packaging/build_binary.sh                  # fresh build venv in build/venv (CI, release)
 #   packaging/build_binary.sh --use-current    # the active/project venv (fast, for tests)
@@ -8,7 +9,8 @@
 #   packaging/build_binary.sh --use-current --dist DIR --work DIR   # elsewhere (tests)
 #
 # The binary links against the build machine's glibc: build on the oldest distribution you
-# deploy to (Debian 12 builds run on Debian 12 and newer). Output: dist/edge-agent.
+# deploy to (Debian 12 builds run on Debian 12 and newer).
+# Output: dist/edge-agent and dist/edge-agent-onedir/edge-agent (+ _internal/).
 set -euo pipefail
 
 PYINSTALLER_VERSION="6.22.3"
@@ -23,7 +25,7 @@ while [[ $# -gt 0 ]]; do
     --use-current) use_current=1; shift ;;
     --dist) DIST="$(realpath -m "$2")"; shift 2 ;;
     --work) WORK="$(realpath -m "$2")"; shift 2 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "build_binary.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -67,4 +69,5 @@ fi
   --distpath "$DIST" --workpath "$WORK" \
   "$ROOT/packaging/edge-agent.spec"
 
-echo "built $DIST/edge-agent ($(du -h "$DIST/edge-agent" | cut -f1))"
+echo "built $DIST/edge-agent ($(du -h "$DIST/edge-agent" | cut -f1))" \
+  "and $DIST/edge-agent-onedir/ ($(du -sh "$DIST/edge-agent-onedir" | cut -f1))"

@@ -119,15 +119,14 @@ def test_every_agent_and_adapter_module_is_bundled(binary_build: tuple[Path, Pat
     assert "config/example.toml" in data
 
 
-def test_binary_sends_ready_and_watchdog_under_mdwe(
-    edge_agent_binary: Path, tmp_path: Path
-) -> None:
-    """The real binary as systemd runs it: NOTIFY_SOCKET + WATCHDOG_USEC, and the
-    bootloader's PID as WATCHDOG_PID (the agent is its child), with W^X memory enforced."""
+def test_binary_sends_ready_and_watchdog_under_mdwe(built_exe: Path, tmp_path: Path) -> None:
+    """The real binary (each form) as systemd runs it: NOTIFY_SOCKET + WATCHDOG_USEC, and
+    the started PID as WATCHDOG_PID (the one-file bootloader: the agent is its child), with
+    W^X memory enforced."""
     ns = NotifySocket(str(tmp_path / "notify.sock"), str(tmp_path / "notify.sock"))
     try:
         cfg = write_agent_config(tmp_path, _free_port(), _free_port())
-        command = [sys.executable, "-c", MDWE_EXEC, str(edge_agent_binary)]
+        command = [sys.executable, "-c", MDWE_EXEC, str(built_exe)]
         run_agent_with_notify(command, cfg, ns, tmp_path, watchdog_usec=2_000_000)
     finally:
         ns.close()

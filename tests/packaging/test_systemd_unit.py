@@ -71,10 +71,10 @@ def test_unit_contract() -> None:
     assert one("User") == one("Group") == "edge-agent"
     assert one("ExecStart") == "/usr/bin/edge-agent run -c /etc/edge-agent/edge-agent.toml"
     assert one("ExecReload") == "/bin/kill -HUP $MAINPID"
-    assert one("StateDirectory") == "edge-agent" and one("StateDirectoryMode") == "0700"
+    assert one("StateDirectory") == "edge-agent" and one("StateDirectoryMode") == "0750"
     assert one("ConfigurationDirectory") == "edge-agent"
     assert one("LogsDirectory") == "edge-agent"
-    assert one("UMask") == "0077"
+    assert one("UMask") == "0027"
     for key, value in {
         "NoNewPrivileges": "yes",
         "ProtectSystem": "strict",

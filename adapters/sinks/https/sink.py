@@ -17,6 +17,7 @@ from agent.config import read_secret
 from agent.errors import SinkError
 from agent.event import format_sequence
 from agent.interfaces import Batch, ComponentState, SendResult, Sink
+from agent.tls import client_context
 
 CONTENT_TYPE = "application/cloudevents-batch+json"
 
@@ -78,7 +79,7 @@ class HttpsSink(Sink):
     def _ssl_context(self) -> ssl.SSLContext | bool:
         c = self.config
         try:
-            ctx = ssl.create_default_context(cafile=str(c.ca_file) if c.ca_file else None)
+            ctx = client_context(c.ca_file)
             if c.insecure_skip_verify:
                 ctx.check_hostname = False
             if c.client_cert and c.client_key:

@@ -58,6 +58,7 @@ from adapters.sinks.mqtt.config import Config
 from agent.config import read_secret
 from agent.errors import ConfigError, SinkError
 from agent.interfaces import Batch, ComponentState, Outcome, SendResult, Sink
+from agent.tls import load_system_trust
 
 log = logging.getLogger("edge_agent.sink.mqtt")
 
@@ -855,8 +856,10 @@ class MqttSink(Sink):
             if cfg.ca_file is not None:
                 ctx.load_verify_locations(cafile=str(cfg.ca_file))
             else:
-                ctx.load_default_certs()
+                load_system_trust(ctx)
         except (OSError, ssl.SSLError) as exc:
+            if cfg.ca_file is None:
+                raise SinkError(f"sinks.{self.name}: {exc}") from exc
             raise SinkError(
                 f"sinks.{self.name}.ca_file: cannot load {cfg.ca_file}: "
                 f"{getattr(exc, 'strerror', None) or exc} (point it to a PEM CA bundle)"

@@ -47,6 +47,7 @@ from agent.config import read_secret
 from agent.errors import BufferFull, SourceError
 from agent.interfaces import Committed, ComponentState, Ingest, NewEvent, Source
 from agent.logs import register_secret
+from agent.tls import client_context
 
 from .config import Config, Subscription
 
@@ -201,7 +202,7 @@ class MqttSource(Source):
     def _ssl_context(self) -> ssl.SSLContext:
         cfg = self.config
         try:
-            ctx = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
+            ctx = client_context(cfg.ca_file)
             if cfg.cert_file and cfg.key_file:
                 ctx.load_cert_chain(str(cfg.cert_file), str(cfg.key_file))
         except (OSError, ssl.SSLError) as exc:
