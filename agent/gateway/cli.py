@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from agent.tls import client_context
+
 _DEFAULT_DB = "gateway.sqlite3"
 
 
@@ -351,7 +353,7 @@ def consume(
         conn["user_credentials"] = str(creds)
     if ca_file or cert or any(s.startswith("tls://") for s in servers):
         try:
-            ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+            ctx = client_context(ca_file)
             if cert and key:
                 ctx.load_cert_chain(str(cert), str(key))
         except (OSError, ssl.SSLError) as exc:

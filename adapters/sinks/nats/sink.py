@@ -46,6 +46,7 @@ from agent.config import read_secret
 from agent.errors import ConfigError, SinkError
 from agent.event import format_sequence
 from agent.interfaces import Batch, ComponentState, SendResult, Sink
+from agent.tls import client_context
 
 log = logging.getLogger("edge_agent.sink.nats")
 
@@ -159,7 +160,7 @@ class NatsSink(Sink):
     def _tls_context(self) -> ssl.SSLContext:
         c = self._cfg
         try:
-            ctx = ssl.create_default_context(cafile=str(c.ca_file) if c.ca_file else None)
+            ctx = client_context(c.ca_file)
             ctx.check_hostname = c.verify_hostname
             if c.cert_file and c.key_file:
                 ctx.load_cert_chain(str(c.cert_file), str(c.key_file))

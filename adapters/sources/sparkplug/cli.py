@@ -9,7 +9,6 @@ so a node born before the watch started shows "no birth" until it is born again;
 
 from __future__ import annotations
 
-import ssl
 import sys
 import threading
 import time
@@ -21,6 +20,8 @@ import click
 import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.tls import client_context
 
 from . import payload as sp
 from .tracker import NodeInfo, Tracker
@@ -72,7 +73,7 @@ def watch(
         secret = password_file.read_text().strip() if password_file else None
         client.username_pw_set(username, secret)
     if parts.scheme == "mqtts":
-        client.tls_set_context(ssl.create_default_context(cafile=str(ca_file) if ca_file else None))
+        client.tls_set_context(client_context(ca_file))
 
     def on_connect(c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:

@@ -47,6 +47,7 @@ from agent.config import read_secret
 from agent.errors import BufferFull, SourceError
 from agent.interfaces import Committed, ComponentState, Ingest, NewEvent, Source
 from agent.logs import register_secret
+from agent.tls import client_context
 
 from . import payload as sp
 from .config import Config
@@ -239,7 +240,7 @@ class SparkplugSource(Source):
             client.username_pw_set(cfg.username, password)
         if cfg.tls:
             try:
-                ctx = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
+                ctx = client_context(cfg.ca_file)
                 if cfg.cert_file and cfg.key_file:
                     ctx.load_cert_chain(str(cfg.cert_file), str(cfg.key_file))
             except (OSError, ssl.SSLError) as exc:
