@@ -1488,13 +1488,18 @@ def make_dirs_durably(directory: Path) -> None:
     agent had created came back, after a cut, as no directory and no buffer at all)."""
     if directory.is_dir():
         return
-    make_dirs_durably(directory.parent)
     try:
         directory.mkdir()
-    except FileExistsError:
-        if not directory.is_dir():
+    except FileNotFoundError:  # as pathlib's mkdir(parents=True): the parents first
+        if directory.parent == directory:
             raise
+        make_dirs_durably(directory.parent)
+        make_dirs_durably(directory)
         return
+    except FileExistsError:
+        if directory.is_dir():
+            return
+        raise
     fsync_dir(directory.parent)
 
 

@@ -90,8 +90,8 @@ def test_sample_with_both_sinks_names_them_apart() -> None:
     [
         ("mqtt", "config error: 'mqtt' is a sink and a source: say sink:mqtt or source:mqtt"),
         ("ftp", "config error: no adapter type 'ftp' (one of: drop_folder, https, mes_http, "
-                "mqtt, opcua, simulator)"),
-        ("sink:opcua", "config error: no sink type 'opcua' (one of: https, mqtt)"),
+                "mqtt, nats, opcua, simulator, sparkplug)"),
+        ("sink:opcua", "config error: no sink type 'opcua' (one of: https, mqtt, nats)"),
     ],
 )  # fmt: skip
 def test_sample_of_an_unknown_type_is_one_line(arg: str, line: str) -> None:
