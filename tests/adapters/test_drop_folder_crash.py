@@ -163,9 +163,14 @@ def test_real_agent_killed_after_commit_before_move_forwards_each_event_once(
     gw = gateway()
     inbox = tmp_path / "drop"
     inbox.mkdir()
-    (inbox / "processed").write_text("a file where the directory should be: moves fail\n")
+    agent = agent_process(agent_config_for(tmp_path, gw, inbox)).start()
+    # once the agent runs (config check would refuse it at start), a file where the
+    # processed directory should be: the move after the commit fails
+    processed = inbox / "processed"
+    if processed.is_dir():
+        processed.rmdir()
+    processed.write_text("a file where the directory should be: moves fail\n")
     write_file(inbox, 1, 5)
-    agent = agent_process(agent_config_for(tmp_path, gw, inbox)).start(wait_ready=False)
 
     # committed and forwarded, but the move failed: the file is still in the inbox
     wait_for(lambda: sum(gateway_values(gw).values()) >= 5, "5 events at the gateway", agent)
