@@ -276,7 +276,7 @@ def test_refused_credentials_mean_auth_state_without_a_retry_storm(js, agent_pro
     agent.start(wait_ready=False)
     st = agent.wait(
         lambda s: (
-            sink_status(s)["state"] == "auth_failed"
+            sink_status(s).get("state") == "auth_failed"
             and bool(s["streams"])
             and s["streams"][0]["last_sequence"] >= 50
         ),

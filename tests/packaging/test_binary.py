@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pkgutil
 import re
+import tomllib
 import subprocess
 import sys
 from pathlib import Path
@@ -68,7 +69,16 @@ def all_samples_config(path: Path) -> Path:
         if kind == "sinks":
             text = re.sub(r"(?m)^(\[+)sinks\.", rf"\1sinks.{type_}_", text)
         parts.append(f"# ---- {sample.relative_to(REPO)}\n{text}")
-    path.write_text("\n".join(parts), encoding="utf-8")
+    text = "\n".join(parts)
+    # config check opens what the samples name: their /etc and /var/lib paths move below the
+    # test's directory, and the directories a source reads from are made
+    for system_dir in ("/etc/edge-agent", "/var/lib/edge-agent"):
+        text = text.replace(f'"{system_dir}/', f'"{path.parent}{system_dir}/')
+    for body in tomllib.loads(text).get("sources", {}).values():
+        for key in ("path", "trusted_certs_dir"):
+            if key in body:
+                Path(body[key]).mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
     return path
 
 

@@ -238,7 +238,8 @@ done
 sleep 1
 kill -TERM $p; wait $p' >/root/run.log 2>&1 || true
 cd /
-/usr/bin/edge-agent status -c /etc/edge-agent/edge-agent.toml >/dev/null; [ $? -eq 3 ] && echo root-status=ok
+rc=0; /usr/bin/edge-agent status -c /etc/edge-agent/edge-agent.toml >/dev/null || rc=$?
+[ $rc -eq 3 ] && echo root-status=ok  # the agent has stopped: "not running" is exit 3
 find /var/lib/edge-agent -mindepth 1 -exec stat -c "file %n %a %U:%G %F" {} +
 runuser -u nobody -- cat /var/lib/edge-agent/buffer.db >/dev/null 2>&1 && echo other-can-read-buffer=yes || echo other-can-read-buffer=no
 useradd --no-create-home --shell /usr/sbin/nologin --groups edge-agent operator1
