@@ -273,13 +273,21 @@ class NatsSink(Sink):
             log.debug("sink %s: nats error: %s", self.name, text)
             self._last_error = text
 
-        async def on_closed() -> None:
+        this: list[Any] = []  # the connection, once made
+
+        def gone(why: str) -> None:
             if not lost.done():
-                lost.set_result(self._last_error or "closed")
+                lost.set_result(why)
+            # say so at once: the connect loop may be busy (the stream check) until it
+            # sees the loss; not for a close of our own (_close_conn drops self._nc first)
+            if this and self._nc is this[0] and not self._stopping:
+                self._set_state("disconnected", f"connection to {url} lost: {lost.result()}")
+
+        async def on_closed() -> None:
+            gone(self._last_error or "closed")
 
         async def on_disconnected() -> None:
-            if not lost.done():
-                lost.set_result(self._last_error or "disconnected")
+            gone(self._last_error or "disconnected")
 
         kw: dict[str, Any] = {
             "servers": [url],
@@ -317,13 +325,15 @@ class NatsSink(Sink):
                 raise _Refused(f"{url}: {text}", auth=True) from exc
             raise _Refused(f"{url}: {text}", auth=False) from exc
         self._nc = nc
+        this.append(nc)
         self._js = nc.jetstream(timeout=self._cfg.ack_timeout)
         self._lost = lost
         self._server = url
         self._auth_failed = False
         self._stats["connects"] += 1
         self._connected.set()
-        self._set_state("connected", None)
+        if not lost.done():  # a server killed as we connected is not "connected"
+            self._set_state("connected", None)
         log.info("sink %s: connected to %s (max_payload %d)", self.name, url, nc.max_payload)
 
     async def _close_conn(self, why: str) -> None:
