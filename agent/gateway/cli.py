@@ -224,6 +224,25 @@ def gateway(
         pass
 
 
+def _print_report(db: Path, as_json: bool, check: bool) -> None:
+    """The report of a gateway file, as text or JSON; exit 1 under --check when not ok."""
+    from agent.gateway.report import read_report, render_text
+    from agent.gateway.store import GatewayDbError
+
+    try:
+        data = read_report(db)
+    except GatewayDbError as exc:
+        _fail(f"report: {exc}")
+    if as_json:
+        import orjson
+
+        click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(render_text(data))
+    if check and not data["totals"]["ok"]:
+        sys.exit(1)
+
+
 @gateway.command()
 @click.option(
     "--db",
@@ -241,21 +260,7 @@ def gateway(
 )
 def report(db: Path, as_json: bool, check: bool) -> None:
     """Print what the gateway received, from its SQLite file (it may be running or not)."""
-    from agent.gateway.report import read_report, render_text
-    from agent.gateway.store import GatewayDbError
-
-    try:
-        data = read_report(db)
-    except GatewayDbError as exc:
-        _fail(f"report: {exc}")
-    if as_json:
-        import orjson
-
-        click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
-    else:
-        click.echo(render_text(data))
-    if check and not data["totals"]["ok"]:
-        sys.exit(1)
+    _print_report(db, as_json, check)
 
 
 @gateway.command()
@@ -332,7 +337,6 @@ def consume(
     import ssl
 
     from agent.gateway.nats_consume import consume as run_consume
-    from agent.gateway.report import read_report, render_text
     from agent.gateway.store import GatewayDbError
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
@@ -382,15 +386,4 @@ def consume(
         _fail(f"--db {exc}")
     except Exception as exc:  # noqa: BLE001 - the server's answer, on one line
         _fail(f"consume {url} stream {stream}: {type(exc).__name__}: {exc}", 1)
-    try:
-        data = read_report(db)
-    except GatewayDbError as exc:
-        _fail(f"report: {exc}")
-    if as_json:
-        import orjson
-
-        click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
-    else:
-        click.echo(render_text(data))
-    if check and not data["totals"]["ok"]:
-        sys.exit(1)
+    _print_report(db, as_json, check)
