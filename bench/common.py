@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+#: the checkout whose peers (reference gateway, test fixtures) every figure measures against;
+#: REPO itself, except under ``python -m bench.compare``, where REPO holds only the harness
+#: and agent/ and adapters/ come from the revision being measured
+HARNESS = Path(os.environ.get("EDGE_BENCH_HARNESS") or REPO)
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 

@@ -13,8 +13,11 @@ END = "<!-- bench:table:end -->"
 LABELS = {
     "ingest": "Ingest, 500-event appends (fsync)",
     "ingest_concurrent": "Ingest, 200 concurrent 1-event appenders (fsync)",
-    "drain_https": "Drain 200k backlog over HTTPS",
+    "drain_https": "Drain 200k backlog over HTTPS (reference gateway)",
+    "drain_http_count": "Drain 200k backlog over HTTP, receiver that only counts",
+    "drain_https_count": "Drain 200k backlog over HTTPS, receiver that only counts",
     "drain_mqtt": "Drain 200k backlog over MQTT",
+    "drain_mqtt_process": "Drain 200k backlog over MQTT, whole agent process",
     "drain_nats": "Drain 200k backlog into NATS JetStream (3 nodes, replicas 3)",
     "buffer_read": "Buffer read path alone (take_batch)",
     "push": "HTTP push, 500-event POSTs",
