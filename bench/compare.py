@@ -77,7 +77,9 @@ def verdict(base: dict[str, Any], head: dict[str, Any]) -> dict[str, Any]:
         (s["max"] - s["min"]) / s["median"] * 100 if s["median"] else 0.0 for s in (base, head)
     )
     overlap = base["min"] <= head["max"] and head["min"] <= base["max"]
-    if overlap or abs(change) <= spread:
+    if len(base["ratios"]) < 2 or len(head["ratios"]) < 2:
+        word = "unknown: one run has no spread"
+    elif overlap or abs(change) <= spread:
         word = "within noise"
     else:
         word = "regression" if change < 0 else "improvement"

@@ -4,7 +4,9 @@ recorded requests byte for byte to the same kind of peer:
 
 * ``drain_http_count``: a receiver that only counts (bench/counting_receiver.py), plain HTTP
   (the honest limit, issue 16);
-* ``drain_https_count``: the same receiver over TLS;
+* ``drain_http_process``: the whole agent process (``python -m agent run``) to that receiver,
+  timed by its forwarded counter, against a replay of the requests it sent;
+* ``drain_https_count``: the in-process forwarder to the same receiver over TLS;
 * ``drain_https``: the reference gateway over TLS (a fresh one per side), which caps both.
 """
 
@@ -15,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.agent_process import drain_process
 from bench.common import Ctx, copy_db, figure, fill, ratio, wait_until
 from bench.receivers import CountingReceiver, GatewayHost, replay, write_server_cert
 
@@ -57,7 +60,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
     n = ctx.n(200_000, 50_000)
     asyncio.run(fill(d / "src.db", n, "line1"))
     # the same backlog (same event ids, so the same batch bodies) for each drain
-    dbs = {k: d / f"{k}.db" for k in ("http", "https", "gw")}
+    dbs = {k: d / f"{k}.db" for k in ("http", "https", "gw", "process")}
     for db in dbs.values():
         copy_db(d / "src.db", db)
     tls = write_server_cert(d / "tls")
@@ -84,6 +87,31 @@ def run(ctx: Ctx) -> dict[str, Any]:
         met=ratio(agent, raw) >= 0.8,
         detail=f"{detail}; receiver that only counts got {got:,} (agent), {raw_got:,} (raw)",
     )
+
+    # 1b. the whole agent process, plain HTTP, against a replay of its own requests
+    rx = CountingReceiver(record=True).start()
+    try:
+        sink = f'type = "https"\nurl = "{rx.url}"\ngzip_level = 1\n'
+        proc, proc_note = drain_process(dbs["process"], d / "process", n, sink)
+        proc_recorded = rx.recorded(d / "process-requests.pickle")
+        rx.reset()
+        raw = asyncio.run(replay(rx.url, None, proc_recorded))
+    finally:
+        rx.stop()
+    out["drain_http_process"] = figure(
+        value=proc,
+        unit="events/s",
+        raw=raw,
+        raw_label="httpx replaying the agent process's own requests byte for byte, plain HTTP",
+        target=">= 0.8",
+        met=ratio(proc, raw) >= 0.8,
+        detail=(
+            f"`python -m agent run` draining {n:,} events to the receiver that only counts: "
+            f"from its first forwarded event to its forwarded counter reaching the backlog; "
+            f"{proc_note}"
+        ),
+    )
+    del proc_recorded
 
     # 2. the same over TLS
     rx = CountingReceiver(tls=tls).start()

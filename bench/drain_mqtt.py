@@ -7,20 +7,25 @@ backlog, timed by its forwarded counter (/metrics), vs raw paho sending the same
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Ctx, Deadline, copy_db, figure, fill, ratio, spawn, wait_until
+from bench.agent_process import drain_process
+from bench.common import (
+    Ctx,
+    adapter_context_class,
+    copy_db,
+    figure,
+    fill,
+    ratio,
+    wait_until,
+)
 
 #: the agent's MQTT in-flight window (adapters/sinks/mqtt: 20, or the broker's Receive Maximum
 #: when lower; mosquitto's default is 20 too), which the raw side copies
 WINDOW = 20
-#: how often the whole-agent figure reads the forwarded counter
-POLL = 0.02
 
 
 async def read_rate(path: Path, stream: str) -> tuple[float, list[Any]]:
@@ -121,96 +126,13 @@ def raw_paho_contract(port: int, batches: list[Any], n: int, window: int) -> flo
         c.loop_stop()
 
 
-def forwarded(client: Any, url: str) -> int:
-    """edge_agent_events_forwarded_total for stream line1, from the agent's /metrics."""
-    total = 0.0
-    for line in client.get(url).text.splitlines():
-        if line.startswith("edge_agent_events_forwarded_total{") and 'stream="line1"' in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return int(total)
-
-
-def agent_process(url: str, db: Path, d: Path, n: int) -> tuple[float, float]:
-    """The whole agent process draining the backlog: (events/s from its first forwarded
-    event to the last, seconds from process start to the last)."""
-    import httpx
-
-    from tests.fixtures.mosquitto import free_port
-
-    d.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    cfg = d / "agent.toml"
-    cfg.write_text(
-        f"""[agent]
-id = "a"
-plant = "p"
-
-[buffer]
-path = "{db}"
-durability = "fsync"
-max_bytes = "8GiB"
-
-[metrics]
-enabled = true
-listen = "127.0.0.1:{port}"
-
-[log]
-level = "warning"
-format = "text"
-
-[sinks.central]
-type = "mqtt"
-url = "{url}"
-"""
-    )
-    log = open(d / "agent.log", "wb")
-    metrics = f"http://127.0.0.1:{port}/metrics"
-    t_start = time.perf_counter()
-    proc = spawn([sys.executable, "-m", "agent", "run", "-c", str(cfg)], stdout=log, stderr=log)
-    dl = Deadline(600)
-    t_first = f_first = None
-    try:
-        with httpx.Client(timeout=10) as c:
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(
-                        f"agent exited with {proc.returncode}: "
-                        f"{(d / 'agent.log').read_text()[-800:]}"
-                    )
-                dl.check("whole-agent MQTT drain")
-                try:
-                    got = forwarded(c, metrics)
-                except httpx.TransportError:
-                    got = 0  # not listening yet
-                now = time.perf_counter()
-                if got > 0 and t_first is None:
-                    t_first, f_first = now, got
-                if got >= n:
-                    break
-                time.sleep(POLL)
-        assert t_first is not None and f_first is not None
-        # the events of the first sample were forwarded at some point before it: counted
-        # from the first sample, the rate leaves them out (and the process's start-up)
-        if f_first >= n:  # drained between two samples: only the whole time is known
-            return n / (now - t_start), now - t_start
-        return (n - f_first) / (now - t_first), now - t_start
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
 async def agent_drain(url: str, path: Path, d: Path, n: int) -> float:
-    from adapters.registry import AdapterContext
     from adapters.sinks.mqtt import Config, MqttSink
     from agent.buffer import Buffer
     from agent.forwarder import ForwarderSettings, StreamForwarder
 
     buf = await Buffer.open(path, plant="p", agent_id="a", durability="fsync", max_bytes=8 << 30)
-    sink = MqttSink("central", Config(url=url), AdapterContext("a", "p", d, "bench"))
+    sink = MqttSink("central", Config(url=url), adapter_context_class()("a", "p", d, "bench"))
     await sink.start()
     task = None
     try:
@@ -243,7 +165,8 @@ def run(ctx: Ctx) -> dict[str, Any]:
         raw = raw_paho(broker.port, payloads, n)
         agent = asyncio.run(agent_drain(broker.url, d / "agent.db", d, n))
         raw_c = raw_paho_contract(broker.port, batches, n, WINDOW)
-        proc_rate, proc_total = agent_process(broker.url, d / "process.db", d / "process", n)
+        sink = f'type = "mqtt"\nurl = "{broker.url}"\n'
+        proc_rate, proc_note = drain_process(d / "process.db", d / "process", n, sink)
     finally:
         broker.kill()
     kb = sum(map(len, payloads)) / len(payloads) / 1000
@@ -268,8 +191,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
             met=ratio(proc_rate, raw_c) >= 0.4,
             detail=(
                 f"`python -m agent run` draining {n:,} events: from its first forwarded "
-                f"event to its forwarded counter reaching the backlog (/metrics polled every "
-                f"{POLL * 1000:.0f} ms); {proc_total:.2f} s from process start"
+                f"event to its forwarded counter reaching the backlog; {proc_note}"
             ),
         ),
         "buffer_read": figure(

@@ -15,6 +15,7 @@ LABELS = {
     "ingest_concurrent": "Ingest, 200 concurrent 1-event appenders (fsync)",
     "drain_https": "Drain 200k backlog over HTTPS (reference gateway)",
     "drain_http_count": "Drain 200k backlog over HTTP, receiver that only counts",
+    "drain_http_process": "Drain 200k backlog over HTTP, whole agent process, counting receiver",
     "drain_https_count": "Drain 200k backlog over HTTPS, receiver that only counts",
     "drain_mqtt": "Drain 200k backlog over MQTT",
     "drain_mqtt_process": "Drain 200k backlog over MQTT, whole agent process",
