@@ -11,7 +11,7 @@ With ``--record`` every batch request (method, path, headers, body) is kept in m
 the raw client can later replay the agent's own requests byte for byte. Control requests,
 which are not counted:
 
-    GET  /_count   -> {"requests": n, "events": n, "bytes": n}
+    GET  /_count   -> {"requests": n, "events": n, "bytes": n, "first_at": monotonic or null}
     POST /_reset   zero the counters and stop recording
     POST /_dump    body = a file path: pickle the recorded requests there, then forget them
 
@@ -26,6 +26,7 @@ import json
 import pickle
 import ssl
 import sys
+import time
 from typing import Any
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
@@ -36,6 +37,8 @@ class State:
         self.record = record
         self.records: list[tuple[str, str, list[tuple[str, str]], bytes]] = []
         self.requests = self.events = self.bytes = 0
+        #: time.monotonic() of the first batch since start or reset (system-wide clock)
+        self.first_at: float | None = None
 
 
 def _reply(body: bytes, status: str = "200 OK") -> bytes:
@@ -91,11 +94,17 @@ class Counting(asyncio.Protocol):
         if path == "/_count":
             return _reply(
                 json.dumps(
-                    {"requests": st.requests, "events": st.events, "bytes": st.bytes}
+                    {
+                        "requests": st.requests,
+                        "events": st.events,
+                        "bytes": st.bytes,
+                        "first_at": st.first_at,
+                    }
                 ).encode()
             )
         if path == "/_reset":
             st.requests = st.events = st.bytes = 0
+            st.first_at = None
             st.record = False
             return _reply(b"{}")
         if path == "/_dump":
@@ -113,6 +122,8 @@ class Counting(asyncio.Protocol):
                 first = int(v)
             elif lk == "x-edge-last-sequence":
                 last = int(v)
+        if st.first_at is None:
+            st.first_at = time.monotonic()
         st.requests += 1
         st.bytes += len(body)
         if first is not None and last is not None:

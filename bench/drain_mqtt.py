@@ -79,6 +79,39 @@ def raw_paho(port: int, payloads: list[bytes], n: int) -> float:
         c.loop_stop()
 
 
+class FirstMessage:
+    """A QoS 0 subscriber that notes when the first message on ``topic`` arrives
+    (``time.monotonic()``) and then unsubscribes, so it costs the broker one delivery."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.at: float | None = None
+        self.port, self.topic = port, topic
+        self.subscribed = threading.Event()
+        self.c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2)
+        self.c.on_connect = lambda c, *_: c.subscribe(topic, qos=0)
+        self.c.on_subscribe = lambda *_: self.subscribed.set()
+        self.c.on_message = self._on_message
+
+    def _on_message(self, c: Any, *_: Any) -> None:
+        if self.at is None:
+            self.at = time.monotonic()
+            c.unsubscribe(self.topic)
+
+    def __enter__(self) -> FirstMessage:
+        self.c.connect("127.0.0.1", self.port)
+        self.c.loop_start()
+        if not self.subscribed.wait(20):
+            raise TimeoutError("the first-message subscriber could not subscribe in 20 s")
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
 def raw_paho_contract(port: int, batches: list[Any], n: int, window: int) -> float:
     """Raw paho sending what the agent sends: the contract's topic, payload and MQTT 5
     properties per batch, QoS 1, at most ``window`` unacknowledged."""
@@ -166,7 +199,10 @@ def run(ctx: Ctx) -> dict[str, Any]:
         agent = asyncio.run(agent_drain(broker.url, d / "agent.db", d, n))
         raw_c = raw_paho_contract(broker.port, batches, n, WINDOW)
         sink = f'type = "mqtt"\nurl = "{broker.url}"\n'
-        proc_rate, proc_note = drain_process(d / "process.db", d / "process", n, sink)
+        with FirstMessage(broker.port, "edge/p/line1") as first:
+            proc_rate, proc_note = drain_process(
+                d / "process.db", d / "process", n, sink, lambda: first.at
+            )
     finally:
         broker.kill()
     kb = sum(map(len, payloads)) / len(payloads) / 1000
@@ -189,10 +225,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
             ),
             target=">= 0.4",
             met=ratio(proc_rate, raw_c) >= 0.4,
-            detail=(
-                f"`python -m agent run` draining {n:,} events: from its first forwarded "
-                f"event to its forwarded counter reaching the backlog; {proc_note}"
-            ),
+            detail=f"`python -m agent run` draining {n:,} events: {proc_note}",
         ),
         "buffer_read": figure(
             value=rr,

@@ -85,7 +85,7 @@ class CountingReceiver:
         r.raise_for_status()
         return r.json()
 
-    def count(self) -> dict[str, int]:
+    def count(self) -> dict[str, Any]:
         return self._control("GET", "/_count")  # type: ignore[no-any-return]
 
     def reset(self) -> None:

@@ -67,13 +67,15 @@ def test_counting_receiver_counts_answers_2xx_and_records_byte_for_byte(tmp_path
             for _ in range(2):  # keep-alive: both on one connection
                 r = c.post(rx.url, content=body, headers=headers)
                 assert r.status_code == 200
-        assert rx.count() == {"requests": 2, "events": 6, "bytes": 2 * len(body)}
+        got = rx.count()
+        assert (got["requests"], got["events"], got["bytes"]) == (2, 6, 2 * len(body))
+        assert isinstance(got["first_at"], float)  # the clock of the whole-agent figures
         recorded = rx.recorded(tmp_path / "r.pickle")
         assert len(recorded) == 2
         method, path, got_headers, got_body = recorded[0]
         assert (method, path, got_body) == ("POST", "/v1/batches", body)
         assert ("Idempotency-Key", "01JBATCH") in got_headers
         rx.reset()
-        assert rx.count()["events"] == 0
+        assert rx.count()["events"] == 0 and rx.count()["first_at"] is None
     finally:
         rx.stop()
