@@ -50,6 +50,19 @@ def git(*args: str) -> str:
     return p.stdout.strip()
 
 
+def stop(child: subprocess.Popen[bytes]) -> None:
+    """SIGTERM first, so the run stops the peers it started (receivers, broker, gateway,
+    agent); SIGKILL if it does not end in 30 s."""
+    if child.poll() is not None:
+        return
+    child.terminate()
+    try:
+        child.wait(30)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
 def copy_harness(dst: Path) -> None:
     """bench/ and tests/fixtures/ of this checkout, without agent/ or adapters/."""
     skip = shutil.ignore_patterns("__pycache__", "*.pyc", "results.json", "compare.json")
@@ -122,7 +135,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3, help="runs per revision and figure")
     p.add_argument("--quick", action="store_true", help="the figures' small loads")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "compare.json")
-    p.add_argument("--keep", action="store_true", help="keep the scratch directory and logs")
+    p.add_argument("--keep", action="store_true", help="keep the scratch directory (run logs)")
     args = p.parse_args()
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
@@ -169,9 +182,8 @@ def main() -> int:
                         try:
                             rc = child.wait(RUN_TIMEOUT)
                         except subprocess.TimeoutExpired:
-                            child.kill()
-                            child.wait()
-                            rc = -9
+                            stop(child)
+                            rc = -15
                         child = None
                     try:
                         res = json.loads(out.read_text())
@@ -196,9 +208,8 @@ def main() -> int:
                     )
                     print(f"   round {rnd} {name} {side}: {got} ({run['seconds']} s)", flush=True)
     finally:
-        if child is not None and child.poll() is None:
-            child.kill()
-            child.wait()
+        if child is not None:
+            stop(child)
         for wt in worktrees:
             subprocess.run(
                 ["git", "-C", str(REPO), "worktree", "remove", "--force", str(wt)],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -21,6 +22,8 @@ from pathlib import Path
 def main() -> int:
     name, out = sys.argv[1], Path(sys.argv[2])
     quick = "--quick" in sys.argv[3:]
+    # bench.compare stops a hung run with SIGTERM: unwind, so the peers are stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import adapters
     import agent
     from bench.common import Ctx, kill_children

@@ -123,7 +123,8 @@ class GatewayHost:
             stdout=subprocess.PIPE,
             text=True,
         )
-        _children.append(self.proc)
+        # not in _children (whose SIGKILL would orphan the gateway it started): the host
+        # stops its gateway at end of input, which also comes when this process dies
         info = json.loads(_read_line(self.proc, "reference gateway", 60))
         self.url, self.ca_file, self.db_path = info["url"], Path(info["ca_file"]), info["db_path"]
         return self
