@@ -55,6 +55,9 @@ def table(data: dict[str, Any]) -> str:
             value = f"p50 {fmt(f['p50'])} ms, p99 {fmt(f['p99'])} ms"
         raw = f"{fmt(f['raw'])} ({f.get('raw_label', '')})" if "raw" in f else ""
         r = f"{f['ratio']:.2f}" if "ratio" in f else ""
+        if "ratio_spread" in f:  # the median of several runs, and their range
+            lo, hi = f["ratio_spread"]
+            r += f" (median of {len(f['ratio_runs'])}: {lo:.2f}-{hi:.2f})"
         met = {True: "yes", False: "**no**", None: ""}[f.get("met")]
         lines.append(
             f"| {label} | {value} | {raw} | {r} | {f.get('target', '')} | {met} "

@@ -79,3 +79,21 @@ def test_counting_receiver_counts_answers_2xx_and_records_byte_for_byte(tmp_path
         assert rx.count()["events"] == 0 and rx.count()["first_at"] is None
     finally:
         rx.stop()
+
+
+def test_python_m_bench_rounds_report_the_median_run_and_the_spread() -> None:
+    from bench.__main__ import median_of
+
+    def run(r: float, v: float) -> dict[str, object]:
+        return {"ingest": {"value": v, "raw": v / r, "ratio": r}, "disk": {"value": v}}
+
+    got = median_of([run(0.5, 50.0), run(0.7, 70.0), run(0.6, 60.0)])
+    assert got["ingest"] == {
+        "value": 60.0,  # the median run's own value and raw, not a mix of runs
+        "raw": 100.0,
+        "ratio": 0.6,
+        "ratio_runs": [0.5, 0.7, 0.6],
+        "ratio_spread": [0.5, 0.7],
+    }
+    assert got["disk"] == {"value": 60.0}  # no ratio: the last run
+    assert median_of([run(0.5, 50.0)])["ingest"] == {"value": 50.0, "raw": 100.0, "ratio": 0.5}
