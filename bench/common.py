@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+#: the checkout whose peers (reference gateway, test fixtures) every figure measures against;
+#: REPO itself, except under ``python -m bench.compare``, where REPO holds only the harness
+#: and agent/ and adapters/ come from the revision being measured
+HARNESS = Path(os.environ.get("EDGE_BENCH_HARNESS") or REPO)
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -155,3 +159,16 @@ def kill_children() -> None:
             with contextlib.suppress(Exception):
                 p.wait(5)
     _children.clear()
+
+
+def adapter_context_class() -> Any:
+    """AdapterContext wherever the revision keeps it (issue 11 may move it out of
+    adapters/registry.py, so a comparison must find it on both sides)."""
+    import importlib
+
+    for mod in ("adapters.registry", "agent.interfaces", "agent.registry", "agent.adapters"):
+        try:
+            return importlib.import_module(mod).AdapterContext
+        except (ImportError, AttributeError):
+            continue
+    raise ImportError("AdapterContext is in none of adapters.registry, agent.interfaces, ...")

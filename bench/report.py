@@ -13,8 +13,12 @@ END = "<!-- bench:table:end -->"
 LABELS = {
     "ingest": "Ingest, 500-event appends (fsync)",
     "ingest_concurrent": "Ingest, 200 concurrent 1-event appenders (fsync)",
-    "drain_https": "Drain 200k backlog over HTTPS",
+    "drain_https": "Drain 200k backlog over HTTPS (reference gateway)",
+    "drain_http_count": "Drain 200k backlog over HTTP, receiver that only counts",
+    "drain_http_process": "Drain 200k backlog over HTTP, whole agent process, counting receiver",
+    "drain_https_count": "Drain 200k backlog over HTTPS, receiver that only counts",
     "drain_mqtt": "Drain 200k backlog over MQTT",
+    "drain_mqtt_process": "Drain 200k backlog over MQTT, whole agent process",
     "drain_nats": "Drain 200k backlog into NATS JetStream (3 nodes, replicas 3)",
     "buffer_read": "Buffer read path alone (take_batch)",
     "push": "HTTP push, 500-event POSTs",
@@ -51,6 +55,9 @@ def table(data: dict[str, Any]) -> str:
             value = f"p50 {fmt(f['p50'])} ms, p99 {fmt(f['p99'])} ms"
         raw = f"{fmt(f['raw'])} ({f.get('raw_label', '')})" if "raw" in f else ""
         r = f"{f['ratio']:.2f}" if "ratio" in f else ""
+        if "ratio_spread" in f:  # the median of several runs, and their range
+            lo, hi = f["ratio_spread"]
+            r += f" (median of {len(f['ratio_runs'])}: {lo:.2f}-{hi:.2f})"
         met = {True: "yes", False: "**no**", None: ""}[f.get("met")]
         lines.append(
             f"| {label} | {value} | {raw} | {r} | {f.get('target', '')} | {met} "
