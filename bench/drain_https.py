@@ -29,11 +29,9 @@ async def read_batches(path: Path, stream: str) -> list[Any]:
     out, after = [], 0
     try:
         while True:
-            rows = await buf.read_next(stream, after, 1000, 1 << 20)
-            if not rows:
+            b = await buf.take_batch(stream, after, 1000, 1 << 20)
+            if b is None:
                 return out
-            b = await buf.open_batch(stream, rows)
-            assert b is not None  # nothing drops here
             out.append(b)
             after = b.last_sequence
     finally:
