@@ -9,8 +9,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from agent.buffer import MIGRATIONS, SCHEMA_VERSION, Buffer
-from agent.errors import BufferCorrupt, BufferFull
+from agent.buffer import MIGRATIONS, SCHEMA_VERSION, Buffer, operator
+from agent.errors import BufferCorrupt, BufferError_, BufferFull
 from agent.interfaces import NewEvent
 
 
@@ -393,3 +393,57 @@ async def test_take_batch_ids_are_the_committed_ids(tmp_path: Path) -> None:
         assert list(two.ids) == [c.id for c in committed[:2]]
     finally:
         await b.close()
+
+
+async def test_operator_drop_of_dead_letters_reaches_a_running_buffer(tmp_path: Path) -> None:
+    """`edge-agent dead-letter drop` runs in another process: the running agent's size
+    (and so its room for appends) follows on its next housekeeping tick."""
+    path = tmp_path / "b.db"
+    b = await open_buffer(path)
+    await b.append("s", [ev(1, pad=2000), ev(2)])
+    batch = await b.take_batch("s", 0, 1, 1 << 20)
+    assert batch is not None and len(batch) == 1
+    await b.dead_letter(batch, "HTTP 422", 422)
+    size = len(batch.bodies[0])
+    used = b.used_bytes
+    conn = operator.connect(path)
+    try:
+        assert operator.drop_dead_letters(conn, operator.Selection(all=True)) == 1
+    finally:
+        conn.close()
+    assert await b.dead_letters() == []
+    await b.housekeeping()
+    assert b.used_bytes == used - size
+    assert b.used_bytes == sum(s.stored_bytes for s in await b.stream_stats())
+    await b.housekeeping()  # the same generation: nothing re-read, nothing changes
+    assert b.used_bytes == used - size
+    await b.close()
+
+
+async def test_close_resolves_every_queued_append_when_its_wait_times_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holds the write lock: the appends cannot commit. close() gives up
+    waiting after its budget, and every append gets an answer (an error saying it was not
+    committed) instead of hanging; nothing of them is in the file."""
+    import agent.buffer as buffer_pkg
+
+    monkeypatch.setattr(buffer_pkg, "CLOSE_TIMEOUT", 0.3)
+    path = tmp_path / "b.db"
+    b = await open_buffer(path)
+    await b.append("s", [ev(0)])
+    lock = sqlite3.connect(path, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        appends = [asyncio.create_task(b.append("s", [ev(i)])) for i in range(1, 4)]
+        await asyncio.sleep(0)
+        closing = asyncio.create_task(b.close())
+        results = await asyncio.wait_for(asyncio.gather(*appends, return_exceptions=True), 60)
+        assert all(isinstance(r, BufferError_) for r in results), results
+        await asyncio.wait_for(closing, 60)
+    finally:
+        lock.rollback()
+        lock.close()
+    b2 = await open_buffer(path)
+    assert b2.stream_state("s") == (1, 0)
+    await b2.close()
