@@ -411,7 +411,7 @@ async def test_full_buffer_holds_the_server_back_and_nothing_is_lost(plain, tmp_
                 await buf.housekeeping()
                 delivered.extend(orjson.loads(body) for body in batch.bodies)
             d = src.state().detail
-            return not rows and d["pending"] == 0 and not d["held_back_by_full_buffer"]
+            return not batch and d["pending"] == 0 and not d["held_back_by_full_buffer"]
 
         await wait_for(drain, 30, "drained", src)
         await asyncio.sleep(0.5)

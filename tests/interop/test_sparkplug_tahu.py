@@ -299,7 +299,9 @@ async def test_state_goes_offline_while_the_buffer_refuses_and_online_after(
                 batch = await small.take_batch(STREAM, 0, 100_000, 1 << 30)
                 if batch:
                     drained += [
-                        orjson.loads(b)["data"]["value"] for b in batch.bodies if b"Filler/Count" in b
+                        orjson.loads(b)["data"]["value"]
+                        for b in batch.bodies
+                        if b"Filler/Count" in b
                     ]
                     await small.ack(batch)
                 await asyncio.sleep(0.05)
