@@ -22,6 +22,7 @@ import click
 import orjson
 
 from agent import __version__
+from agent.buffer import operator as buffer_operator
 from agent.config import Config, load_config
 from agent.errors import ConfigError, EdgeAgentError
 
@@ -414,9 +415,7 @@ def _open_rw(cfg: Config) -> sqlite3.Connection:
     path = Path(cfg.buffer.path)
     if not path.exists():
         raise Failure(f"no buffer at {path} (check buffer.path in the config)")
-    conn = sqlite3.connect(path, timeout=10.0, isolation_level=None)
-    conn.execute("PRAGMA busy_timeout = 10000")
-    return conn
+    return buffer_operator.connect(path)
 
 
 @cli.group("dead-letter")
@@ -430,37 +429,41 @@ def dead_letter() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def dl_list(config_path: Path, stream: str | None, as_json: bool) -> None:
     """List dead letters (stream, sequence, id, when, reason)."""
-    conn = _open_rw(_load(config_path))
-    rows = conn.execute(
-        "SELECT s.name, d.seq, d.id, d.dead_at, d.status, d.retry_requested, d.reason "
-        "FROM dead_letters d JOIN streams s USING (sid) WHERE ? IS NULL OR s.name = ? "
-        "ORDER BY s.name, d.seq",
-        (stream, stream),
-    ).fetchall()
+    rows = buffer_operator.list_dead_letters(_open_rw(_load(config_path)), stream)
     if as_json:
-        keys = ["stream", "sequence", "id", "dead_at", "status", "retry_requested", "reason"]
-        click.echo(orjson.dumps([dict(zip(keys, r, strict=True)) for r in rows]).decode())
+        out = [
+            {
+                "stream": d.stream,
+                "sequence": d.sequence,
+                "id": d.id,
+                "dead_at": d.dead_at,
+                "status": d.status,
+                "retry_requested": int(d.retry_requested),
+                "reason": d.reason,
+            }
+            for d in rows
+        ]
+        click.echo(orjson.dumps(out).decode())
         return
     if not rows:
         click.echo("no dead letters")
         return
-    for name, seq, eid, at, st, retry, reason in rows:
-        when = datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-        flag = " (retry requested)" if retry else ""
+    for d in rows:
+        when = datetime.fromtimestamp(d.dead_at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+        flag = " (retry requested)" if d.retry_requested else ""
         # the gateway's reason in full, on the same line (one line per dead letter, for grep)
-        reason = " ".join((reason or "").split())
-        click.echo(f"{name}  #{seq}  {eid}  {when}  HTTP {st or '-'}{flag}  {reason}")
+        reason = " ".join((d.reason or "").split())
+        click.echo(
+            f"{d.stream}  #{d.sequence}  {d.id}  {when}  HTTP {d.status or '-'}{flag}  {reason}"
+        )
 
 
-def _dl_where(ids: tuple[str, ...], all_: bool, stream: str | None) -> tuple[str, tuple[Any, ...]]:
+def _dl_selection(
+    ids: tuple[str, ...], all_: bool, stream: str | None
+) -> buffer_operator.Selection:
     if not ids and not all_:
         raise click.UsageError("name event ids, or --all")
-    if all_:
-        if stream:
-            return "sid = (SELECT sid FROM streams WHERE name = ?)", (stream,)
-        return "1", ()
-    q = ",".join("?" * len(ids))
-    return f"id IN ({q})", tuple(ids)
+    return buffer_operator.Selection(ids=ids, all=all_, stream=stream)
 
 
 @dead_letter.command("show")
@@ -468,14 +471,11 @@ def _dl_where(ids: tuple[str, ...], all_: bool, stream: str | None) -> tuple[str
 @click.argument("event_id")
 def dl_show(config_path: Path, event_id: str) -> None:
     """Print one dead letter: the reason and the event as it was sent."""
-    conn = _open_rw(_load(config_path))
-    row = conn.execute(
-        "SELECT reason, status, body FROM dead_letters WHERE id = ?", (event_id,)
-    ).fetchone()
-    if row is None:
+    d = buffer_operator.find_dead_letter(_open_rw(_load(config_path)), event_id)
+    if d is None:
         raise Failure(f"no dead letter with id {event_id} (edge-agent dead-letter list)")
-    click.echo(f"reason: {row[0]}\nstatus: {row[1]}")
-    click.echo(orjson.dumps(orjson.loads(row[2]), option=orjson.OPT_INDENT_2).decode())
+    click.echo(f"reason: {d.reason}\nstatus: {d.status}")
+    click.echo(orjson.dumps(orjson.loads(d.body), option=orjson.OPT_INDENT_2).decode())
 
 
 @dead_letter.command("retry")
@@ -485,9 +485,8 @@ def dl_show(config_path: Path, event_id: str) -> None:
 @click.option("--stream", default=None)
 def dl_retry(config_path: Path, event_ids: tuple[str, ...], all_: bool, stream: str | None) -> None:
     """Send dead letters again (same ids) once the central side is fixed."""
-    where, args = _dl_where(event_ids, all_, stream)
-    conn = _open_rw(_load(config_path))
-    n = conn.execute(f"UPDATE dead_letters SET retry_requested = 1 WHERE {where}", args).rowcount
+    which = _dl_selection(event_ids, all_, stream)
+    n = buffer_operator.request_retry(_open_rw(_load(config_path)), which)
     click.echo(f"{n} dead letter(s) marked for retry; the running agent sends them within seconds")
 
 
@@ -497,21 +496,10 @@ def dl_retry(config_path: Path, event_ids: tuple[str, ...], all_: bool, stream: 
 @click.option("--all", "all_", is_flag=True)
 @click.option("--stream", default=None)
 def dl_drop(config_path: Path, event_ids: tuple[str, ...], all_: bool, stream: str | None) -> None:
-    """Delete dead letters for good."""
-    where, args = _dl_where(event_ids, all_, stream)
-    conn = _open_rw(_load(config_path))
-    conn.execute("BEGIN IMMEDIATE")
-    rows = conn.execute(
-        f"SELECT sid, SUM(length(body)), COUNT(*) FROM dead_letters WHERE {where} GROUP BY sid",
-        args,
-    ).fetchall()
-    for sid, size, _ in rows:
-        conn.execute(
-            "UPDATE streams SET stored_bytes = stored_bytes - ? WHERE sid = ?", (size, sid)
-        )
-    conn.execute(f"DELETE FROM dead_letters WHERE {where}", args)
-    conn.execute("COMMIT")
-    click.echo(f"{sum(r[2] for r in rows)} dead letter(s) dropped")
+    """Delete dead letters for good (a running agent counts the freed room within a second)."""
+    which = _dl_selection(event_ids, all_, stream)
+    n = buffer_operator.drop_dead_letters(_open_rw(_load(config_path)), which)
+    click.echo(f"{n} dead letter(s) dropped")
 
 
 def _parse_time(value: str) -> float:
@@ -536,13 +524,11 @@ def replay(config_path: Path, stream: str, since: str | None, from_sequence: int
     since_ts = _parse_time(since) if since is not None else None
     cfg = _load(config_path)
     conn = _open_rw(cfg)
-    row = conn.execute(
-        "SELECT sid, forwarded_seq FROM streams WHERE name = ?", (stream,)
-    ).fetchone()
-    if row is None:
-        names = [r[0] for r in conn.execute("SELECT name FROM streams")]
-        raise Failure(f"no stream '{stream}' in the buffer (streams: {', '.join(names) or '-'})")
-    sid, upto = row
+    try:
+        buffer_operator.stream_cursor(conn, stream)
+    except buffer_operator.UnknownStream as exc:
+        known = ", ".join(exc.known) or "-"
+        raise Failure(f"no stream '{stream}' in the buffer (streams: {known})") from None
     if cfg.buffer.keep_forwarded <= 0:
         # Rows acknowledged in the last second may still be in the file until housekeeping
         # deletes them; offering those would make the answer depend on timing.
@@ -550,30 +536,19 @@ def replay(config_path: Path, stream: str, since: str | None, from_sequence: int
             f"no forwarded events of stream {stream} are kept: buffer.keep_forwarded = 0 "
             'deletes them once forwarded (set it, e.g. "7d", to allow replays)'
         )
-    if since_ts is not None:
-        first = conn.execute(
-            "SELECT MIN(seq) FROM events WHERE sid = ? AND committed_at >= ? AND seq <= ?",
-            (sid, since_ts, upto),
-        ).fetchone()[0]
-    else:
-        first = from_sequence
-    kept = conn.execute(
-        "SELECT COUNT(*), MIN(seq) FROM events WHERE sid = ? AND seq >= ? AND seq <= ?",
-        (sid, first or 0, upto),
-    ).fetchone()
-    if first is None or kept[0] == 0:
+    queued = buffer_operator.request_replay(
+        conn, stream, since=since_ts, from_sequence=from_sequence
+    )
+    if queued is None:
         raise Failure(
             f"no forwarded events of stream {stream} are kept in that range "
             f"(buffer.keep_forwarded = {cfg.buffer.keep_forwarded:g} s decides how long they stay)"
         )
-    if kept[1] > first:
-        click.echo(f"note: events before sequence {kept[1]} are no longer kept", err=True)
-    conn.execute(
-        "INSERT INTO replays (sid, from_seq, to_seq, requested_at) VALUES (?, ?, ?, ?)",
-        (sid, kept[1], upto, time.time()),
-    )
+    if from_sequence is not None and queued.first_seq > from_sequence:
+        click.echo(f"note: events before sequence {queued.first_seq} are no longer kept", err=True)
     click.echo(
-        f"replay of {kept[0]} event(s) of stream {stream} (sequences {kept[1]}-{upto}) queued; "
+        f"replay of {queued.count} event(s) of stream {stream} "
+        f"(sequences {queued.first_seq}-{queued.to_seq}) queued; "
         "the running agent sends them with their original ids"
     )
 

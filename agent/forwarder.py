@@ -26,9 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agent.buffer import Buffer
 from agent.ids import ulid
-from agent.interfaces import Batch, ComponentState, Outcome, SendResult, Sink
+from agent.interfaces import Batch, BatchStore, ComponentState, Outcome, SendResult, Sink
 from agent.outage import SinkOutage, SinkOutages
 
 log = logging.getLogger("edge_agent.forwarder")
@@ -82,7 +81,7 @@ class PriorityGate:
 class StreamForwarder:
     def __init__(
         self,
-        buffer: Buffer,
+        buffer: BatchStore,
         stream: str,
         sink: Sink,
         settings: ForwarderSettings,
@@ -403,12 +402,12 @@ class StreamForwarder:
     async def _figures(self, streams: set[str]) -> tuple[int, float | None]:
         """Backlog and oldest unsent age of ``streams``, for an outage summary (a minute
         apart at most, so one read of the streams table is cheap)."""
-        rows = await self.buffer.stream_rows()
+        rows = await self.buffer.stream_stats()
         now = time.time()
-        mine = [r for r in rows if r["name"] in streams]
-        oldest = [r["oldest_unsent_at"] for r in mine if r.get("oldest_unsent_at")]
+        mine = [r for r in rows if r.name in streams]
+        oldest = [r.oldest_unsent_at for r in mine if r.oldest_unsent_at]
         return (
-            sum(int(r["backlog_events"]) for r in mine),
+            sum(r.backlog_events for r in mine),
             now - min(oldest) if oldest else None,
         )
 

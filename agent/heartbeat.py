@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from agent.buffer import FILE_MODE, fsync_dir
+from agent.durable_files import FILE_MODE, fsync_dir
 
 SIZE = 256 * 1024
 

@@ -25,7 +25,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from agent.buffer.operator import DeadLetter
+    from agent.buffer.stats import StreamStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +127,81 @@ class Batch:
         """The batch as the contract's JSON array."""
         return b"[" + b",".join(self.bodies) + b"]"
 
+
+class BatchStore(Protocol):
+    """The buffer as the forwarder sees it: its whole view (agent/forwarder.py uses
+    nothing else). agent.buffer.Buffer implements it."""
+
     @property
-    def size_bytes(self) -> int:
-        return sum(len(b) for b in self.bodies) + len(self.bodies) + 1
+    def epoch(self) -> str:
+        """The stream epoch of this buffer file (batches carry it)."""
+        ...
+
+    @property
+    def max_bytes(self) -> int:
+        """buffer.max_bytes: the forwarder keeps its batches on the wire well below it."""
+        ...
+
+    def wakeup_event(self, stream: str) -> asyncio.Event:
+        """Set whenever events are committed to ``stream``."""
+        ...
+
+    def stream_state(self, stream: str) -> tuple[int, int]:
+        """(last committed sequence, forwarded cursor) as this process knows them."""
+        ...
+
+    async def pending_batches(self, stream: str) -> list[Batch]:
+        """Batches persisted but not acknowledged (after a crash), to resend as they are."""
+        ...
+
+    async def take_batch(
+        self, stream: str, after_seq: int, max_events: int, max_bytes: int, priority: str = ...
+    ) -> Batch | None:
+        """The next contiguous run after ``after_seq`` (or the cursor) under a new batch id
+        made durable before it is returned, or None when there is nothing to send."""
+        ...
+
+    async def split_batch(self, batch: Batch) -> tuple[Batch, Batch]:
+        """Replace ``batch`` by its two halves (new ids), atomically."""
+        ...
+
+    async def discard_batch(self, batch: Batch) -> None:
+        """Forget a persisted batch without advancing the cursor."""
+        ...
+
+    async def ack(self, batch: Batch) -> None:
+        """Advance the cursor past ``batch``; idempotent, complete even if cancelled."""
+        ...
+
+    async def dead_letter(self, batch: Batch, reason: str, status: int | None) -> None:
+        """Move the one event of ``batch`` to the dead letters; the cursor passes it."""
+        ...
+
+    async def set_last_error(self, stream: str, error: str | None) -> None: ...
+
+    async def retry_requested(self, stream: str) -> list[DeadLetter]:
+        """Dead letters an operator asked to send again."""
+        ...
+
+    async def resolve_dead_letter(
+        self, stream: str, seq: int, *, delivered: bool, reason: str = ...
+    ) -> None: ...
+
+    async def pending_replays(self, stream: str) -> list[tuple[int, int, int]]:
+        """Operator-requested replays: (replay_id, from_seq, to_seq)."""
+        ...
+
+    async def read_range(
+        self, stream: str, after_seq: int, to_seq: int, max_events: int
+    ) -> list[tuple[int, str, bytes]]:
+        """Kept events ``after_seq < seq <= to_seq`` as (seq, id, body), for replays."""
+        ...
+
+    async def finish_replay(self, replay_id: int, progressed_to: int | None = None) -> None: ...
+
+    async def stream_stats(self) -> list[StreamStats]:
+        """Every stream's counters (backlog, oldest unsent), for outage summaries."""
+        ...
 
 
 class Outcome(enum.Enum):

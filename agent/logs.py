@@ -287,7 +287,7 @@ def setup_logging(
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger(ROOT).setLevel(numeric)
-    for noisy in ("asyncua", "aiohttp.access", "httpx", "httpcore", "aiosqlite"):
+    for noisy in ("asyncua", "aiohttp.access", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
     logging.captureWarnings(True)
     return handler

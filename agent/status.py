@@ -24,12 +24,11 @@ Schema 1 of ``status --json`` (stable; new keys may be added, none removed or re
 from __future__ import annotations
 
 import os
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
-from agent.buffer import read_stream_rows
+from agent.buffer import stats
 from agent.heartbeat import heartbeat_path, read_heartbeat
 
 HEARTBEAT_INTERVAL = 2.0
@@ -222,16 +221,10 @@ def read_offline(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | Non
     """Read counters and heartbeat from the buffer file without writing to it."""
     if not path.exists():
         raise FileNotFoundError(path)
-    uri = f"file:{path}?mode=ro"
+    conn = stats.open_read_only(str(path))
     try:
-        conn = sqlite3.connect(uri, uri=True, timeout=2.0)
-        conn.execute("SELECT 1 FROM meta LIMIT 1").fetchall()
-    except sqlite3.OperationalError:
-        # A WAL file we may not create -shm for (read-only directory): read as immutable.
-        conn = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
-    try:
-        rows = read_stream_rows(conn)
-        meta = {k: v for k, v in conn.execute("SELECT key, value FROM meta")}
+        rows = [s.as_dict() for s in stats.read_streams(conn)]
+        meta = stats.read_meta(conn)
     finally:
         conn.close()
     hb = read_heartbeat(path)

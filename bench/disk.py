@@ -25,17 +25,15 @@ async def soak(
             for _ in range(per_cycle // 1000):
                 await buf.append("line1", EVENTS_1000)
             if c == 0:
-                await buf._call(lambda: buf._sync.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+                await buf.checkpoint_wal()
                 per_event = db_size(path) / per_cycle
-                first = await buf.read_next("line1", 0, 1000, 1 << 20)
+                first = await buf.read_range("line1", 0, 1000, 1000)
                 body = sum(len(r[2]) for r in first) / len(first)
             after = buf.stream_state("line1")[1]
             for _ in range(per_cycle):  # bounded: one batch per step
-                rows = await buf.read_next("line1", after, 1000, 1 << 20)
-                if not rows:
+                b = await buf.take_batch("line1", after, 1000, 1 << 20)
+                if b is None:
                     break
-                b = await buf.open_batch("line1", rows)
-                assert b is not None  # nothing drops here
                 await buf.ack(b)
                 after = b.last_sequence
             for _ in range(1000):

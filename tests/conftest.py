@@ -9,21 +9,16 @@ pytest_plugins = [
 
 
 def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
-    """aiosqlite's worker threads are not daemons: a buffer a test left open (a failed test's
-    traceback keeps it alive) would keep this process from ever exiting, and CI would wait
-    for it until its time limit. Stop them, and fail the run when a passing one leaked."""
-    import gc
+    """A buffer a test left open (a failed test's traceback keeps it alive) keeps its SQL
+    thread (agent/buffer/writer.py) and its file open: fail the run when a passing one
+    leaked. A closed buffer has joined its thread."""
+    import threading
 
-    import aiosqlite
-
-    conns = [c for c in gc.get_objects() if isinstance(c, aiosqlite.Connection)]
-    for c in conns:  # a connection closed just now has a thread about to return
-        if c._thread.is_alive():  # noqa: SLF001
-            c._thread.join(timeout=1.0)  # noqa: SLF001
-    leaked = [c for c in conns if c._thread.is_alive()]  # noqa: SLF001
-    for conn in leaked:
-        conn.stop()
+    leaked = [t for t in threading.enumerate() if t.name.startswith("buffer-sql")]
+    for t in leaked:  # a buffer closed just now has a thread about to return
+        t.join(timeout=1.0)
+    leaked = [t for t in leaked if t.is_alive()]
     if leaked:
-        print(f"\n{len(leaked)} aiosqlite connection(s) left open by tests: stopped")
+        print(f"\n{len(leaked)} buffer(s) left open by tests (their SQL threads are alive)")
         if session.exitstatus == 0:
             session.exitstatus = 1

@@ -40,7 +40,7 @@ def make_config(endpoint: str, nodes: list[dict[str, Any]], **kw: Any) -> Config
 
 
 async def read_events(buf: Buffer, stream: str) -> list[dict[str, Any]]:
-    rows = await buf.read_next(stream, 0, 1_000_000, 1 << 40)
+    rows = await buf.read_range(stream, 0, 1 << 62, 1_000_000)
     return [orjson.loads(body) for _, _, body in rows]
 
 

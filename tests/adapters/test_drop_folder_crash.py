@@ -65,7 +65,7 @@ async def main(db, inbox, mode):
     source = build("mes_drop", config, AdapterContext("a", "p", Path("."), "0"))
     for _ in range(3):
         await source.poll_once(ingest)
-    rows = await buf.read_next("mes_drop", 0, 100000, 1 << 40)
+    rows = await buf.read_range("mes_drop", 0, 1 << 62, 100000)
     print(json.dumps({"detail": source.state().detail,
                       "values": [json.loads(b)["data"]["good"]["value"] for _, _, b in rows]}))
     await buf.close()

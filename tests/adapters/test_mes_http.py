@@ -57,7 +57,7 @@ async def open_buffer(path: Path, max_bytes: int = 64 << 20) -> Buffer:
 
 async def stored(buf: Buffer, stream: str = STREAM) -> list[dict[str, Any]]:
     """Every event committed to ``stream``, decoded from the buffer's stored bodies."""
-    rows = await buf.read_next(stream, 0, 1_000_000, 1 << 40)
+    rows = await buf.read_range(stream, 0, 1 << 62, 1_000_000)
     return [json.loads(body) for _, _, body in rows]
 
 

@@ -138,7 +138,7 @@ async def wait_until(
 
 
 async def stored(buf: Buffer, stream: str = STREAM) -> list[dict[str, Any]]:
-    rows = await buf.read_next(stream, 0, 100_000, 1 << 40)
+    rows = await buf.read_range(stream, 0, 1 << 62, 100_000)
     return [orjson.loads(body) for _, _, body in rows]
 
 
@@ -275,13 +275,14 @@ async def test_buffer_full_holds_back_without_puback_then_commits(
             await asyncio.to_thread(publisher.publish, "plant/line1/a/counted", mes_counted(4))
 
             # the sink drains the backlog: the held messages go in, in order, then PUBACK
-            rows = await small.read_next(STREAM, 0, 1000, 1 << 30)
-            committed = [orjson.loads(b)["data"]["good"]["value"] for _, _, b in rows]
-            await small.ack(await small.open_batch(STREAM, rows))
+            batch = await small.take_batch(STREAM, 0, 1000, 1 << 30)
+            assert batch is not None
+            committed = [orjson.loads(b)["data"]["good"]["value"] for b in batch.bodies]
+            await small.ack(batch)
             await wait_until(lambda: not source.state().detail["held_back"])
             await wait_until(lambda: pubacks(mosquitto, source.client_id) == 4)
         await wait_until(lambda: source.state().detail["accepted"] == 4)
-        rows = await small.read_next(STREAM, 0, 1000, 1 << 30)
+        rows = await small.read_range(STREAM, small.stream_state(STREAM)[1], 1 << 62, 1000)
         committed += [orjson.loads(b)["data"]["good"]["value"] for _, _, b in rows]
         assert committed == [1, 2, 3, 4]
     finally:
@@ -370,11 +371,12 @@ async def test_held_message_survives_a_broker_that_lost_the_session(
             await wait_until(lambda: source.state().detail["held_back"])
             await asyncio.to_thread(mosquitto.restart)
             await wait_until(lambda: source.state().detail["subscribed"], within=15)
-            rows = await small.read_next(STREAM, 0, 1000, 1 << 30)
-            values = [orjson.loads(b)["data"]["good"]["value"] for _, _, b in rows]
-            await small.ack(await small.open_batch(STREAM, rows))
+            batch = await small.take_batch(STREAM, 0, 1000, 1 << 30)
+            assert batch is not None
+            values = [orjson.loads(b)["data"]["good"]["value"] for b in batch.bodies]
+            await small.ack(batch)
             await wait_until(lambda: not source.state().detail["held_back"])
-        rows = await small.read_next(STREAM, 0, 1000, 1 << 30)
+        rows = await small.read_range(STREAM, small.stream_state(STREAM)[1], 1 << 62, 1000)
         values += [orjson.loads(b)["data"]["good"]["value"] for _, _, b in rows]
         assert values == [1, 2, 3]
     finally:

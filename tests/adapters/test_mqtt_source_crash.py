@@ -72,7 +72,7 @@ async def main(db, url, mode, expect):
     task = asyncio.create_task(source.run(ingest))
     try:
         async with asyncio.timeout(20):
-            while len(await buf.read_next("uns", 0, 1000, 1 << 30)) < int(expect):
+            while len(await buf.read_range("uns", 0, 1 << 62, 1000)) < int(expect):
                 if task.done():
                     task.result()
                 await asyncio.sleep(0.02)
@@ -83,7 +83,7 @@ async def main(db, url, mode, expect):
             await task
         except asyncio.CancelledError:
             pass
-    rows = await buf.read_next("uns", 0, 1000, 1 << 30)
+    rows = await buf.read_range("uns", 0, 1 << 62, 1000)
     print(json.dumps({"detail": source.state().detail,
                       "subjects": [json.loads(b)["subject"] for _, _, b in rows]}))
     await buf.close()

@@ -34,7 +34,7 @@ def uns_config(broker: Mosquitto, **sub: Any) -> Config:
 async def all_events(buf: Buffer) -> dict[str, list[dict[str, Any]]]:
     out = {}
     for stream in buf.streams():
-        rows = await buf.read_next(stream, 0, 10_000, 1 << 30)
+        rows = await buf.read_range(stream, 0, 1 << 62, 10_000)
         out[stream] = [orjson.loads(b) for _, _, b in rows]
     return out
 

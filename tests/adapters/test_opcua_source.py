@@ -405,13 +405,13 @@ async def test_full_buffer_holds_the_server_back_and_nothing_is_lost(plain, tmp_
         delivered: list[dict] = []
 
         async def drain() -> bool:
-            rows = await buf.read_next("line1", 0, 100_000, 1 << 40)
-            if rows:
-                await buf.ack(await buf.open_batch("line1", rows))
+            batch = await buf.take_batch("line1", 0, 100_000, 1 << 40)
+            if batch:
+                await buf.ack(batch)
                 await buf.housekeeping()
-                delivered.extend(orjson.loads(body) for _, _, body in rows)
+                delivered.extend(orjson.loads(body) for body in batch.bodies)
             d = src.state().detail
-            return not rows and d["pending"] == 0 and not d["held_back_by_full_buffer"]
+            return not batch and d["pending"] == 0 and not d["held_back_by_full_buffer"]
 
         await wait_for(drain, 30, "drained", src)
         await asyncio.sleep(0.5)

@@ -9,8 +9,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from agent.buffer import MIGRATIONS, SCHEMA_VERSION, Buffer
-from agent.errors import BufferCorrupt, BufferFull
+from agent.buffer import MIGRATIONS, SCHEMA_VERSION, Buffer, operator
+from agent.errors import BufferCorrupt, BufferError_, BufferFull
 from agent.interfaces import NewEvent
 
 
@@ -28,9 +28,7 @@ async def open_buffer(path: Path, **kw) -> Buffer:
 
 async def drain_all(b: Buffer, stream: str) -> list[dict]:
     out = []
-    while rows := await b.read_next(stream, 0, 1000, 1 << 20):
-        batch = await b.open_batch(stream, rows)
-        assert batch is not None
+    while batch := await b.take_batch(stream, 0, 1000, 1 << 20):
         out.extend(orjson.loads(x) for x in batch.bodies)
         await b.ack(batch)
     return out
@@ -177,8 +175,7 @@ async def test_drop_oldest_with_a_flapping_sink_keeps_ranges_exact(tmp_path: Pat
     for i in range(1500):
         await b.append("s", [ev(i, pad=300)])
         if i % 97 == 0:  # the sink is up for one small batch
-            rows = await b.read_next("s", 0, 7, 1 << 20)
-            batch = await b.open_batch("s", rows)
+            batch = await b.take_batch("s", 0, 7, 1 << 20)
             assert batch is not None
             sent.extend(orjson.loads(x) for x in batch.bodies)
             await b.ack(batch)
@@ -188,19 +185,24 @@ async def test_drop_oldest_with_a_flapping_sink_keeps_ranges_exact(tmp_path: Pat
     await b.close()
 
 
-async def test_open_batch_refuses_rows_dropped_since_they_were_read(tmp_path: Path) -> None:
+async def test_rows_of_a_taken_batch_are_never_dropped(tmp_path: Path) -> None:
+    """A batch taken (persisted, about to be sent) is frozen: an overflow drops around it,
+    and it is resent after a restart exactly as it was taken."""
     b = await open_buffer(tmp_path / "b.db", max_bytes=50_000, on_full="drop_oldest")
-    for i in range(100):
+    for i in range(50):  # about 37 KB of 50 KB
         await b.append("s", [ev(i, pad=300)])
-    rows = await b.read_next("s", 0, 10, 1 << 20)
-    first = rows[0][0]
-    for i in range(100, 200):  # overflows: the oldest unsent (the rows read above) go
+    assert (await b.stream_stats())[0].dropped_total == 0
+    batch = await b.take_batch("s", 0, 10, 1 << 20)
+    assert batch is not None and batch.first_sequence == 1 and len(batch) == 10
+    for i in range(50, 150):  # overflows: the oldest unsent events go, not the batch's
         await b.append("s", [ev(i, pad=300)])
-    assert await b.open_batch("s", rows) is None
-    fresh = await b.read_next("s", 0, 10, 1 << 20)
-    assert fresh[0][0] > first
-    batch = await b.open_batch("s", fresh)
-    assert batch is not None and batch.first_sequence == fresh[0][0]
+    assert (await b.stream_stats())[0].dropped_total > 0
+    (pending,) = await b.pending_batches("s")
+    assert pending.batch_id == batch.batch_id and list(pending.bodies) == list(batch.bodies)
+    await b.ack(batch)
+    after = await b.take_batch("s", 0, 10, 1 << 20)
+    assert after is not None and after.first_sequence > batch.last_sequence + 1  # a hole
+    assert orjson.loads(after.bodies[0])["type"] == "mfg.agent.gap"
     await b.close()
 
 
@@ -276,7 +278,7 @@ async def test_older_schema_is_migrated_keeping_events(tmp_path: Path) -> None:
     conn.close()
     b = await open_buffer(path)
     assert b.epoch == "01OLDEPOCH00000000000000000"
-    rows = await b.read_next("s", 0, 10, 1 << 20)
+    rows = await b.read_range("s", 0, 10, 10)
     assert rows == [(1, "ID1", b"{}")]
     assert (await b.append("s", [ev(2)]))[0].sequence == 2
     await b.close()
@@ -326,8 +328,8 @@ async def test_checkpoint_covers_everything_since_the_previous(tmp_path: Path) -
 async def test_persisted_batch_is_resent_with_same_id_after_restart(tmp_path: Path) -> None:
     b = await open_buffer(tmp_path / "b.db")
     await b.append("s", [ev(i) for i in range(10)])
-    rows = await b.read_next("s", 0, 4, 1 << 20)
-    batch = await b.open_batch("s", rows)
+    batch = await b.take_batch("s", 0, 4, 1 << 20)
+    assert batch is not None
     # crash before the acknowledgement
     b2 = await open_buffer(tmp_path / "b.db")
     pending = await b2.pending_batches("s")
@@ -391,3 +393,57 @@ async def test_take_batch_ids_are_the_committed_ids(tmp_path: Path) -> None:
         assert list(two.ids) == [c.id for c in committed[:2]]
     finally:
         await b.close()
+
+
+async def test_operator_drop_of_dead_letters_reaches_a_running_buffer(tmp_path: Path) -> None:
+    """`edge-agent dead-letter drop` runs in another process: the running agent's size
+    (and so its room for appends) follows on its next housekeeping tick."""
+    path = tmp_path / "b.db"
+    b = await open_buffer(path)
+    await b.append("s", [ev(1, pad=2000), ev(2)])
+    batch = await b.take_batch("s", 0, 1, 1 << 20)
+    assert batch is not None and len(batch) == 1
+    await b.dead_letter(batch, "HTTP 422", 422)
+    size = len(batch.bodies[0])
+    used = b.used_bytes
+    conn = operator.connect(path)
+    try:
+        assert operator.drop_dead_letters(conn, operator.Selection(all=True)) == 1
+    finally:
+        conn.close()
+    assert await b.dead_letters() == []
+    await b.housekeeping()
+    assert b.used_bytes == used - size
+    assert b.used_bytes == sum(s.stored_bytes for s in await b.stream_stats())
+    await b.housekeeping()  # the same generation: nothing re-read, nothing changes
+    assert b.used_bytes == used - size
+    await b.close()
+
+
+async def test_close_resolves_every_queued_append_when_its_wait_times_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holds the write lock: the appends cannot commit. close() gives up
+    waiting after its budget, and every append gets an answer (an error saying it was not
+    committed) instead of hanging; nothing of them is in the file."""
+    import agent.buffer as buffer_pkg
+
+    monkeypatch.setattr(buffer_pkg, "CLOSE_TIMEOUT", 0.3)
+    path = tmp_path / "b.db"
+    b = await open_buffer(path)
+    await b.append("s", [ev(0)])
+    lock = sqlite3.connect(path, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        appends = [asyncio.create_task(b.append("s", [ev(i)])) for i in range(1, 4)]
+        await asyncio.sleep(0)
+        closing = asyncio.create_task(b.close())
+        results = await asyncio.wait_for(asyncio.gather(*appends, return_exceptions=True), 60)
+        assert all(isinstance(r, BufferError_) for r in results), results
+        await asyncio.wait_for(closing, 60)
+    finally:
+        lock.rollback()
+        lock.close()
+    b2 = await open_buffer(path)
+    assert b2.stream_state("s") == (1, 0)
+    await b2.close()

@@ -103,7 +103,7 @@ async def running(
 
 
 async def stored(buf: Buffer, stream: str = STREAM) -> list[dict[str, Any]]:
-    rows = await buf.read_next(stream, 0, 100_000, 1 << 40)
+    rows = await buf.read_range(stream, 0, 1 << 62, 100_000)
     return [orjson.loads(body) for _, _, body in rows]
 
 
@@ -296,23 +296,27 @@ async def test_state_goes_offline_while_the_buffer_refuses_and_online_after(
             while not any(
                 s["online"] for s in states(wire) if s["timestamp"] > offline["timestamp"]
             ):
-                rows = await small.read_next(STREAM, 0, 100_000, 1 << 30)
-                if rows:
+                batch = await small.take_batch(STREAM, 0, 100_000, 1 << 30)
+                if batch:
                     drained += [
-                        orjson.loads(b)["data"]["value"] for _, _, b in rows if b"Filler/Count" in b
+                        orjson.loads(b)["data"]["value"]
+                        for b in batch.bodies
+                        if b"Filler/Count" in b
                     ]
-                    await small.ack(await small.open_batch(STREAM, rows))
+                    await small.ack(batch)
                 await asyncio.sleep(0.05)
             await wait_until(lambda: source.state().detail["host_state"] == "online")
             # every value received while full was held, then committed in order
             async with asyncio.timeout(20):
                 while not drained or drained[-1] != sent:
-                    rows = await small.read_next(STREAM, 0, 100_000, 1 << 30)
-                    drained += [
-                        orjson.loads(b)["data"]["value"] for _, _, b in rows if b"Filler/Count" in b
-                    ]
-                    if rows:
-                        await small.ack(await small.open_batch(STREAM, rows))
+                    batch = await small.take_batch(STREAM, 0, 100_000, 1 << 30)
+                    if batch:
+                        drained += [
+                            orjson.loads(b)["data"]["value"]
+                            for b in batch.bodies
+                            if b"Filler/Count" in b
+                        ]
+                        await small.ack(batch)
                     await asyncio.sleep(0.05)
         assert drained == [0, *range(1, sent + 1)]
         assert source.state().detail["dropped_overflow"] == 0
@@ -383,8 +387,9 @@ async def test_qos1_sparkplug_messages_are_acknowledged_only_after_commit(
             assert held < n + 1  # the message being held has no PUBACK
             await asyncio.sleep(0.3)
             assert pubacks() == held
-            rows = await small.read_next(STREAM, 0, 100_000, 1 << 30)
-            await small.ack(await small.open_batch(STREAM, rows))
+            batch = await small.take_batch(STREAM, 0, 100_000, 1 << 30)
+            assert batch is not None
+            await small.ack(batch)
             await wait_until(lambda: pubacks() >= n + 1)
     finally:
         pub.disconnect()

@@ -120,7 +120,7 @@ def test_every_agent_and_adapter_module_is_bundled(binary_build: tuple[Path, Pat
             expected.add(info.name)
     missing = sorted(expected - bundled)
     assert not missing, f"modules missing from the binary (edge-agent.spec): {missing}"
-    for lib in ("asyncua", "paho.mqtt.client", "aiosqlite", "aiohttp.web", "prometheus_client"):
+    for lib in ("asyncua", "paho.mqtt.client", "sqlite3", "aiohttp.web", "prometheus_client"):
         assert lib in bundled, f"{lib} missing from the binary"
     data = set(archive.toc)
     for sample in REPO.glob("adapters/*/*/sample.toml"):
