@@ -4,13 +4,15 @@ an old and a new name of one option together refused with both key paths.
 
 Against real peers where a connection is the point: the reference gateway over mutual
 TLS (old https names, end to end through `run`), mosquitto with TLS (the mqtt source and
-the sparkplug source with the new names, and a broker no configured CA vouches for).
+the sparkplug source and `sparkplug watch` with the new names, and a broker no
+configured CA vouches for).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -271,3 +273,25 @@ async def test_mqtt_source_reaches_a_lab_broker_only_with_verification_off(
     lax = mqtt_source.build("lab", mqtt_source.Config.model_validate({**body, **off}), CTX)
     async with _run(lax, buf) as task:
         await _wait(lambda: lax.state().detail.get("subscribed") is True, task, 30)
+
+
+def test_sparkplug_watch_speaks_mutual_tls_with_the_same_builder(
+    mosquitto_factory: MosquittoFactory, mqtt_pki: MqttPki
+) -> None:
+    """`sparkplug watch --ca-file --cert-file --key-file`: the source's keys as options."""
+    broker = mosquitto_factory(
+        tls=mqtt_pki, require_certificate=True, use_identity_as_username=True
+    )
+    client = mqtt_pki.client_cert("watcher")
+    base = ["sparkplug", "watch", broker.url, "--once", "--duration", "0.5", "--json"]
+    base += ["--ca-file", str(mqtt_pki.ca_file)]
+    ok = run_cli(*base, "--cert-file", str(client.cert), "--key-file", str(client.key))
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["edge_nodes"] == [], ok.stdout  # connected, nothing born
+    assert "watcher" in broker.log()
+    refused = run_cli(*base)  # the broker requires a client certificate
+    assert refused.returncode != 0
+    other = mqtt_pki.client_cert("other")
+    wrong = run_cli(*base, "--cert-file", str(client.cert), "--key-file", str(other.key))
+    assert wrong.returncode == 1, wrong.stderr
+    assert wrong.stderr.strip().splitlines()[-1].startswith("Error: --cert-file: cannot load")
