@@ -363,8 +363,9 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError("", f"{p}: not valid TOML: {exc}") from None
     cfg = parse_config(raw, base_dir=p.resolve().parent)
     for line in cfg.warnings:
-        # dropped until logging is set up (NullHandler below): `config check` prints them
-        # itself, `run` logs them when it loads the file with logging in place
+        # dropped until logging is set up (the NullHandler on ``log``, no "last resort"
+        # print): `config check` prints them itself, `run` logs them when run_agent loads
+        # the file with logging in place
         log.warning("%s: %s", p, line)
     return cfg
 
