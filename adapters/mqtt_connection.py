@@ -13,13 +13,14 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from agent.config import Duration, Model, check_url
+from agent.config import Duration, check_url
+from agent.tls import TlsOptions
 
 if TYPE_CHECKING:
     from agent.preflight import Check
 
 
-class MqttConnection(Model):
+class MqttConnection(TlsOptions):
     #: mqtts://HOST[:PORT] (default port 8883) or mqtt://HOST[:PORT] (default 1883)
     url: str
     #: plain mqtt:// to anything but loopback is refused unless this says so
@@ -34,11 +35,7 @@ class MqttConnection(Model):
     username: str | None = None
     password: SecretStr | None = None
     password_file: Path | None = None
-    #: CA bundle to verify the broker (default: the system's trust store)
-    ca_file: Path | None = None
-    #: client certificate and key for mutual TLS
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    # ca_file, cert_file, key_file, verify_hostname, verify_certificate: agent.tls.TlsOptions
 
     @field_validator("url")
     @classmethod
@@ -74,10 +71,11 @@ class MqttConnection(Model):
             raise ValueError("password: set password or password_file, not both")
         if (self.password is not None or self.password_file is not None) and not self.username:
             raise ValueError("username: required when a password is set")
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file: set both cert_file and key_file for mutual TLS")
-        if not self.tls and (self.ca_file or self.cert_file):
-            raise ValueError("url: ca_file, cert_file and key_file need an mqtts:// url")
+        if not self.tls and (self.tls_files or self.tls_verification_off):
+            raise ValueError(
+                "url: ca_file, cert_file, key_file, verify_hostname and verify_certificate "
+                "need an mqtts:// url"
+            )
         if self.reconnect_max < self.reconnect_min:
             raise ValueError("reconnect_max: must be >= reconnect_min")
         return self
@@ -86,8 +84,7 @@ class MqttConnection(Model):
         """The files run opens to connect: password, CA bundle, client certificate and key."""
         check.secret_file("password_file", self.password_file)
         if self.tls:
-            check.ca_bundle("ca_file", self.ca_file)
-            check.cert_and_key("cert_file", self.cert_file, "key_file", self.key_file)
+            self.tls_preflight(check)
 
     @property
     def tls(self) -> bool:

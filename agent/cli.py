@@ -168,8 +168,9 @@ def config_check(file: Path, as_json: bool) -> None:
     """Validate FILE and open everything `run` would open (certificates, keys, secret
     files, the buffer, listen addresses, directories) without starting anything.
 
-    Each problem is one line, in the file's order, naming the key path and the fix.
-    Exit 0 when run can start, 2 otherwise."""
+    Each problem is one line, in the file's order, naming the key path and the fix; a
+    deprecated key is a "warning:" line naming its new name. Exit 0 when run can start
+    (warnings or not), 2 otherwise."""
     from agent.preflight import Problem, Report, preflight
 
     cfg: Config | None = None
@@ -187,9 +188,12 @@ def config_check(file: Path, as_json: bool) -> None:
             "ok": not report.problems,
             "problems": [{"key": p.key, "message": p.message} for p in report.problems],
             "notes": [{"key": p.key, "message": p.message} for p in report.notes],
+            "warnings": list(cfg.warnings) if cfg is not None else [],
         }
         click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
     else:
+        for line in cfg.warnings if cfg is not None else ():
+            click.echo(f"warning: {line}", err=True)  # deprecated keys: still ok, exit 0
         for p in report.problems:
             click.echo(f"config error: {p}", err=True)
         for p in report.notes:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 import re
 import socket
@@ -26,12 +27,16 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
 )
 
 from agent.errors import ConfigError
+
+log = logging.getLogger("edge_agent.config")
+log.addHandler(logging.NullHandler())
 
 if TYPE_CHECKING:
     from agent.preflight import Check
@@ -194,6 +199,12 @@ class Config(Model):
     log: LogSection = LogSection()
     sinks: dict[str, SinkConfig] = {}
     sources: dict[str, SourceConfig] = {}
+    #: one line per deprecated key the file used (logged at load, shown by `config check`)
+    _warnings: tuple[str, ...] = PrivateAttr(default=())
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return self._warnings
 
     def stream_of(self, source_name: str) -> str:
         return self.sources[source_name].stream or source_name
@@ -263,7 +274,9 @@ def _first_error(exc: ValidationError, prefix: str) -> ConfigError:
     return ConfigError(_loc(prefix, loc), msg)
 
 
-def _validate_components(raw: dict[str, Any], kind: str) -> dict[str, Any]:
+def _validate_components(
+    raw: dict[str, Any], kind: str, deprecations: list[str] | None = None
+) -> dict[str, Any]:
     from adapters import registry
 
     table = raw.get(kind, {})
@@ -285,7 +298,8 @@ def _validate_components(raw: dict[str, Any], kind: str) -> dict[str, Any]:
             )
         model = registry.config_model(kind, str(type_), path)
         try:
-            out[name] = model.model_validate(body)
+            context = {"path": path, "deprecations": deprecations}
+            out[name] = model.model_validate(body, context=context)
         except ValidationError as exc:
             raise _first_error(exc, path) from None
         except ConfigError as exc:
@@ -296,8 +310,9 @@ def _validate_components(raw: dict[str, Any], kind: str) -> dict[str, Any]:
 def parse_config(raw: dict[str, Any], *, base_dir: Path | None = None) -> Config:
     """Validate an already-parsed TOML document. Raises ConfigError (one line)."""
     raw = _expand_env(raw, "")
-    sinks = _validate_components(raw, "sinks")
-    sources = _validate_components(raw, "sources")
+    deprecations: list[str] = []
+    sinks = _validate_components(raw, "sinks", deprecations)
+    sources = _validate_components(raw, "sources", deprecations)
     rest = {k: v for k, v in raw.items() if k not in ("sinks", "sources")}
     try:
         cfg = Config.model_validate(rest)
@@ -309,6 +324,7 @@ def parse_config(raw: dict[str, Any], *, base_dir: Path | None = None) -> Config
             update={"buffer": cfg.buffer.model_copy(update={"path": base_dir / cfg.buffer.path})}
         )
     _cross_check(cfg)
+    cfg._warnings = tuple(deprecations)
     return cfg
 
 
@@ -345,7 +361,13 @@ def load_config(path: str | Path) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"{p}: not valid TOML: {exc}") from None
-    return parse_config(raw, base_dir=p.resolve().parent)
+    cfg = parse_config(raw, base_dir=p.resolve().parent)
+    for line in cfg.warnings:
+        # dropped until logging is set up (the NullHandler on ``log``, no "last resort"
+        # print): `config check` prints them itself, `run` logs them when run_agent loads
+        # the file with logging in place
+        log.warning("%s: %s", p, line)
+    return cfg
 
 
 def check_url(url: str, allow_insecure: bool, *, secure: str, plain: str) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from agent.tls import client_context
+from agent.tls import TlsFileError, client_context
 
 _DEFAULT_DB = "gateway.sqlite3"
 
@@ -357,10 +357,8 @@ def consume(
         conn["user_credentials"] = str(creds)
     if ca_file or cert or any(s.startswith("tls://") for s in servers):
         try:
-            ctx = client_context(ca_file)
-            if cert and key:
-                ctx.load_cert_chain(str(cert), str(key))
-        except (OSError, ssl.SSLError) as exc:
+            ctx = client_context(ca_file, cert_file=cert, key_file=key)
+        except (OSError, ssl.SSLError, TlsFileError) as exc:
             _fail(f"--ca-file/--cert/--key: cannot load ({exc}); give PEM files that match")
         conn["tls"] = ctx
 

@@ -67,7 +67,7 @@ def test_plain_tcp_to_another_host_needs_allow_insecure() -> None:
         ({"url": "mqtts://broker/path"}, "only scheme, host and port"),
         ({"url": "mqtts://b", "password": "x"}, "username: required"),
         ({"url": "mqtts://b", "username": "u", "password": "x", "password_file": "/p"}, "not both"),
-        ({"url": "mqtts://b", "cert_file": "/c.pem"}, "both cert_file and key_file"),
+        ({"url": "mqtts://b", "cert_file": "/c.pem"}, "cert_file and key_file go together"),
         ({"url": "mqtt://127.0.0.1", "ca_file": "/ca.pem"}, "need an mqtts:// url"),
         ({"url": "mqtts://b", "topic_prefix": "edge/#"}, "without wildcards"),
         ({"url": "mqtts://b", "protocol": "3"}, "protocol"),

@@ -272,22 +272,20 @@ CASES = [
     ),
     Case(
         "client key of another certificate",
-        lambda f, t, p: base(t, sink=https(client_cert=str(f.cert), client_key=str(f.other_key))),
-        "sinks.central.client_key",
+        lambda f, t, p: base(t, sink=https(cert_file=str(f.cert), key_file=str(f.other_key))),
+        "sinks.central.key_file",
         "does not match the certificate in",
     ),
     Case(
         "client certificate in DER",
-        lambda f, t, p: base(t, sink=https(client_cert=str(f.cert_der), client_key=str(f.key))),
-        "sinks.central.client_cert",
+        lambda f, t, p: base(t, sink=https(cert_file=str(f.cert_der), key_file=str(f.key))),
+        "sinks.central.cert_file",
         "is a DER certificate",
     ),
     Case(
         "client key with a passphrase",
-        lambda f, t, p: base(
-            t, sink=https(client_cert=str(f.cert), client_key=str(f.encrypted_key))
-        ),
-        "sinks.central.client_key",
+        lambda f, t, p: base(t, sink=https(cert_file=str(f.cert), key_file=str(f.encrypted_key))),
+        "sinks.central.key_file",
         "is encrypted with a passphrase",
     ),
     Case(
@@ -553,7 +551,7 @@ def test_a_config_whose_files_are_all_good_is_ok(files: Files, tmp_path: Path) -
     text = base(
         tmp_path,
         sink=https(
-            ca_file=str(files.ca_pem), client_cert=str(files.cert), client_key=str(files.key),
+            ca_file=str(files.ca_pem), cert_file=str(files.cert), key_file=str(files.key),
             token_file=str(files.token),
         ),
         extra=mes(tls_cert=str(files.cert), tls_key=str(files.key), token_file=str(files.token))
@@ -566,7 +564,7 @@ def test_a_config_whose_files_are_all_good_is_ok(files: Files, tmp_path: Path) -
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith(f"{cfg}: ok (3 source(s): mes, drop, line1; 1 sink(s)"), res.stdout
     doc = json.loads(cli(files, "", "config", "check", "--json", str(cfg)).stdout)
-    assert doc == {"file": str(cfg), "ok": True, "problems": [], "notes": []}
+    assert doc == {"file": str(cfg), "ok": True, "problems": [], "notes": [], "warnings": []}
     assert not (tmp_path / "state").exists(), "the check created nothing"
 
 
@@ -632,10 +630,10 @@ def test_pem_key_is_recognised_by_type(files: Files, tmp_path: Path) -> None:
         )
     )
     cfg = tmp_path / "agent.toml"
-    cfg.write_text(base(tmp_path, sink=https(client_cert=str(files.cert), client_key=str(path))))
+    cfg.write_text(base(tmp_path, sink=https(cert_file=str(files.cert), key_file=str(path))))
     res = cli(files, "", "config", "check", str(cfg))
     assert res.returncode == 2
-    assert res.stderr.startswith("config error: sinks.central.client_key: ")
+    assert res.stderr.startswith("config error: sinks.central.key_file: ")
     assert "does not match the certificate in" in res.stderr
 
 

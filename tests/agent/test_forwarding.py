@@ -124,7 +124,7 @@ def test_mtls_and_bearer_token_from_file(gateway, agent_process, tmp_path):
     token_file = tmp_path / "gateway.token"
     token_file.write_text("gw-secret-token-123\n")
     sink = https_sink(gw, token_file=str(token_file))
-    assert "client_cert" in sink
+    assert "cert_file" in sink and "client_cert" not in sink
     cfg = agent_config(tmp_path, sinks={"central": sink},
                        sources={"line1": simulator(rate=300, limit=300)})  # fmt: skip
     agent = agent_process(cfg, workdir=tmp_path).start()

@@ -16,8 +16,11 @@ from adapters.sinks.https.config import HttpsSinkConfig
 from adapters.sinks.https.sink import HttpsSink
 from adapters.sinks.mqtt import Config as MqttSinkConfig
 from adapters.sinks.mqtt import MqttSink
+from adapters.sinks.nats import Config as NatsSinkConfig
+from adapters.sinks.nats import NatsSink
 from adapters.sources.mqtt.config import Config as MqttSourceConfig
 from adapters.sources.mqtt.source import MqttSource
+from adapters.sources.sparkplug import Config as SparkplugConfig
 from agent import tls
 from agent.interfaces import Outcome
 from tests.adapters.test_mqtt_sink import make_batch, sink_config
@@ -68,7 +71,8 @@ def test_ssl_cert_file_overrides_and_a_missing_one_is_named(
 
 
 def test_every_tls_builder_uses_the_os_store(os_store: list[Path]) -> None:
-    """HTTPS sink, MQTT sink, MQTT source: without ca_file, exactly the OS's CAs."""
+    """Every TLS adapter (one builder) and the CLI tools: without ca_file, exactly the
+    OS's CAs."""
     _plant(os_store[2], trustme.CA())
     https = HttpsSink("central", HttpsSinkConfig(url="https://gw.example/v1/batches"))
     mqtt_sink = MqttSink(
@@ -81,7 +85,13 @@ def test_every_tls_builder_uses_the_os_store(os_store: list[Path]) -> None:
         ),
         CTX,
     )
-    for ctx in (https._ssl_context(), mqtt_sink._tls_context(), source._ssl_context()):  # noqa: SLF001
+    nats_sink = NatsSink("central", NatsSinkConfig(url="tls://nats.example:4222"), CTX)
+    spb = SparkplugConfig.model_validate(
+        {"url": "mqtts://broker.example", "groups": ["G"], "host_id": "h"}
+    )
+    contexts = [https._ssl_context(), mqtt_sink._tls_context(), source._ssl_context()]  # noqa: SLF001
+    contexts += [nats_sink._tls_context(), spb.tls_context(), tls.client_context()]  # noqa: SLF001
+    for ctx in contexts:
         assert not isinstance(ctx, bool)
         assert ctx.cert_store_stats()["x509_ca"] == 1
 

@@ -3,29 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field, SecretStr, model_validator
 
 from agent.config import Duration, SinkConfig, check_url
+from agent.tls import LegacyKey, TlsOptions
 
 if TYPE_CHECKING:
     from agent.preflight import Check
 
 
-class HttpsSinkConfig(SinkConfig):
+class HttpsSinkConfig(SinkConfig, TlsOptions):
     type: Literal["https"] = "https"
     #: the gateway's batch endpoint
     url: str
-    #: plain http:// to a non-loopback host, or TLS without verification, only when true
+    #: plain http:// to a non-loopback host, or TLS without verification
+    #: (verify_hostname / verify_certificate = false), only when true
     allow_insecure: bool = False
-    #: CA bundle (PEM) to verify the gateway; the system trust store when unset
-    ca_file: Path | None = None
-    #: check the certificate but not that it matches the host name: never, unless you must
-    insecure_skip_verify: bool = False
-    #: client certificate and key (PEM) for mutual TLS
-    client_cert: Path | None = None
-    client_key: Path | None = None
+    # ca_file, cert_file, key_file, verify_hostname, verify_certificate: agent.tls.TlsOptions
     #: bearer token, from a file (preferred) or "${ENV}"
     token: SecretStr | None = None
     token_file: Path | None = None
@@ -34,19 +30,23 @@ class HttpsSinkConfig(SinkConfig):
     timeout: Duration = 30.0
     connect_timeout: Duration = 10.0
 
+    #: the sink's names before the one TLS model (agent.tls): still read, with a warning
+    legacy_tls_keys: ClassVar[dict[str, LegacyKey]] = {
+        "client_cert": LegacyKey("cert_file"),
+        "client_key": LegacyKey("key_file"),
+        "insecure_skip_verify": LegacyKey("verify_hostname", inverted=True),
+    }
+
     @model_validator(mode="after")
     def _check(self) -> HttpsSinkConfig:
         try:
             check_url(self.url, self.allow_insecure, secure="https", plain="http")
         except ValueError as exc:
             raise ValueError(f"url: {exc}") from None
-        if self.insecure_skip_verify and not self.allow_insecure:
-            raise ValueError(
-                "insecure_skip_verify: turns TLS verification off; set allow_insecure = true too"
-            )
-        if (self.client_cert is None) != (self.client_key is None):
-            raise ValueError("client_key: client_cert and client_key go together (mutual TLS)")
-        for key in ("ca_file", "client_cert", "client_key", "token_file"):
+        if self.tls_verification_off and not self.allow_insecure:
+            key = "verify_hostname" if not self.verify_hostname else "verify_certificate"
+            raise ValueError(f"{key}: turns TLS verification off; set allow_insecure = true too")
+        for key in ("ca_file", "cert_file", "key_file", "token_file"):
             p = getattr(self, key)
             if p is not None and Path(p).is_dir():
                 raise ValueError(f"{key}: {p} is a directory, not a file (name the file in it)")
@@ -58,6 +58,5 @@ class HttpsSinkConfig(SinkConfig):
 
     def preflight(self, check: Check) -> None:
         # the sink loads its TLS files at start whatever the URL's scheme
-        check.ca_bundle("ca_file", self.ca_file)
-        check.cert_and_key("client_cert", self.client_cert, "client_key", self.client_key)
+        self.tls_preflight(check)
         check.secret_file("token_file", self.token_file)

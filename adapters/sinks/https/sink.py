@@ -17,7 +17,7 @@ from agent.config import read_secret
 from agent.errors import SinkError
 from agent.event import format_sequence
 from agent.interfaces import Batch, ComponentState, SendResult, Sink
-from agent.tls import client_context
+from agent.tls import TlsFileError
 
 CONTENT_TYPE = "application/cloudevents-batch+json"
 
@@ -77,16 +77,12 @@ class HttpsSink(Sink):
         self._state = ComponentState(state="starting", since=time.time())
 
     def _ssl_context(self) -> ssl.SSLContext | bool:
-        c = self.config
         try:
-            ctx = client_context(c.ca_file)
-            if c.insecure_skip_verify:
-                ctx.check_hostname = False
-            if c.client_cert and c.client_key:
-                ctx.load_cert_chain(str(c.client_cert), str(c.client_key))
-        except (OSError, ssl.SSLError) as exc:
-            raise SinkError(f"sinks.{self.name}: cannot load TLS files: {exc}") from exc
-        return ctx
+            return self.config.tls_context()
+        except TlsFileError as exc:
+            raise SinkError(f"sinks.{self.name}.{exc}") from exc
+        except OSError as exc:  # no OS trust store
+            raise SinkError(f"sinks.{self.name}: {exc}") from exc
 
     async def start(self) -> None:
         c = self.config

@@ -44,8 +44,6 @@ class Config(SinkConfig, MqttConnection):
     #: cap on one PUBLISH packet; the broker's own limit (MQTT 5 CONNACK) applies as well.
     #: Set it for MQTT 3.1.1 brokers, which cannot announce theirs.
     max_packet_size: ByteSize | None = Field(default=None, ge=1024, le=MQTT_MAX_PACKET)
-    #: check that the broker's certificate names the host in url (the chain is always checked)
-    verify_hostname: bool = True
 
     @field_validator("topic_prefix")
     @classmethod

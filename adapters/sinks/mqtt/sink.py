@@ -58,7 +58,7 @@ from adapters.sinks.mqtt.config import Config
 from agent.config import read_secret
 from agent.errors import ConfigError, SinkError
 from agent.interfaces import Batch, ComponentState, Outcome, SendResult, Sink
-from agent.tls import load_system_trust
+from agent.tls import TlsFileError
 
 log = logging.getLogger("edge_agent.sink.mqtt")
 
@@ -613,8 +613,8 @@ class MqttSink(Sink):
             client.username_pw_set(cfg.username, self._password)
         if self._tls is not None:
             client.tls_set_context(self._tls)
-            if not cfg.verify_hostname:
-                client.tls_insecure_set(True)
+            if cfg.tls_verification_off:
+                client.tls_insecure_set(True)  # paho checks the host name itself otherwise
         if cfg.presence:
             will_props = None
             if self._v5:
@@ -848,32 +848,12 @@ class MqttSink(Sink):
         self._state.last_error = error
 
     def _tls_context(self) -> ssl.SSLContext:
-        cfg = self._cfg
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = cfg.verify_hostname
-        ctx.verify_mode = ssl.CERT_REQUIRED
         try:
-            if cfg.ca_file is not None:
-                ctx.load_verify_locations(cafile=str(cfg.ca_file))
-            else:
-                load_system_trust(ctx)
-        except (OSError, ssl.SSLError) as exc:
-            if cfg.ca_file is None:
-                raise SinkError(f"sinks.{self.name}: {exc}") from exc
-            raise SinkError(
-                f"sinks.{self.name}.ca_file: cannot load {cfg.ca_file}: "
-                f"{getattr(exc, 'strerror', None) or exc} (point it to a PEM CA bundle)"
-            ) from exc
-        if cfg.cert_file is not None and cfg.key_file is not None:
-            try:
-                ctx.load_cert_chain(str(cfg.cert_file), str(cfg.key_file))
-            except (OSError, ssl.SSLError) as exc:
-                raise SinkError(
-                    f"sinks.{self.name}.cert_file: cannot load {cfg.cert_file} with key "
-                    f"{cfg.key_file}: {getattr(exc, 'strerror', None) or exc} "
-                    "(PEM certificate and its unencrypted PEM key)"
-                ) from exc
-        return ctx
+            return self._cfg.tls_context()
+        except TlsFileError as exc:
+            raise SinkError(f"sinks.{self.name}.{exc}") from exc
+        except OSError as exc:  # no OS trust store
+            raise SinkError(f"sinks.{self.name}: {exc}") from exc
 
     def _read_password(self) -> str | None:
         try:

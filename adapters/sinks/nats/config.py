@@ -1,7 +1,8 @@
 """``[sinks.NAME]`` with ``type = "nats"``: publish batches into a NATS JetStream stream.
 
 Secrets come from a file (``*_file``, preferred) or inline as ``"${ENV}"``; TLS options
-mirror the MQTT sink (``ca_file``, ``cert_file``, ``key_file``, ``verify_hostname``).
+are those of every TLS adapter (agent.tls.TlsOptions: ``ca_file``, ``cert_file``,
+``key_file``, ``verify_hostname``, ``verify_certificate``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from agent.config import Duration, SinkConfig, is_loopback_host
+from agent.tls import TlsOptions
 
 if TYPE_CHECKING:
     from agent.preflight import Check
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 
 
-class Config(SinkConfig):
+class Config(SinkConfig, TlsOptions):
     type: Literal["nats"] = "nats"
 
     def preflight(self, check: Check) -> None:
@@ -30,8 +32,7 @@ class Config(SinkConfig):
         check.secret_file("password_file", self.password_file)
         check.secret_file("token_file", self.token_file)
         if self.tls:
-            check.ca_bundle("ca_file", self.ca_file)
-            check.cert_and_key("cert_file", self.cert_file, "key_file", self.key_file)
+            self.tls_preflight(check)
 
     #: one or more servers of the cluster, comma-separated or a list:
     #: tls://host:4222 (TLS) or nats://host:4222 (plain; loopback only unless allow_insecure)
@@ -53,11 +54,7 @@ class Config(SinkConfig):
     password_file: Path | None = None
     token: SecretStr | None = None
     token_file: Path | None = None
-    #: TLS: CA bundle (PEM) of the servers; client certificate and key for mutual TLS
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    verify_hostname: bool = True
+    # ca_file, cert_file, key_file, verify_hostname, verify_certificate: agent.tls.TlsOptions
 
     @field_validator("subject_prefix")
     @classmethod
@@ -109,10 +106,13 @@ class Config(SinkConfig):
             p = getattr(self, key)
             if p is not None and not Path(p).is_file():
                 raise ValueError(f"{key}: no such file: {p}")
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("key_file: cert_file and key_file go together (mutual TLS)")
-        if (self.ca_file or self.cert_file) and not self.tls:
-            raise ValueError("ca_file: TLS files need tls:// server urls")
+        if (self.tls_files or self.tls_verification_off) and not self.tls:
+            key = (
+                ("ca_file" if self.ca_file else "cert_file")
+                if self.tls_files
+                else ("verify_hostname" if not self.verify_hostname else "verify_certificate")
+            )
+            raise ValueError(f"{key}: TLS options need tls:// server urls")
         if self.password is not None and self.password_file is not None:
             raise ValueError("password_file: set password or password_file, not both")
         if self.token is not None and self.token_file is not None:

@@ -46,7 +46,7 @@ from agent.config import read_secret
 from agent.errors import ConfigError, SinkError
 from agent.event import format_sequence
 from agent.interfaces import Batch, ComponentState, SendResult, Sink
-from agent.tls import client_context
+from agent.tls import TlsFileError
 
 log = logging.getLogger("edge_agent.sink.nats")
 
@@ -158,15 +158,12 @@ class NatsSink(Sink):
             self._last_error = error
 
     def _tls_context(self) -> ssl.SSLContext:
-        c = self._cfg
         try:
-            ctx = client_context(c.ca_file)
-            ctx.check_hostname = c.verify_hostname
-            if c.cert_file and c.key_file:
-                ctx.load_cert_chain(str(c.cert_file), str(c.key_file))
-        except (OSError, ssl.SSLError) as exc:
-            raise SinkError(f"sinks.{self.name}: cannot load TLS files: {exc}") from exc
-        return ctx
+            return self._cfg.tls_context()
+        except TlsFileError as exc:
+            raise SinkError(f"sinks.{self.name}.{exc}") from exc
+        except OSError as exc:  # no OS trust store
+            raise SinkError(f"sinks.{self.name}: {exc}") from exc
 
     def _credentials(self) -> dict[str, Any]:
         c = self._cfg

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -11,6 +11,7 @@ from adapters.mqtt_connection import MqttConnection
 from adapters.sources.mes_common import FieldMapping
 from adapters.sources.mqtt.uns import check_template
 from agent.config import ByteSize, Duration, Model, SourceConfig, parse_bytes
+from agent.tls import LegacyKey
 
 if TYPE_CHECKING:
     from agent.preflight import Check
@@ -88,11 +89,8 @@ class Config(SourceConfig, MqttConnection):
     subscriptions: list[Subscription] = Field(min_length=1)
     #: UN/CEFACT unit codes this site uses beyond the built-in list
     extra_uom_codes: list[str] = []
-    #: turns off certificate and host name checks. Only for a lab broker.
-    tls_insecure_skip_verify: bool = False
 
-    @model_validator(mode="after")
-    def _check(self) -> Config:
-        if not self.tls and self.tls_insecure_skip_verify:
-            raise ValueError("url: TLS options need an mqtts:// url")
-        return self
+    #: before the one TLS model (agent.tls), the check switch had its own name here
+    legacy_tls_keys: ClassVar[dict[str, LegacyKey]] = {
+        "tls_insecure_skip_verify": LegacyKey("verify_certificate", inverted=True),
+    }

@@ -47,7 +47,7 @@ from agent.config import read_secret
 from agent.errors import BufferFull, SourceError
 from agent.interfaces import Committed, ComponentState, Ingest, NewEvent, Source
 from agent.logs import register_secret
-from agent.tls import client_context
+from agent.tls import TlsFileError
 
 from .config import Config, Subscription
 
@@ -195,25 +195,17 @@ class MqttSource(Source):
             client.username_pw_set(cfg.username, password)
         if cfg.tls:
             client.tls_set_context(self._ssl_context())
-            if cfg.tls_insecure_skip_verify:
-                client.tls_insecure_set(True)
+            if cfg.tls_verification_off:
+                client.tls_insecure_set(True)  # paho checks the host name itself otherwise
         return client
 
     def _ssl_context(self) -> ssl.SSLContext:
-        cfg = self.config
         try:
-            ctx = client_context(cfg.ca_file)
-            if cfg.cert_file and cfg.key_file:
-                ctx.load_cert_chain(str(cfg.cert_file), str(cfg.key_file))
-        except (OSError, ssl.SSLError) as exc:
-            raise SourceError(
-                f"source {self.name}: cannot load TLS files ({exc}); "
-                "check ca_file, cert_file and key_file"
-            ) from exc
-        if cfg.tls_insecure_skip_verify:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        return ctx
+            return self.config.tls_context()
+        except TlsFileError as exc:
+            raise SourceError(f"sources.{self.name}.{exc}") from exc
+        except OSError as exc:  # no OS trust store
+            raise SourceError(f"sources.{self.name}: {exc}") from exc
 
     # ------------------------------------------------------------------ paho thread side
 

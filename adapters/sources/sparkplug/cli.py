@@ -21,7 +21,7 @@ import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.tls import client_context
+from agent.tls import TlsFileError, client_context
 
 from . import payload as sp
 from .tracker import NodeInfo, Tracker
@@ -42,6 +42,9 @@ def sparkplug() -> None:
 @click.option("--username", default=None)
 @click.option("--password-file", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--ca-file", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--cert-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="client certificate (PEM) for mutual TLS, with --key-file")  # fmt: skip
+@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def watch(
     url: str,
     groups: tuple[str, ...],
@@ -52,6 +55,8 @@ def watch(
     username: str | None,
     password_file: Path | None,
     ca_file: Path | None,
+    cert_file: Path | None,
+    key_file: Path | None,
 ) -> None:
     """List the edge nodes, devices and metrics seen on the broker at URL (mqtt://HOST:PORT)."""
     parts = urlsplit(url)
@@ -60,6 +65,8 @@ def watch(
             f"URL must be mqtt://HOST[:PORT] or mqtts://HOST[:PORT], not {url!r}"
         )
     port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+    if (cert_file is None) != (key_file is None):
+        raise click.UsageError("--cert-file and --key-file go together (mutual TLS)")
     tracker = Tracker(emit_events=False, rebirth_interval_ms=10_000)
     lock = threading.Lock()
     connected = threading.Event()
@@ -73,7 +80,12 @@ def watch(
         secret = password_file.read_text().strip() if password_file else None
         client.username_pw_set(username, secret)
     if parts.scheme == "mqtts":
-        client.tls_set_context(client_context(ca_file))
+        try:
+            client.tls_set_context(client_context(ca_file, cert_file=cert_file, key_file=key_file))
+        except TlsFileError as exc:
+            raise click.ClickException(f"--{exc.path.replace('_', '-')}: {exc.message}") from None
+        except OSError as exc:  # no OS trust store
+            raise click.ClickException(str(exc)) from None
 
     def on_connect(c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import threading
 import time
 from collections import Counter, deque
@@ -47,7 +46,7 @@ from agent.config import read_secret
 from agent.errors import BufferFull, SourceError
 from agent.interfaces import Committed, ComponentState, Ingest, NewEvent, Source
 from agent.logs import register_secret
-from agent.tls import client_context
+from agent.tls import TlsFileError
 
 from . import payload as sp
 from .config import Config
@@ -240,15 +239,14 @@ class SparkplugSource(Source):
             client.username_pw_set(cfg.username, password)
         if cfg.tls:
             try:
-                ctx = client_context(cfg.ca_file)
-                if cfg.cert_file and cfg.key_file:
-                    ctx.load_cert_chain(str(cfg.cert_file), str(cfg.key_file))
-            except (OSError, ssl.SSLError) as exc:
-                raise SourceError(
-                    f"source {self.name}: cannot load TLS files ({exc}); "
-                    "check ca_file, cert_file and key_file"
-                ) from exc
+                ctx = cfg.tls_context()
+            except TlsFileError as exc:
+                raise SourceError(f"sources.{self.name}.{exc}") from exc
+            except OSError as exc:  # no OS trust store
+                raise SourceError(f"sources.{self.name}: {exc}") from exc
             client.tls_set_context(ctx)
+            if cfg.tls_verification_off:
+                client.tls_insecure_set(True)  # paho checks the host name itself otherwise
         return client
 
     # ------------------------------------------------------------------ paho thread side
