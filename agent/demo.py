@@ -177,7 +177,10 @@ async def run_demo(
                 await gw.start()
                 phase = "back"
                 echo(">>> gateway back: the backlog drains, in order")
-            snap = agent.snapshot()
+            try:
+                snap = agent.snapshot().to_dict()
+            except RuntimeError:  # no snapshot yet: still starting
+                snap = {}
             streams = {s["stream"]: s for s in snap.get("streams", [])}
             s = streams.get("line1")
             if s is not None:

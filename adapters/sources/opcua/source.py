@@ -251,7 +251,8 @@ class OpcUaSource(Source):
             if self._sessions:
                 self.reconnects += 1
             self._sessions += 1
-            self._set_state("connected")
+            # nodes the server refused stay the last error once connected
+            self._set_state("connected", self._state.last_error if self.failed_nodes else None)
             log.info(
                 "source %s: connected to %s (%s), %d of %d items monitored",
                 self.name,
@@ -358,7 +359,7 @@ class OpcUaSource(Source):
                     log.warning("source %s: %s", self.name, why)
         self.monitored = monitored
         if self.failed_nodes:
-            self._state.last_error = (
+            self._state.note_error(
                 f"{len(self.failed_nodes)} node(s) not monitored, e.g. "
                 f"{next(iter(self.failed_nodes.values()))}"
             )
@@ -537,7 +538,7 @@ class OpcUaSource(Source):
                 continue
             except BufferError_ as exc:
                 log.error("source %s: buffer append failed: %s; retrying in 1s", self.name, exc)
-                self._state.last_error = f"buffer: {exc}"
+                self._state.note_error(f"buffer: {exc}")
                 await asyncio.sleep(1.0)
                 continue
             self._buffer_full_since = None

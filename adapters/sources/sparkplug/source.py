@@ -159,14 +159,21 @@ class SparkplugSource(Source):
             extra={"source": self.name, "stream": self.stream},
         )
         self._connect(client)
-        room = loop.create_task(self._watch_room(ingest), name=f"{self.name}-state")
         try:
-            await self._consume(ingest, queue)
+            # the STATE watcher lives exactly as long as the consumer: one task group
+            async with asyncio.TaskGroup() as tg:
+                room = tg.create_task(self._watch_room(ingest), name=f"{self.name}-state")
+                try:
+                    await self._consume(ingest, queue)
+                finally:
+                    self._stopping = True
+                    room.cancel()
+        except ExceptionGroup as group:
+            if len(group.exceptions) == 1:  # the supervisor logs the error itself
+                raise group.exceptions[0] from None
+            raise
         finally:
             self._stopping = True
-            room.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await room
             self._set("stopped")
             await asyncio.shield(asyncio.to_thread(self._close, client))
             self._client = None
@@ -462,7 +469,7 @@ class SparkplugSource(Source):
             events.extend(out.events)
             if out.fault:
                 log.warning("%s: asking for a rebirth", out.fault, extra={"source": self.name})
-                self._state.last_error = out.fault
+                self._state.note_error(out.fault)
             for reason, text in out.refused:
                 n = self._refused_logged[reason] = self._refused_logged[reason] + 1
                 if n == 1 or n % 1000 == 0:
@@ -489,7 +496,7 @@ class SparkplugSource(Source):
                             extra={"source": self.name, "stream": self.stream},
                         )
                     self._holding = True
-                    self._state.last_error = str(exc)
+                    self._state.note_error(str(exc))
                     self._kick.set()
                     await asyncio.sleep(self.config.retry_interval)
             if self._holding:
