@@ -12,7 +12,8 @@ hard bound: what has not stopped when it is spent is cancelled again and named i
 
     sources     6 s  MES HTTP lets requests in flight finish (mes_http.shutdown_timeout,
                      5 s at most) so what it committed is also answered; OPC UA closes
-                     its session (2 s grace); MQTT / Sparkplug sources disconnect
+                     its session (2 s grace); Sparkplug publishes STATE offline (3 s)
+                     and disconnects; the MQTT source disconnects
     forwarders  1 s  cancelled: a batch on the wire is abandoned; it stays in the buffer
                      and is resent with the same batch id at the next start
     sinks       4 s  all at once: MQTT publishes its retained "offline" (2 s) and
