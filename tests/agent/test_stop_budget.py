@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from pathlib import Path
 
-from agent.lifecycle import STOP_BUDGET, STOP_MARGIN, STOP_PHASES, SYSTEMD_TIMEOUT_STOP
+from agent.lifecycle import (
+    STOP_BUDGET,
+    STOP_MARGIN,
+    STOP_PHASES,
+    SYSTEMD_TIMEOUT_STOP,
+    share,
+    stop_tasks,
+)
 from agent.runtime import STOP_TIMEOUT
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +51,6 @@ def test_mes_http_shutdown_timeout_fits_the_sources_share() -> None:
     import pydantic
 
     from adapters.sources.mes_http.config import Config as MesHttpConfig
-    from agent.lifecycle import share
 
     field = MesHttpConfig.model_fields["shutdown_timeout"]
     assert field.default < share("sources")
@@ -55,3 +63,34 @@ def test_mes_http_shutdown_timeout_fits_the_sources_share() -> None:
         assert "shutdown_timeout" in str(exc)
     else:
         raise AssertionError("a shutdown_timeout as long as the whole sources share was accepted")
+
+
+async def test_a_task_over_its_share_is_named_and_cancelled_again(caplog) -> None:
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:  # a cleanup that hangs: only a second cancellation ends it
+            await asyncio.sleep(3600)
+
+    async def polite() -> None:
+        await asyncio.sleep(3600)
+
+    async with asyncio.TaskGroup() as tg:
+        late = tg.create_task(stubborn(), name="forward:slow")
+        quick = tg.create_task(polite(), name="forward:quick")
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        assert await stop_tasks("forwarders", [late, quick]) is False
+        took = time.monotonic() - started
+    assert share("forwarders") <= took < share("forwarders") + 5
+    assert late.cancelled() and quick.cancelled()
+    assert "forwarders not stopped within its 1 s share: forward:slow" in caplog.text
+
+
+async def test_tasks_that_stop_at_once_take_no_share() -> None:
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(asyncio.sleep(3600)) for _ in range(3)]
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        assert await stop_tasks("sources", tasks) is True
+        assert time.monotonic() - started < 2
