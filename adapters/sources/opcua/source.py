@@ -25,7 +25,6 @@ liveness check: no publish response or keep-alive within ``liveness_timeout``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import math
@@ -478,22 +477,18 @@ class OpcUaSource(Source):
         # One append in flight at a time (so batches commit in order, and a refused one is
         # retried before anything after it), but the next batch is taken and mapped while
         # the previous one commits: the fsync wait no longer stalls the whole source.
+        # The append in flight is a task of the writer's own group: cancelled with it.
         committing: asyncio.Task[None] | None = None
-        try:
+        async with asyncio.TaskGroup() as tg:
             while True:
                 events = await self._next_events(queue, linger, batch_max)
                 if committing is not None:
                     await committing
                     committing = None
                 if events:
-                    committing = asyncio.create_task(
+                    committing = tg.create_task(
                         self._append(ingest, events), name=f"opcua-append:{self.name}"
                     )
-        finally:
-            if committing is not None and not committing.done():
-                committing.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await committing
 
     async def _next_events(
         self,

@@ -169,9 +169,14 @@ class SparkplugSource(Source):
                     self._stopping = True
                     room.cancel()
         except ExceptionGroup as group:
-            if len(group.exceptions) == 1:  # the supervisor logs the error itself
-                raise group.exceptions[0] from None
-            raise
+            # one error (a commit that failed, nested in the consumer's group): raise it
+            # as itself, so the supervisor's line says what failed, not "a TaskGroup"
+            one: BaseException = group
+            while isinstance(one, BaseExceptionGroup) and len(one.exceptions) == 1:
+                one = one.exceptions[0]
+            if one is group:
+                raise
+            raise one from None
         finally:
             self._stopping = True
             self._set("stopped")
@@ -439,8 +444,9 @@ class SparkplugSource(Source):
         """Decode the next group while the previous one commits (the commit spends most of
         its time in SQLite and fsync, outside the GIL). One commit at a time, in order:
         group N+1 is handed to the buffer, and acknowledged, only after group N is."""
+        # The commit in flight is a task of the consumer's own group: cancelled with it.
         pending: asyncio.Task[None] | None = None
-        try:
+        async with asyncio.TaskGroup() as tg:
             while True:
                 if pending is not None and (queue.empty() or pending.done()):
                     await pending  # nothing to decode ahead, or done: surface its errors
@@ -452,12 +458,7 @@ class SparkplugSource(Source):
                 events = self._decode(group)
                 if pending is not None:
                     await pending
-                pending = asyncio.create_task(self._commit(ingest, group, events))
-        finally:
-            if pending is not None:
-                pending.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pending
+                pending = tg.create_task(self._commit(ingest, group, events))
 
     def _decode(self, group: list[_Message]) -> list[NewEvent]:
         events: list[NewEvent] = []
