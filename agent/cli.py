@@ -16,7 +16,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
@@ -25,6 +25,9 @@ from agent import __version__
 from agent.buffer import operator as buffer_operator
 from agent.config import Config, load_config
 from agent.errors import ConfigError, EdgeAgentError
+
+if TYPE_CHECKING:
+    from agent.status_model import StatusSnapshot
 
 CONFIG_OPTION = click.option(
     "-c",
@@ -234,7 +237,7 @@ class NoBuffer(Failure):
     """The buffer does not exist: the agent never ran with this config."""
 
 
-def _snapshot_offline(cfg: Config) -> dict[str, Any]:
+def _snapshot_offline(cfg: Config) -> StatusSnapshot:
     from agent.status import access_problem, build_snapshot, read_offline
 
     path = Path(cfg.buffer.path)
@@ -375,14 +378,15 @@ def status(
         _status_check(config_path, Thresholds(**thresholds))
     cfg = _load_readable(config_path)
     if as_json and not watch:
-        click.echo(orjson.dumps(_snapshot_offline(cfg), option=orjson.OPT_INDENT_2).decode())
+        snap_json = _snapshot_offline(cfg).to_dict()
+        click.echo(orjson.dumps(snap_json, option=orjson.OPT_INDENT_2).decode())
         return
     from agent.status_view import render
 
     if not watch:
         snap = _snapshot_offline(cfg)
         render(snap)
-        if not snap["agent"]["running"]:
+        if not snap.agent.running:
             sys.exit(3)  # LSB and `systemctl status`: 3 = program is not running
         return
     from rich.console import Console

@@ -64,6 +64,8 @@ class LocalGateway:
         self.workdir = workdir
         self.port = port
         self.proc: asyncio.subprocess.Process | None = None
+        #: owns the output reader of each gateway process started (set by run_demo)
+        self.tasks: asyncio.TaskGroup | None = None
         self.url = f"http://127.0.0.1:{port}/v1/batches"
 
     async def start(self) -> None:
@@ -80,7 +82,8 @@ class LocalGateway:
                     raise RuntimeError("the reference gateway did not start")
                 if re.search(rb"listening on", line):
                     break
-        asyncio.get_running_loop().create_task(self._drain(self.proc))
+        assert self.tasks is not None, "LocalGateway.tasks: the task group that owns the reader"
+        self.tasks.create_task(self._drain(self.proc), name="gateway-output")
 
     @staticmethod
     async def _drain(proc: asyncio.subprocess.Process) -> None:
@@ -109,6 +112,14 @@ class LocalGateway:
                 return r.json()  # type: ignore[no-any-return]
         except (httpx.HTTPError, ValueError):
             return None
+
+
+async def _run_reporting(agent: Agent, echo: Any) -> None:
+    """The agent's run; an error ends the demo with its one line, not a traceback."""
+    try:
+        await agent.run()
+    except Exception as exc:  # noqa: BLE001 - shown, and the demo winds down
+        echo(f"the agent stopped: {exc}")
 
 
 def _totals(report: dict[str, Any] | None) -> str:
@@ -155,53 +166,58 @@ async def run_demo(
         f'[agent]\nid = "demo-agent"\nplant = "demo-plant"\n[buffer]\npath = "{cfg.buffer.path}"\n'
         f'[sinks.gateway]\ntype = "https"\nurl = "{gw.url}"\n'
     )
-    await gw.start()
-    echo(f"  gateway pid {gw.proc.pid if gw.proc else '?'}\n")
-    agent = Agent(cfg)
-    with contextlib.suppress(NotImplementedError):
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGINT, agent.request_stop)
-        loop.add_signal_handler(signal.SIGTERM, agent.request_stop)
-    task = asyncio.create_task(agent.run())
-    t0 = time.monotonic()
-    phase = "online"
-    try:
-        while not task.done():
-            await asyncio.sleep(1.0)
-            t = time.monotonic() - t0
-            if outage_at > 0 and phase == "online" and t >= outage_at:
-                await gw.kill()
-                phase = "outage"
-                echo(">>> gateway killed: the agent keeps collecting into its buffer")
-            elif phase == "outage" and t >= outage_at + outage_for:
-                await gw.start()
-                phase = "back"
-                echo(">>> gateway back: the backlog drains, in order")
-            snap = agent.snapshot()
-            streams = {s["stream"]: s for s in snap.get("streams", [])}
-            s = streams.get("line1")
-            if s is not None:
-                report = await gw.report() if phase != "outage" else None
-                echo(
-                    f"t={t:5.1f}s  collected {s['ingested_total']:>6}  "
-                    f"backlog {s['backlog_events']:>5} (oldest {s['oldest_unsent_age_s'] or 0:4.1f}s)"
-                    f"  sent {s['forwarded_total']:>6}  |  {_totals(report)}"
-                )
-            if duration and t >= duration:
-                agent.request_stop()
-    finally:
-        agent.request_stop()
-        with contextlib.suppress(Exception):
+    # the gateway's output reader and the agent: tasks of one group, none left behind
+    async with asyncio.TaskGroup() as tg:
+        gw.tasks = tg
+        await gw.start()
+        echo(f"  gateway pid {gw.proc.pid if gw.proc else '?'}\n")
+        agent = Agent(cfg)
+        with contextlib.suppress(NotImplementedError):
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGINT, agent.request_stop)
+            loop.add_signal_handler(signal.SIGTERM, agent.request_stop)
+        task = tg.create_task(_run_reporting(agent, echo), name="agent")
+        t0 = time.monotonic()
+        phase = "online"
+        try:
+            while not task.done():
+                await asyncio.sleep(1.0)
+                t = time.monotonic() - t0
+                if outage_at > 0 and phase == "online" and t >= outage_at:
+                    await gw.kill()
+                    phase = "outage"
+                    echo(">>> gateway killed: the agent keeps collecting into its buffer")
+                elif phase == "outage" and t >= outage_at + outage_for:
+                    await gw.start()
+                    phase = "back"
+                    echo(">>> gateway back: the backlog drains, in order")
+                try:
+                    snap = agent.snapshot().to_dict()
+                except RuntimeError:  # no snapshot yet: still starting
+                    snap = {}
+                streams = {s["stream"]: s for s in snap.get("streams", [])}
+                s = streams.get("line1")
+                if s is not None:
+                    report = await gw.report() if phase != "outage" else None
+                    echo(
+                        f"t={t:5.1f}s  collected {s['ingested_total']:>6}  "
+                        f"backlog {s['backlog_events']:>5} (oldest {s['oldest_unsent_age_s'] or 0:4.1f}s)"
+                        f"  sent {s['forwarded_total']:>6}  |  {_totals(report)}"
+                    )
+                if duration and t >= duration:
+                    agent.request_stop()
+        finally:
+            agent.request_stop()
             await task
-        report = await gw.report()
-        await gw.stop()
-        echo("")
-        echo(f"final: {_totals(report)}")
-        if report:
-            for st in report.get("streams", []):
-                echo(
-                    f"  stream {st.get('stream')}: complete up to sequence "
-                    f"{st.get('complete_up_to')}, last checkpoint {st.get('last_checkpoint')}"
-                )
-        if tmp is not None and os.environ.get("EDGE_AGENT_DEMO_KEEP") is None:
-            tmp.cleanup()
+            report = await gw.report()
+            await gw.stop()
+            echo("")
+            echo(f"final: {_totals(report)}")
+            if report:
+                for st in report.get("streams", []):
+                    echo(
+                        f"  stream {st.get('stream')}: complete up to sequence "
+                        f"{st.get('complete_up_to')}, last checkpoint {st.get('last_checkpoint')}"
+                    )
+            if tmp is not None and os.environ.get("EDGE_AGENT_DEMO_KEEP") is None:
+                tmp.cleanup()

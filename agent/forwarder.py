@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.ids import ulid
-from agent.interfaces import Batch, BatchStore, ComponentState, Outcome, SendResult, Sink
+from agent.interfaces import Batch, BatchStore, ComponentState, Outcome, SendResult, Sink, State
 from agent.outage import SinkOutage, SinkOutages
 
 log = logging.getLogger("edge_agent.forwarder")
@@ -100,7 +100,7 @@ class StreamForwarder:
         self.observe = observe
         self.max_events = settings.max_events
         self.max_bytes = settings.max_bytes
-        self.status = ComponentState(state="idle", since=time.time())
+        self.status = ComponentState(state=State.IDLE, since=time.time())
         self._attempt = 0
         self._last_poll = 0.0
         #: the sink's outage, shared with the other streams to the same sink: a few log
@@ -412,13 +412,7 @@ class StreamForwarder:
         )
 
     def _set_state(self, state: str, error: str | None = None) -> None:
-        if state != self.status.state:
-            self.status.state = state
-            self.status.since = time.time()
-        if error is not None:
-            self.status.last_error = error
-        elif state == "sending":
-            self.status.last_error = None
+        self.status.change(state, error)
 
     async def _note_error(self, reason: str) -> None:
         with contextlib.suppress(Exception):

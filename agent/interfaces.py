@@ -242,27 +242,97 @@ class SendResult:
         return cls(Outcome.AUTH, reason, status)
 
 
+class State(enum.StrEnum):
+    """Every state a source, a sink or a stream's forwarder can be in: one vocabulary.
+
+    str-valued, so the heartbeat, ``status --json`` and the metrics' ``state`` labels keep
+    their strings ("connected", not "State.CONNECTED"). Which ones a component uses:
+
+    ============ ================================================== ======
+    state        used by                                            up
+    ============ ================================================== ======
+    starting     sources, sinks (not yet connected, not yet failed) no
+    connected    sources, sinks                                     yes
+    listening    server sources that wait for peers                 yes
+    finished     sources whose work is done (a bounded run)         yes
+    idle         forwarders (nothing to send)                       yes
+    sending      forwarders (a batch on the wire)                   yes
+    retrying     forwarders (the sink said retry, backing off)      no
+    disconnected sources, sinks                                     no
+    auth_failed  all (the peer refuses our credentials)             no
+    error        all                                                no
+    stopped      all (the agent stopped it, or is not running)      no
+    ============ ================================================== ======
+    """
+
+    STARTING = "starting"
+    CONNECTED = "connected"
+    LISTENING = "listening"
+    FINISHED = "finished"
+    IDLE = "idle"
+    SENDING = "sending"
+    RETRYING = "retrying"
+    DISCONNECTED = "disconnected"
+    AUTH_FAILED = "auth_failed"
+    ERROR = "error"
+    STOPPED = "stopped"
+
+    @property
+    def up(self) -> bool:
+        return self.value in UP_STATES
+
+
+#: The one rule for "up" (metrics' *_connected / forwarder_up, /readyz, the status view's
+#: green): a component is up when it does, or has done, its job. A string so a state
+#: written by a newer agent (unknown here) is simply not up.
+UP_STATES: frozenset[str] = frozenset({"connected", "listening", "finished", "idle", "sending"})
+
+
+def is_up(state: str | None) -> bool:
+    """The one "up" rule, for a state read back as a string (heartbeat, snapshot)."""
+    return state in UP_STATES
+
+
 @dataclass(slots=True)
 class ComponentState:
-    """What status, metrics and /readyz show for a source or a sink."""
+    """What status, metrics and /readyz show for a source, a sink or a forwarder.
 
-    state: str = "starting"  # starting | connected | disconnected | auth_failed | error | stopped
+    Change it only through :meth:`change` (and :meth:`note_error` / :meth:`clear_error`):
+    one rule for ``last_error`` everywhere. An error given replaces it; a move into an
+    up state clears it (the trouble is over); any other move keeps it, so "disconnected"
+    still says why.
+    """
+
+    state: State = State.STARTING
     since: float = 0.0  # unix time of the last state change
     last_error: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.state = State(self.state)
+
     @property
     def healthy(self) -> bool:
-        return self.state == "connected"
+        return self.state.up
 
-    def change(self, state: str, error: str | None = None) -> None:
-        """Move to ``state`` (``since`` moves only when it changes); keep the last error
-        unless a new one is given."""
-        if state != self.state:
-            self.state = state
+    def change(self, state: State | str, error: str | None = None) -> None:
+        """Move to ``state`` (``since`` moves only when it changes)."""
+        new = State(state)
+        if new is not self.state:
+            self.state = new
             self.since = time.time()
+            if new.up:
+                self.last_error = None
         if error is not None:
             self.last_error = error
+
+    def note_error(self, error: str) -> None:
+        """An error that does not change the state (one event refused, one bad request)."""
+        self.last_error = error
+
+    def clear_error(self) -> None:
+        """The trouble behind ``last_error`` is over while the state stayed up."""
+        self.last_error = None
 
 
 class Sink(abc.ABC):

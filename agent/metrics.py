@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -79,6 +79,17 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
+from agent.interfaces import UP_STATES as UP
+from agent.interfaces import State, is_up
+from agent.status_model import (
+    AgentInfo,
+    BufferInfo,
+    SinkStatus,
+    SourceStatus,
+    StatusSnapshot,
+    StreamStatus,
+)
+
 log = logging.getLogger("edge_agent.metrics")
 
 __all__ = [
@@ -94,32 +105,38 @@ __all__ = [
     "UP_STATES",
     "MetricsServer",
     "SnapshotCollector",
-    "observe_batch",
     "parse_listen",
 ]
 
 DEFAULT_LISTEN = "127.0.0.1:9464"
+#: seconds a scrape in progress gets when the server stops
+SHUTDOWN_TIMEOUT = 0.5
 
-#: Source states that count as "up" (1) for source_connected. A listening server source
-#: (MES HTTP) is up without a peer connection, and a source that finished its work (a
-#: bounded simulator run, a one-shot import) is not down either. Sources otherwise use
-#: starting / disconnected / auth_failed / error / stopped, all "down".
-SOURCE_UP_STATES = frozenset({"connected", "listening", "finished"})
-#: Sink states: connected is up; disconnected / auth_failed / error / stopped / starting not.
-SINK_UP_STATES = frozenset({"connected"})
-#: Forwarder (per stream) states: idle and sending are healthy; retrying / auth_failed /
-#: error (and "stopped" while the agent is down) are not.
-FORWARDER_UP_STATES = frozenset({"idle", "sending"})
-#: Every state that counts as up somewhere (kept for callers of the old single set).
-UP_STATES = SOURCE_UP_STATES | SINK_UP_STATES
+#: "Up" (1) in source_connected, sink_connected and forwarder_up is the one rule of
+#: agent.interfaces.is_up: connected, listening (a server source waiting for peers),
+#: finished (a bounded run is done, not down), idle and sending. Every other state is down.
+UP_STATES = UP
 
-#: The enum gauges' states: every one of them is exported, 1 for the current, 0 otherwise.
-SINK_STATES = ("starting", "connected", "disconnected", "auth_failed", "error", "stopped")
-SOURCE_STATES = (
-    "starting", "connected", "listening", "disconnected", "auth_failed", "error", "finished",
-    "stopped",
+#: The enum gauges' states, per kind: every one is exported, 1 for the current, 0 otherwise.
+SINK_STATES: tuple[str, ...] = tuple(
+    s.value
+    for s in (State.STARTING, State.CONNECTED, State.DISCONNECTED, State.AUTH_FAILED,
+              State.ERROR, State.STOPPED)
 )  # fmt: skip
-FORWARDER_STATES = ("idle", "sending", "retrying", "auth_failed", "error", "stopped")
+SOURCE_STATES: tuple[str, ...] = tuple(
+    s.value
+    for s in (State.STARTING, State.CONNECTED, State.LISTENING, State.DISCONNECTED,
+              State.AUTH_FAILED, State.ERROR, State.FINISHED, State.STOPPED)
+)  # fmt: skip
+FORWARDER_STATES: tuple[str, ...] = tuple(
+    s.value
+    for s in (State.IDLE, State.SENDING, State.RETRYING, State.AUTH_FAILED, State.ERROR,
+              State.STOPPED)
+)  # fmt: skip
+#: The up states of each kind (all from the one rule), kept for callers of the old names.
+SOURCE_UP_STATES = frozenset(s for s in SOURCE_STATES if is_up(s))
+SINK_UP_STATES = frozenset(s for s in SINK_STATES if is_up(s))
+FORWARDER_UP_STATES = frozenset(s for s in FORWARDER_STATES if is_up(s))
 
 
 def _enum(fam: GaugeMetricFamily, labels: list[str], current: str, states: Iterable[str]) -> None:
@@ -169,7 +186,8 @@ SOURCE_DETAIL: tuple[tuple[str, str, str, str], ...] = (
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
-Snapshot = Callable[[], dict[str, Any]]
+#: returns the status snapshot (typed; a schema-1 dict is read with StatusSnapshot.from_dict)
+Snapshot = Callable[[], StatusSnapshot | Mapping[str, Any]]
 Readiness = Callable[[], tuple[bool, dict[str, Any]]]
 
 
@@ -231,7 +249,7 @@ class SnapshotCollector(Collector):
             "edge_agent_status_ok", "1 when the status snapshot behind these metrics was taken"
         )
         try:
-            snap = self._snapshot()
+            snap = StatusSnapshot.of(self._snapshot())
         except Exception:  # a scrape must still answer, and say the numbers are missing
             log.exception("metrics: status snapshot failed")
             ok.add_metric([], 0)
@@ -239,69 +257,58 @@ class SnapshotCollector(Collector):
             return
         ok.add_metric([], 1)
         yield ok
-        yield from self._agent(snap.get("agent") or {})
-        yield from self._buffer(snap.get("buffer") or {})
-        yield from self._streams(snap.get("streams") or [])
-        yield from self._sources(snap.get("sources") or [])
-        yield from self._sinks(snap.get("sinks") or [])
+        yield from self._agent(snap.agent)
+        yield from self._buffer(snap.buffer)
+        yield from self._streams(snap.streams)
+        yield from self._sources(snap.sources)
+        yield from self._sinks(snap.sinks)
 
     @staticmethod
-    def _agent(agent: dict[str, Any]) -> Iterator[Any]:
+    def _agent(agent: AgentInfo) -> Iterator[Any]:
         info = InfoMetricFamily("edge_agent", "Agent build and identity", labels=[])
-        info.add_metric(
-            [],
-            {
-                "version": _s(agent.get("version")),
-                "agent_id": _s(agent.get("id")),
-                "plant": _s(agent.get("plant")),
-            },
-        )
+        info.add_metric([], {"version": agent.version, "agent_id": agent.id, "plant": agent.plant})
         yield info
         running = GaugeMetricFamily("edge_agent_running", "1 while the agent runtime is running")
-        running.add_metric([], 1 if agent.get("running") else 0)
+        running.add_metric([], 1 if agent.running else 0)
         yield running
-        if agent.get("heartbeat_age_s") is not None:
+        if agent.heartbeat_age_s is not None:
             hb = GaugeMetricFamily(
                 "edge_agent_heartbeat_age_seconds", "Seconds since the runtime last heartbeat"
             )
-            hb.add_metric([], _num(agent.get("heartbeat_age_s")))
+            hb.add_metric([], agent.heartbeat_age_s)
             yield hb
 
     @staticmethod
-    def _buffer(buf: dict[str, Any]) -> Iterator[Any]:
-        for key, name, doc in (
-            ("file_bytes", "edge_agent_buffer_file_bytes", "Size of the buffer file on disk"),
-            ("used_bytes", "edge_agent_buffer_used_bytes", "Bytes of unsent and kept events"),
-            ("max_bytes", "edge_agent_buffer_max_bytes", "buffer.max_bytes from the config"),
+    def _buffer(buf: BufferInfo) -> Iterator[Any]:
+        for value, name, doc in (
+            (buf.file_bytes, "edge_agent_buffer_file_bytes", "Size of the buffer file on disk"),
+            (buf.used_bytes, "edge_agent_buffer_used_bytes", "Bytes of unsent and kept events"),
+            (buf.max_bytes, "edge_agent_buffer_max_bytes", "buffer.max_bytes from the config"),
             (
-                "ingest_rate_eps",
+                buf.ingest_rate_eps,
                 "edge_agent_buffer_ingest_rate_events_per_second",
                 "Recent ingest rate into the buffer",
             ),
         ):
-            if key in buf:
-                g = GaugeMetricFamily(name, doc)
-                g.add_metric([], _num(buf.get(key)))
-                yield g
-        if "refused_total" in buf:
-            c = CounterMetricFamily(
-                "edge_agent_buffer_refused",
-                "Events refused because the buffer was full (on_full = block)",
-            )
-            c.add_metric([], _num(buf.get("refused_total")))
-            yield c
-        if "full_in_s" in buf:
-            full = buf.get("full_in_s")
-            g = GaugeMetricFamily(
-                "edge_agent_buffer_full_in_seconds",
-                "Forecast seconds until the buffer is full at the recent ingest rate "
-                "(+Inf when it is not filling)",
-            )
-            g.add_metric([], math.inf if full is None else _num(full, math.inf))
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], float(value))
             yield g
+        c = CounterMetricFamily(
+            "edge_agent_buffer_refused",
+            "Events refused because the buffer was full (on_full = block)",
+        )
+        c.add_metric([], float(buf.refused_total))
+        yield c
+        g = GaugeMetricFamily(
+            "edge_agent_buffer_full_in_seconds",
+            "Forecast seconds until the buffer is full at the recent ingest rate "
+            "(+Inf when it is not filling)",
+        )
+        g.add_metric([], math.inf if buf.full_in_s is None else buf.full_in_s)
+        yield g
 
     @staticmethod
-    def _streams(streams: list[dict[str, Any]]) -> Iterator[Any]:
+    def _streams(streams: Iterable[StreamStatus]) -> Iterator[Any]:
         labels = ["stream", "sink"]
         counters = {
             key: CounterMetricFamily(f"edge_agent_events_{name}", doc, labels=labels)
@@ -346,16 +353,15 @@ class SnapshotCollector(Collector):
             labels=labels,
         )
         for s in streams:
-            lv = [_s(s.get("stream")), _s(s.get("sink"))]
-            if "state" in s:
-                st = _s(s.get("state"))
-                _enum(fwd_state, lv, st, FORWARDER_STATES)
-                fwd_up.add_metric(lv, 1 if st in FORWARDER_UP_STATES else 0)
+            lv = [s.stream, s.sink]
+            if s.state is not None:
+                _enum(fwd_state, lv, s.state, FORWARDER_STATES)
+                fwd_up.add_metric(lv, 1 if s.up else 0)
             for key, counter in counters.items():
-                counter.add_metric(lv, _num(s.get(key)))
+                counter.add_metric(lv, _num(getattr(s, key)))
             for key, gauge in gauges.items():
-                gauge.add_metric(lv, _num(s.get(key)))
-            ts = _timestamp(s.get("last_forwarded_at"))
+                gauge.add_metric(lv, _num(getattr(s, key)))
+            ts = _timestamp(s.last_forwarded_at)
             if ts is not None:
                 last_fwd.add_metric(lv, ts)
         yield from counters.values()
@@ -365,7 +371,7 @@ class SnapshotCollector(Collector):
         yield fwd_up
 
     @staticmethod
-    def _sources(sources: list[dict[str, Any]]) -> Iterator[Any]:
+    def _sources(sources: Iterable[SourceStatus]) -> Iterator[Any]:
         connected = GaugeMetricFamily(
             "edge_agent_source_connected",
             "1 when the source is connected (or listening), else 0",
@@ -393,16 +399,10 @@ class SnapshotCollector(Collector):
         )
         extra: dict[str, Any] = {}
         for s in sources:
-            name = _s(s.get("name"))
-            st = _s(s.get("state"))
-            connected.add_metric(
-                [name, _s(s.get("type")), _s(s.get("stream"))],
-                1 if st in SOURCE_UP_STATES else 0,
-            )
-            _enum(state, [name, _s(s.get("type"))], st, SOURCE_STATES)
-            detail = s.get("detail") or {}
-            if not isinstance(detail, dict):
-                continue
+            name = s.name
+            connected.add_metric([name, s.type, s.stream], 1 if s.up else 0)
+            _enum(state, [name, s.type], s.state, SOURCE_STATES)
+            detail = s.detail
             # OPC UA reports what it committed as events_committed; the others as accepted
             acc = detail.get("accepted", detail.get("events_committed"))
             if isinstance(acc, int | float) and not isinstance(acc, bool):
@@ -430,7 +430,7 @@ class SnapshotCollector(Collector):
         yield from extra.values()
 
     @staticmethod
-    def _sinks(sinks: list[dict[str, Any]]) -> Iterator[Any]:
+    def _sinks(sinks: Iterable[SinkStatus]) -> Iterator[Any]:
         fam = GaugeMetricFamily(
             "edge_agent_sink_connected",
             "1 when the sink is connected, else 0 (edge_agent_sink_state says which state)",
@@ -443,10 +443,9 @@ class SnapshotCollector(Collector):
             labels=["sink", "type", "state"],
         )
         for s in sinks:
-            st = _s(s.get("state"))
-            lv = [_s(s.get("name")), _s(s.get("type"))]
-            fam.add_metric(lv, 1 if st in SINK_UP_STATES else 0)
-            _enum(state, lv, st, SINK_STATES)
+            lv = [s.name, s.type]
+            fam.add_metric(lv, 1 if s.up else 0)
+            _enum(state, lv, s.state, SINK_STATES)
         yield fam
         yield state
 
@@ -466,7 +465,7 @@ class MetricsServer:
         self._ready = ready
         # No *_created series (see the module docstring); prometheus-client's switch is
         # process-wide, and this process serves no other registry.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus-client: untyped
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SnapshotCollector(snapshot))
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, _resident_...
@@ -546,7 +545,11 @@ class MetricsServer:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # a scrape in progress at stop gets half a second: the metrics server's part of the
+        # stop budget's "service" share (agent/lifecycle.py); aiohttp's default is 60 s
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
+        )
         await runner.setup()
         site = web.TCPSite(runner, self._host, self._port)
         try:
@@ -562,22 +565,9 @@ class MetricsServer:
         addresses = runner.addresses  # the bound sockets' names: the real port for port 0
         if addresses:
             self._bound_port = addresses[0][1]
-        _active.append(self)
         log.info("metrics on %s/metrics", self.url)
 
     async def stop(self) -> None:
         runner, self._runner, self._site = self._runner, None, None
-        if self in _active:
-            _active.remove(self)
         if runner is not None:
             await runner.cleanup()
-
-
-#: started servers, most recent last; lets code without a handle record batches
-_active: list[MetricsServer] = []
-
-
-def observe_batch(stream: str, sink: str, seconds: float, events: int, outcome: str) -> None:
-    """Record a batch on the running MetricsServer; a no-op when metrics are disabled."""
-    if _active:
-        _active[-1].observe_batch(stream, sink, seconds, events, outcome)

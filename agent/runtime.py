@@ -1,13 +1,15 @@
 """The running agent: builds sources and sinks from config and owns their lifecycle.
 
 Start order: buffer -> sinks -> forwarders -> sources; stop in reverse, so nothing is
-collected that cannot be stored and nothing is stored after the buffer closed. Every task
-lives in a TaskGroup; stop is bounded in time.
+collected that cannot be stored and nothing is stored after the buffer closed. Each start
+pushes its stop onto an AsyncExitStack, so teardown is the start read backwards (and a start
+that fails half-way undoes exactly what had started); every task lives in a TaskGroup.
 
     SIGTERM / SIGINT   stop: sources first (nothing new is acknowledged), then forwarders
                        (an in-flight batch is abandoned: it is persisted and resent with
-                       the same batch id next start), sinks, buffer. Bounded by
-                       STOP_TIMEOUT.
+                       the same batch id next start), sinks, buffer. Each phase within its
+                       share of one stop budget (agent/lifecycle.py: 22 s in all, inside
+                       the unit's TimeoutStopSec=30s).
     SIGHUP             reload: the new config is validated first; an invalid one is
                        refused with the one-line error and the running one kept. A valid
                        one replaces sources, sinks and forwarders; the buffer stays open,
@@ -36,17 +38,20 @@ from agent.config import Config, load_config
 from agent.errors import ConfigError, EdgeAgentError
 from agent.forwarder import ForwarderSettings, PriorityGate, StreamForwarder
 from agent.heartbeat import HeartbeatFile
-from agent.interfaces import Sink, Source
+from agent.interfaces import Sink, Source, State
+from agent.lifecycle import STOP_BUDGET, deadline, share, stop_tasks
 from agent.outage import SinkOutages
 from agent.preflight import preflight
 from agent.status import HEARTBEAT_INTERVAL, build_snapshot
+from agent.status_model import StatusSnapshot
 
 log = logging.getLogger("edge_agent.runtime")
 
 #: errors opening the buffer that mean "this path", not "this machine"
 _PATH_ERRORS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR}
 
-STOP_TIMEOUT = 15.0
+#: the whole stop, every phase (agent/lifecycle.py)
+STOP_TIMEOUT = STOP_BUDGET
 HOUSEKEEPING_INTERVAL = 1.0
 RATE_WINDOW = 300.0
 #: How often the heartbeat loop looks for a state change to report before its interval.
@@ -80,11 +85,15 @@ class Agent:
         self.started_at = time.time()
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
+        #: set by either request: the one event the running generation waits on
+        self._wake = asyncio.Event()
+        #: loop time by which the service phase of the stop must be done
+        self._service_deadline: float | None = None
         self._gen: _Generation | None = None
         self._gate = PriorityGate()
         self._outages = SinkOutages()
         self._samples: collections.deque[tuple[float, int, int, int]] = collections.deque()
-        self._snapshot: dict[str, Any] = {}
+        self._snapshot: StatusSnapshot | None = None
         self._metrics: Any = None
         self._notifier: Any = None
         self._heartbeat: HeartbeatFile | None = None
@@ -94,33 +103,78 @@ class Agent:
 
     def request_stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     def request_reload(self) -> None:
         self._reload.set()
+        self._wake.set()
 
-    def snapshot(self) -> dict[str, Any]:
-        """The latest status snapshot (refreshed with every heartbeat)."""
+    def snapshot(self) -> StatusSnapshot:
+        """The latest status snapshot (refreshed with every heartbeat, and within
+        STATE_POLL_INTERVAL of a state change)."""
+        if self._snapshot is None:
+            raise RuntimeError("no status snapshot yet: the agent is starting")
         return self._snapshot
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        gen = self._gen
-        if gen is None:
+        """/readyz: read from the same snapshot as status and /metrics."""
+        snap = self._snapshot
+        if snap is None or self._gen is None:
             return False, {"reason": "starting"}
-        sinks = {n: s.state().state for n, s in gen.sinks.items()}
-        sources = {n: s.state().state for n, s in gen.sources.items()}
-        ok = all(v in ("connected", "starting") for v in sinks.values()) and all(
-            v in ("connected", "finished") for v in sources.values()
-        )
-        return ok, {"sinks": sinks, "sources": sources}
+        r = snap.readiness()
+        return r.ready, r.to_dict()
 
     async def run(self) -> None:
         """Run until request_stop() (or SIGTERM/SIGINT when install_signal_handlers ran)."""
         cfg = self.config
         from agent.sdnotify import SystemdNotifier
 
-        self._notifier = SystemdNotifier()
+        notifier = self._notifier = SystemdNotifier()
+        clean = False
         try:
-            self.buffer = await Buffer.open(
+            async with contextlib.AsyncExitStack() as stack:
+                # pushed first, so it runs last: the notify socket outlives everything else
+                stack.callback(notifier.close)
+                buffer = self.buffer = await self._open_buffer()
+                stack.push_async_callback(self._close_buffer, buffer)
+                log.info(
+                    "edge-agent %s started: buffer %s (epoch %s, durability %s), "
+                    "%d source(s), %d sink(s)",
+                    __version__,
+                    cfg.buffer.path,
+                    buffer.epoch,
+                    cfg.buffer.durability,
+                    len(cfg.sources),
+                    len(cfg.sinks),
+                )
+                heartbeat = self._heartbeat = HeartbeatFile(Path(cfg.buffer.path))
+                stack.callback(heartbeat.close)
+                stack.push_async_callback(self._last_heartbeat)
+                await self._start_metrics()
+                stack.push_async_callback(self._stop_metrics)
+                async with asyncio.TaskGroup() as tg:
+                    service = [
+                        tg.create_task(self._heartbeat_loop(), name="heartbeat"),
+                        tg.create_task(self._housekeeping_loop(), name="housekeeping"),
+                        tg.create_task(self._checkpoint_loop(), name="checkpoints"),
+                        tg.create_task(notifier.watchdog(), name="watchdog"),
+                    ]
+                    try:
+                        await self._run_generations()
+                    finally:
+                        notifier.stopping()
+                        # loops, metrics server and last heartbeat: one share between them
+                        self._service_deadline = deadline("service")
+                        await stop_tasks("service", service, self._service_deadline)
+            clean = True
+        finally:
+            # after a failure the one line saying why comes next: "cleanly" would mislead
+            log.info("edge-agent stopped cleanly" if clean else "edge-agent stopped")
+
+    async def _open_buffer(self) -> Buffer:
+        cfg = self.config
+        try:
+            return await Buffer.open(
                 cfg.buffer.path,
                 plant=cfg.agent.plant,
                 agent_id=cfg.agent.id,
@@ -139,42 +193,25 @@ class Agent:
                 f"cannot open {exc.filename or cfg.buffer.path}: {exc.strerror} (create the "
                 "directory for the agent's user, or set buffer.path elsewhere)",
             ) from exc
-        log.info(
-            "edge-agent %s started: buffer %s (epoch %s, durability %s), %d source(s), %d sink(s)",
-            __version__,
-            cfg.buffer.path,
-            self.buffer.epoch,
-            cfg.buffer.durability,
-            len(cfg.sources),
-            len(cfg.sinks),
-        )
-        self._heartbeat = HeartbeatFile(Path(cfg.buffer.path))
-        clean = False
+
+    @staticmethod
+    async def _close_buffer(buffer: Buffer) -> None:
+        """The buffer phase: Buffer.close bounds itself (its queue wait is the share)."""
+        started = time.monotonic()
+        await buffer.close()
+        spent = time.monotonic() - started
+        if spent > share("buffer"):
+            log.warning(
+                "stop: buffer closed in %.1f s, over its %.0f s share", spent, share("buffer")
+            )
+
+    async def _last_heartbeat(self) -> None:
+        """Part of the service phase: the heartbeat that says "stopped"."""
         try:
-            await self._start_metrics()
-            async with asyncio.TaskGroup() as tg:
-                service = [
-                    tg.create_task(self._heartbeat_loop(), name="heartbeat"),
-                    tg.create_task(self._housekeeping_loop(), name="housekeeping"),
-                    tg.create_task(self._checkpoint_loop(), name="checkpoints"),
-                    tg.create_task(self._notifier.watchdog(), name="watchdog"),
-                ]
-                await self._run_generations()
-                for t in service:
-                    t.cancel()
-            clean = True
-        finally:
-            self._notifier.stopping()
-            if self._metrics is not None:
-                with contextlib.suppress(Exception):
-                    await self._metrics.stop()
-            with contextlib.suppress(Exception):
+            async with asyncio.timeout_at(self._service_deadline or deadline("service")):
                 await self._write_heartbeat(stopped=True)
-            self._heartbeat.close()
-            await self.buffer.close()
-            self._notifier.close()
-            # after a failure the one line saying why comes next: "cleanly" would mislead
-            log.info("edge-agent stopped cleanly" if clean else "edge-agent stopped")
+        except Exception as exc:  # noqa: BLE001 - status then reads an old heartbeat: stale
+            log.warning("last heartbeat not written: %s", exc)
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -236,14 +273,17 @@ class Agent:
             backoff_max=f.backoff_max,
             auth_retry_interval=f.auth_retry_interval,
         )
-        started_sinks: list[Sink] = []
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            started: list[Sink] = []
+            # pushed before the first start: whatever did start is stopped, even after a
+            # failed start or a forwarder that crashed the task group
+            stack.push_async_callback(self._stop_sinks, started)
             for sink in gen.sinks.values():
                 try:
                     await sink.start()
                 except EdgeAgentError as exc:
                     raise _SinkStartFailed(exc) from exc
-                started_sinks.append(sink)
+                started.append(sink)
             async with asyncio.TaskGroup() as tg:
                 fwd_tasks: list[asyncio.Task[None]] = []
 
@@ -267,6 +307,7 @@ class Agent:
                 for stream in buffer.streams():
                     add_forwarder(stream)
                 buffer.new_stream_listeners.append(add_forwarder)
+                stack.callback(_discard, buffer.new_stream_listeners, add_forwarder)
                 src_tasks = [
                     tg.create_task(self._supervise(name, src), name=f"source:{name}")
                     for name, src in gen.sources.items()
@@ -274,34 +315,46 @@ class Agent:
                 self.ready.set()
                 self._notifier.ready()
                 self._notifier.status(f"collecting from {len(src_tasks)} source(s)")
-                reason = await self._wait_stop_or_reload()
-                # Teardown in reverse: sources, then forwarders.
-                async with asyncio.timeout(STOP_TIMEOUT):
-                    for t in src_tasks:
-                        t.cancel()
-                    await asyncio.gather(*src_tasks, return_exceptions=True)
-                    buffer.new_stream_listeners.remove(add_forwarder)
-                    for t in fwd_tasks:
-                        t.cancel()
-                    await asyncio.gather(*fwd_tasks, return_exceptions=True)
+                try:
+                    reason = await self._wait_stop_or_reload()
+                finally:
+                    # in reverse: sources (nothing new is acknowledged), then forwarders
+                    await stop_tasks("sources", src_tasks)
+                    _discard(buffer.new_stream_listeners, add_forwarder)
+                    await stop_tasks("forwarders", fwd_tasks)
             return reason
-        finally:
-            for sink in reversed(started_sinks):
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(5):
-                        await sink.stop()
+
+    @staticmethod
+    async def _stop_sinks(sinks: list[Sink]) -> None:
+        """The sinks phase: every started sink stops at once, all within one share."""
+        if not sinks:
+            return
+
+        async def stop(sink: Sink) -> None:
+            try:
+                await sink.stop()
+            except Exception as exc:  # noqa: BLE001 - one sink's trouble must not stop the rest
+                log.warning("sink %s did not stop cleanly: %s", sink.name, exc)
+
+        try:
+            async with asyncio.timeout(share("sinks")), asyncio.TaskGroup() as tg:
+                for sink in reversed(sinks):
+                    tg.create_task(stop(sink), name=f"stop:sink:{sink.name}")
+        except TimeoutError:
+            log.warning(
+                "stop: sinks not stopped within their %.0f s share: %s",
+                share("sinks"),
+                ", ".join(s.name for s in sinks if s.state().state != State.STOPPED),
+            )
 
     async def _wait_stop_or_reload(self) -> str:
         while True:
-            stop = asyncio.ensure_future(self._stop.wait())
-            reload = asyncio.ensure_future(self._reload.wait())
-            try:
-                await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stop.cancel()
-                reload.cancel()
+            await self._wake.wait()
+            self._wake.clear()
             if self._stop.is_set():
                 return "stop"
+            if not self._reload.is_set():
+                continue
             self._reload.clear()
             if self._try_reload():
                 return "reload"
@@ -342,8 +395,7 @@ class Agent:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                st = source.state()
-                st.state, st.since, st.last_error = "error", time.time(), str(exc)
+                source.state().change(State.ERROR, str(exc))
                 log.error("source %s failed: %s; restarting in %.0f s", name, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
@@ -403,7 +455,7 @@ class Agent:
             tuple(s.state().state for s in gen.sinks.values()),
             tuple(s.state().state for s in gen.sources.values()),
             # idle <-> sending flips with every batch; only trouble is news
-            tuple(f.status.state in ("idle", "sending") for f in gen.forwarders.values()),
+            tuple(f.status.state.up for f in gen.forwarders.values()),
         )
 
     async def _write_heartbeat(self, stopped: bool = False) -> None:
@@ -481,7 +533,7 @@ class Agent:
             running=not stopped,
         )
         if self._notifier is not None and not stopped:
-            backlog = sum(s["backlog_events"] for s in self._snapshot["streams"])
+            backlog = sum(s.backlog_events for s in self._snapshot.streams)
             self._notifier.status(f"backlog {backlog} events; {rate_eps:.0f} events/s in")
 
     # ------------------------------------------------------------------ metrics
@@ -505,6 +557,17 @@ class Agent:
             return
         self._metrics = server
 
+    async def _stop_metrics(self) -> None:
+        """Part of the service phase (the server gives a scrape in progress 0.5 s)."""
+        server, self._metrics = self._metrics, None
+        if server is None:
+            return
+        try:
+            async with asyncio.timeout_at(self._service_deadline or deadline("service")):
+                await server.stop()
+        except Exception as exc:  # noqa: BLE001 - the port is freed at exit in any case
+            log.warning("metrics server did not stop cleanly: %s", exc)
+
     def _observe(self, stream: str, sink: str, seconds: float, events: int, outcome: str) -> None:
         if self._metrics is not None:
             self._metrics.observe_batch(stream, sink, seconds, events, outcome)
@@ -518,4 +581,9 @@ async def run_agent(config_path: Path) -> None:
     await agent.run()
 
 
-__all__ = ["Agent", "ConfigError", "run_agent"]
+def _discard(listeners: list[Any], listener: Any) -> None:
+    with contextlib.suppress(ValueError):
+        listeners.remove(listener)
+
+
+__all__ = ["STOP_TIMEOUT", "Agent", "ConfigError", "run_agent"]

@@ -4,7 +4,8 @@ The running agent writes a heartbeat (its in-memory view: sinks, sources, rates)
 file beside the buffer every HEARTBEAT_INTERVAL, and within a fraction of a second when a
 source, sink or forwarder changes state; the counters live in the ``streams`` table.
 Status reads both, read-only, so it works whether the agent runs or not, and metrics
-(built from the same snapshot inside the agent) always agree with it.
+(built from the same snapshot inside the agent) always agree with it. The snapshot is
+typed (agent/status_model.py); the JSON below is its ``to_dict()``.
 
 Schema 1 of ``status --json`` (stable; new keys may be added, none removed or renamed):
 
@@ -25,14 +26,24 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from agent.buffer import stats
 from agent.heartbeat import heartbeat_path, read_heartbeat
+from agent.interfaces import State
+from agent.status_model import (
+    SCHEMA,
+    AgentInfo,
+    BufferInfo,
+    SinkStatus,
+    SourceStatus,
+    StatusSnapshot,
+    StreamStatus,
+)
 
 HEARTBEAT_INTERVAL = 2.0
-SCHEMA = 1
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -72,7 +83,8 @@ def build_snapshot(
     stream_sinks: dict[str, tuple[str, str]],
     now: float | None = None,
     running: bool | None = None,
-) -> dict[str, Any]:
+) -> StatusSnapshot:
+    """The snapshot from the buffer's counters and the heartbeat (see the module doc)."""
     now = time.time() if now is None else now
     hb = heartbeat or {}
     hb_age = now - hb["at"] if "at" in hb else None
@@ -92,66 +104,70 @@ def build_snapshot(
         sink, prio = stream_sinks.get(name, (hb.get("stream_sinks", {}).get(name, ["", "normal"])))
         fs = fwd_state.get(name, {})
         streams.append(
-            {
-                "stream": name,
-                "sink": sink,
-                "priority": prio,
-                "last_sequence": r["last_seq"],
-                "forwarded_sequence": r["forwarded_seq"],
-                "backlog_events": r["backlog_events"],
-                "backlog_bytes": r["backlog_bytes"],
-                "oldest_unsent_age_s": (
+            StreamStatus(
+                stream=name,
+                sink=sink,
+                priority=prio,
+                last_sequence=r["last_seq"],
+                forwarded_sequence=r["forwarded_seq"],
+                backlog_events=r["backlog_events"],
+                backlog_bytes=r["backlog_bytes"],
+                oldest_unsent_age_s=(
                     round(now - r["oldest_unsent_at"], 3) if r["oldest_unsent_at"] else None
                 ),
-                "last_forwarded_at": r["last_forwarded_at"],
-                "last_error": r["last_error"],
-                "state": fs.get("state") if running else "stopped",
-                "dead_letters": r["dead_letters"],
-                "ingested_total": r["ingested_total"],
-                "forwarded_total": r["forwarded_total"],
-                "dropped_total": r["dropped_total"],
-                "dead_lettered_total": r["dead_lettered_total"],
-                "refused_total": int(refused.get(name, 0)),
-            }
+                last_forwarded_at=r["last_forwarded_at"],
+                last_error=r["last_error"],
+                state=_state(fs.get("state")) if running else State.STOPPED.value,
+                dead_letters=r["dead_letters"],
+                ingested_total=r["ingested_total"],
+                forwarded_total=r["forwarded_total"],
+                dropped_total=r["dropped_total"],
+                dead_lettered_total=r["dead_lettered_total"],
+                refused_total=int(refused.get(name, 0)),
+            )
         )
     rate_eps = float(hb.get("ingest_rate_eps", 0.0)) if running else 0.0
     fill_bps = float(hb.get("net_fill_bps", 0.0)) if running else 0.0
     free = max(0, max_bytes - used)
     full_in = round(free / fill_bps, 1) if fill_bps > 0 else None
-    return {
-        "schema": SCHEMA,
-        "agent": {
-            "id": hb.get("agent_id", agent_id),
-            "plant": hb.get("plant", plant),
-            "version": hb.get("version", version),
-            "running": running,
-            "pid": hb.get("pid") if running else None,
-            "started_at": hb.get("started_at"),
-            "heartbeat_age_s": round(hb_age, 3) if hb_age is not None else None,
-        },
-        "buffer": {
-            "path": str(path),
-            "file_bytes": file_bytes(path),
-            "used_bytes": used,
-            "max_bytes": max_bytes,
-            "on_full": on_full,
-            "durability": durability,
-            "epoch": meta.get("epoch"),
-            "ingest_rate_eps": round(rate_eps, 2),
-            "full_in_s": full_in,
-            "refused_total": int(sum(refused.values())) if refused else 0,
-            "last_write_error": hb.get("last_write_error") if running else None,
+    sinks = [SinkStatus.from_dict(s) for s in hb.get("sinks", [])]
+    sources = [SourceStatus.from_dict(s) for s in hb.get("sources", [])]
+    if not running:  # what the heartbeat said they were is history: they are stopped now
+        sinks = [replace(s, state=State.STOPPED.value) for s in sinks]
+        sources = [replace(s, state=State.STOPPED.value) for s in sources]
+    return StatusSnapshot(
+        agent=AgentInfo(
+            id=hb.get("agent_id", agent_id),
+            plant=hb.get("plant", plant),
+            version=hb.get("version", version),
+            running=running,
+            pid=hb.get("pid") if running else None,
+            started_at=hb.get("started_at"),
+            heartbeat_age_s=round(hb_age, 3) if hb_age is not None else None,
+        ),
+        buffer=BufferInfo(
+            path=str(path),
+            file_bytes=file_bytes(path),
+            used_bytes=used,
+            max_bytes=max_bytes,
+            on_full=on_full,
+            durability=durability,
+            epoch=meta.get("epoch"),
+            ingest_rate_eps=round(rate_eps, 2),
+            full_in_s=full_in,
+            refused_total=int(sum(refused.values())) if refused else 0,
+            last_write_error=hb.get("last_write_error") if running else None,
             # False while appends are refused (buffer full under on_full = block, disk full)
-            "accepting": bool(hb.get("accepting", True)) if running else None,
-        },
-        "streams": streams,
-        "sinks": hb.get("sinks", [])
-        if running
-        else [{**s, "state": "stopped"} for s in hb.get("sinks", [])],
-        "sources": hb.get("sources", [])
-        if running
-        else [{**s, "state": "stopped"} for s in hb.get("sources", [])],
-    }
+            accepting=bool(hb.get("accepting", True)) if running else None,
+        ),
+        streams=tuple(streams),
+        sinks=tuple(sinks),
+        sources=tuple(sources),
+    )
+
+
+def _state(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def access_problem(path: Path) -> str | None:
@@ -250,3 +266,18 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+__all__ = [
+    "HEARTBEAT_INTERVAL",
+    "SCHEMA",
+    "StatusSnapshot",
+    "access_problem",
+    "build_snapshot",
+    "file_bytes",
+    "human_bytes",
+    "human_duration",
+    "pid_alive",
+    "read_offline",
+    "unreadable",
+]

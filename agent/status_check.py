@@ -19,10 +19,13 @@ What decides the state (worst wins, every problem is named in the line, CRITICAL
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agent.interfaces import State
 from agent.status import human_duration
+from agent.status_model import StatusSnapshot
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 NAMES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
@@ -69,23 +72,25 @@ def _cut(text: str | None) -> str:
     return text if len(text) <= REASON_WIDTH else text[: REASON_WIDTH - 3] + "..."
 
 
-def figures(snap: dict[str, Any]) -> dict[str, Any]:
-    streams = snap.get("streams") or []
-    ages = [s["oldest_unsent_age_s"] for s in streams if s.get("oldest_unsent_age_s")]
+def figures(snapshot: StatusSnapshot | Mapping[str, Any]) -> dict[str, Any]:
+    snap = StatusSnapshot.of(snapshot)
+    streams = snap.streams
+    ages = [s.oldest_unsent_age_s for s in streams if s.oldest_unsent_age_s]
     oldest = max(ages, default=0.0)
-    worst = next((s["stream"] for s in streams if s.get("oldest_unsent_age_s") == oldest), None)
+    worst = next((s.stream for s in streams if s.oldest_unsent_age_s == oldest), None)
     return {
-        "backlog": sum(int(s.get("backlog_events") or 0) for s in streams),
+        "backlog": sum(s.backlog_events for s in streams),
         "oldest_age": float(oldest),
         "oldest_stream": worst,
-        "dead_letters": sum(int(s.get("dead_letters") or 0) for s in streams),
-        "runway": snap["buffer"].get("full_in_s"),
+        "dead_letters": sum(s.dead_letters for s in streams),
+        "runway": snap.buffer.full_in_s,
     }
 
 
-def perfdata(snap: dict[str, Any], t: Thresholds) -> str:
+def perfdata(snapshot: StatusSnapshot | Mapping[str, Any], t: Thresholds) -> str:
+    snap = StatusSnapshot.of(snapshot)
     f = figures(snap)
-    b = snap["buffer"]
+    b = snap.buffer
     runway = "U" if f["runway"] is None else f"{_num(f['runway'])}s"
     return " ".join(
         [
@@ -95,46 +100,51 @@ def perfdata(snap: dict[str, Any], t: Thresholds) -> str:
             f"{_t(t.crit_dead_letters)};0",
             # U: "not determined" in the guidelines' words; the buffer is not filling
             f"runway={runway};{_t(t.warn_runway, True)};{_t(t.crit_runway, True)};0",
-            f"buffer_used={int(b.get('used_bytes') or 0)}B;;;0;{int(b.get('max_bytes') or 0)}",
+            f"buffer_used={b.used_bytes}B;;;0;{b.max_bytes}",
         ]
     )
 
 
-def evaluate(snap: dict[str, Any], t: Thresholds) -> tuple[int, str]:
+#: states that make a sink or source a WARNING (auth_failed is CRITICAL on its own)
+_TROUBLE = (State.DISCONNECTED, State.ERROR)
+
+
+def evaluate(snapshot: StatusSnapshot | Mapping[str, Any], t: Thresholds) -> tuple[int, str]:
     """(exit code, the one output line) for a status snapshot."""
+    snap = StatusSnapshot.of(snapshot)
     crit: list[str] = []
     warn: list[str] = []
-    a, b = snap["agent"], snap["buffer"]
+    a, b = snap.agent, snap.buffer
     f = figures(snap)
 
-    if not a.get("running"):
-        age = a.get("heartbeat_age_s")
+    if not a.running:
+        age = a.heartbeat_age_s
         crit.append(
             "agent not running"
             + (f" (last heartbeat {human_duration(age)} ago)" if age is not None else "")
         )
-    refused_sinks = set()
-    for s in snap.get("sinks") or []:
-        if s.get("state") == "auth_failed":
-            refused_sinks.add(s["name"])
-            crit.append(f"sink {s['name']}: credentials refused ({_cut(s.get('last_error'))})")
-        elif s.get("state") in ("disconnected", "error"):
-            warn.append(f"sink {s['name']} {s['state']} ({_cut(s.get('last_error'))})")
-    for s in snap.get("streams") or []:
+    refused_sinks: set[str] = set()
+    for k in snap.sinks:
+        if k.state == State.AUTH_FAILED:
+            refused_sinks.add(k.name)
+            crit.append(f"sink {k.name}: credentials refused ({_cut(k.last_error)})")
+        elif k.state in _TROUBLE:
+            warn.append(f"sink {k.name} {k.state} ({_cut(k.last_error)})")
+    for s in snap.streams:
         # an HTTPS sink learns of a refusal per request: the stream's forwarder knows it
-        if s.get("state") == "auth_failed" and s.get("sink") not in refused_sinks:
-            refused_sinks.add(s.get("sink"))
-            crit.append(f"sink {s.get('sink')}: credentials refused ({_cut(s.get('last_error'))})")
-        elif s.get("state") == "error":
-            warn.append(f"stream {s['stream']}: forwarder error ({_cut(s.get('last_error'))})")
-    for s in snap.get("sources") or []:
-        if s.get("state") == "auth_failed":
-            crit.append(f"source {s['name']}: credentials refused ({_cut(s.get('last_error'))})")
-        elif s.get("state") in ("disconnected", "error"):
-            warn.append(f"source {s['name']} {s['state']} ({_cut(s.get('last_error'))})")
-    if a.get("running") and (b.get("accepting") is False or b.get("last_write_error")):
-        why = _cut(b.get("last_write_error")) or (
-            f"buffer full, on_full = {b.get('on_full')}; restore the sink or raise buffer.max_bytes"
+        if s.state == State.AUTH_FAILED and s.sink not in refused_sinks:
+            refused_sinks.add(s.sink)
+            crit.append(f"sink {s.sink}: credentials refused ({_cut(s.last_error)})")
+        elif s.state == State.ERROR:
+            warn.append(f"stream {s.stream}: forwarder error ({_cut(s.last_error)})")
+    for c in snap.sources:
+        if c.state == State.AUTH_FAILED:
+            crit.append(f"source {c.name}: credentials refused ({_cut(c.last_error)})")
+        elif c.state in _TROUBLE:
+            warn.append(f"source {c.name} {c.state} ({_cut(c.last_error)})")
+    if a.running and (b.accepting is False or b.last_write_error):
+        why = _cut(b.last_write_error) or (
+            f"buffer full, on_full = {b.on_full}; restore the sink or raise buffer.max_bytes"
         )
         crit.append(f"buffer refuses events ({why})")
 
@@ -166,7 +176,7 @@ def evaluate(snap: dict[str, Any], t: Thresholds) -> tuple[int, str]:
     state = CRITICAL if crit else WARNING if warn else OK
     if state == OK:
         text = (
-            f"running (pid {a.get('pid')}), {len(snap.get('streams') or [])} stream(s), "
+            f"running (pid {a.pid}), {len(snap.streams)} stream(s), "
             f"backlog {f['backlog']:,}, oldest unsent {human_duration(age) if age else '0s'}, "
             f"{dl} dead letter(s)"
         )

@@ -6,35 +6,35 @@ Colour only on a terminal (rich decides); a pipe or a file gets plain text.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from agent.interfaces import State, is_up
 from agent.status import human_bytes, human_duration
+from agent.status_model import StatusSnapshot
 
-_STATE_STYLE = {
-    "connected": "green",
-    "sending": "green",
-    "idle": "green",
-    "finished": "green",
-    "retrying": "yellow",
-    "disconnected": "yellow",
-    "starting": "yellow",
-    "auth_failed": "bold red",
-    "error": "bold red",
-    "stopped": "dim",
+#: up states are green (the one rule, agent.interfaces.is_up); these others are styled
+_STATE_STYLE: dict[str, str] = {
+    State.RETRYING: "yellow",
+    State.DISCONNECTED: "yellow",
+    State.STARTING: "yellow",
+    State.AUTH_FAILED: "bold red",
+    State.ERROR: "bold red",
+    State.STOPPED: "dim",
 }
 
 
 def _state(s: str | None) -> Text:
     s = s or "-"
-    return Text(s, style=_STATE_STYLE.get(s, ""))
+    return Text(s, style="green" if is_up(s) else _STATE_STYLE.get(s, ""))
 
 
-def _ago(ts: float | None) -> str:
-    return human_duration(time.time() - ts) + " ago" if ts else "-"
+def _ago(ts: float | str | None) -> str:
+    return human_duration(time.time() - ts) + " ago" if isinstance(ts, int | float) and ts else "-"
 
 
 #: the table's width when piped, and its widest on a terminal
@@ -86,32 +86,33 @@ def source_detail(detail: Any) -> str:
     return "  ".join(parts)
 
 
-def renderable(snap: dict[str, Any]) -> Group:
-    a, b = snap["agent"], snap["buffer"]
+def renderable(snapshot: StatusSnapshot | Mapping[str, Any]) -> Group:
+    snap = StatusSnapshot.of(snapshot)
+    a, b = snap.agent, snap.buffer
     head = Text()
-    head.append(f"edge-agent {a['version']}  agent {a['id']}  plant {a['plant']}  ")
-    if a["running"]:
-        head.append(f"RUNNING (pid {a['pid']}, up {_ago(a['started_at'])[:-4]})", style="green")
+    head.append(f"edge-agent {a.version}  agent {a.id}  plant {a.plant}  ")
+    if a.running:
+        head.append(f"RUNNING (pid {a.pid}, up {_ago(a.started_at)[:-4]})", style="green")
     else:
         head.append("NOT RUNNING", style="bold red")
-        if a["heartbeat_age_s"] is not None:
-            head.append(f" (last heartbeat {human_duration(a['heartbeat_age_s'])} ago)")
-    used = b["used_bytes"]
-    pct = 100 * used / b["max_bytes"] if b["max_bytes"] else 0
+        if a.heartbeat_age_s is not None:
+            head.append(f" (last heartbeat {human_duration(a.heartbeat_age_s)} ago)")
+    used = b.used_bytes
+    pct = 100 * used / b.max_bytes if b.max_bytes else 0
     buf = Text(
-        f"buffer {human_bytes(used)} of {human_bytes(b['max_bytes'])} ({pct:.0f}%), "
-        f"file {human_bytes(b['file_bytes'])}, on_full={b['on_full']}, "
-        f"durability={b['durability']}, in {b['ingest_rate_eps']:.0f} ev/s"
+        f"buffer {human_bytes(used)} of {human_bytes(b.max_bytes)} ({pct:.0f}%), "
+        f"file {human_bytes(b.file_bytes)}, on_full={b.on_full}, "
+        f"durability={b.durability}, in {b.ingest_rate_eps:.0f} ev/s"
     )
-    if b["full_in_s"] is not None:
+    if b.full_in_s is not None:
         buf.append(
-            f"\nbuffer full in ~{human_duration(b['full_in_s'])} at the current rate",
-            style="bold yellow" if b["full_in_s"] < 86400 else "yellow",
+            f"\nbuffer full in ~{human_duration(b.full_in_s)} at the current rate",
+            style="bold yellow" if b.full_in_s < 86400 else "yellow",
         )
-    if b.get("refused_total"):
-        buf.append(f"\n{b['refused_total']} events refused: buffer full", style="bold red")
-    if b.get("last_write_error"):
-        buf.append(f"\n{b['last_write_error']}", style="bold red")
+    if b.refused_total:
+        buf.append(f"\n{b.refused_total} events refused: buffer full", style="bold red")
+    if b.last_write_error:
+        buf.append(f"\n{b.last_write_error}", style="bold red")
 
     streams = Table(title=None, expand=False, pad_edge=False, box=None, header_style="bold")
     for col, just in [
@@ -123,20 +124,20 @@ def renderable(snap: dict[str, Any]) -> Group:
                            min_width=12 if col == "state" else len(col),
                            max_width=28 if col == "stream" else None)  # fmt: skip
     errors: list[Text] = []
-    for s in snap["streams"]:
-        dead = str(s["dead_letters"])
+    for s in snap.streams:
+        dead = str(s.dead_letters)
         streams.add_row(
-            s["stream"],
-            _state(s["state"]),
-            f"{s['backlog_events']:,}",
-            human_duration(s["oldest_unsent_age_s"]),
-            _ago(s["last_forwarded_at"]),
-            f"{s['forwarded_total']:,}",
-            Text(f"{s['dropped_total']:,}", style="red" if s["dropped_total"] else ""),
-            Text(dead, style="red" if s["dead_letters"] else ""),
+            s.stream,
+            _state(s.state),
+            f"{s.backlog_events:,}",
+            human_duration(s.oldest_unsent_age_s),
+            _ago(s.last_forwarded_at),
+            f"{s.forwarded_total:,}",
+            Text(f"{s.dropped_total:,}", style="red" if s.dropped_total else ""),
+            Text(dead, style="red" if s.dead_letters else ""),
         )
-        if s["last_error"]:
-            errors.append(Text(f"  {s['stream']}: {s['last_error']}"[:200], style="red"))
+        if s.last_error:
+            errors.append(Text(f"  {s.stream}: {s.last_error}"[:200], style="red"))
     # Errors go on their own lines below the table, like the streams' errors: a column
     # squeezed next to five others would fold a message into a four-letter-wide ribbon.
     comps = Table(expand=False, pad_edge=False, box=None, header_style="bold")
@@ -146,28 +147,28 @@ def renderable(snap: dict[str, Any]) -> Group:
     comps.add_column("since", no_wrap=True, min_width=9)
     comps.add_column("detail", no_wrap=True, overflow="ellipsis", max_width=DETAIL_WIDTH)
     comp_errors: list[Text] = []
-    for s in snap["sinks"]:
-        comps.add_row(f"sink {s['name']}", s["type"], _state(s["state"]), _ago(s["since"]), "")
-        if s["last_error"]:
-            comp_errors.append(Text(f"  sink {s['name']}: {s['last_error']}"[:200], style="red"))
-    for s in snap["sources"]:
-        detail = source_detail(s.get("detail"))
-        rejected = _count((s.get("detail") or {}).get("rejected")) if detail else None
-        comps.add_row(f"source {s['name']}", s["type"], _state(s["state"]), _ago(s["since"]),
+    for k in snap.sinks:
+        comps.add_row(f"sink {k.name}", k.type, _state(k.state), _ago(k.since), "")
+        if k.last_error:
+            comp_errors.append(Text(f"  sink {k.name}: {k.last_error}"[:200], style="red"))
+    for c in snap.sources:
+        detail = source_detail(c.detail)
+        rejected = _count(c.detail.get("rejected")) if detail else None
+        comps.add_row(f"source {c.name}", c.type, _state(c.state), _ago(c.since),
                       Text(detail, style="yellow" if rejected else ""))  # fmt: skip
-        if s["last_error"]:
-            comp_errors.append(Text(f"  source {s['name']}: {s['last_error']}"[:200], style="red"))
+        if c.last_error:
+            comp_errors.append(Text(f"  source {c.name}: {c.last_error}"[:200], style="red"))
     parts: list[Any] = [head, buf, Text(""), streams]
     if errors:
         parts += [Text("last errors:", style="bold"), *errors]
-    if snap["sinks"] or snap["sources"]:
+    if snap.sinks or snap.sources:
         parts += [Text(""), comps]
         if comp_errors:
             parts += [Text("last errors:", style="bold"), *comp_errors]
     return Group(*parts)
 
 
-def render(snap: dict[str, Any]) -> None:
+def render(snap: StatusSnapshot | Mapping[str, Any]) -> None:
     """On a terminal: its width, at most 100. Piped (a file, a ticket): exactly 100."""
     probe = Console()
     width = min(WIDTH, probe.width) if probe.is_terminal else WIDTH

@@ -24,7 +24,6 @@ from agent.metrics import (
     SINK_STATES,
     SOURCE_STATES,
     MetricsServer,
-    observe_batch,
     parse_listen,
 )
 
@@ -400,7 +399,7 @@ async def test_batch_histogram_and_outcomes(served) -> None:
     server, _, client = served
     server.observe_batch("line1", "central", 0.03, 500, "accepted")
     server.observe_batch("line1", "central", 0.2, 500, "accepted")
-    observe_batch("line1", "central", 12.0, 10, "retry")  # module-level: the running server
+    server.observe_batch("line1", "central", 12.0, 10, "retry")
     m = samples((await client.get("/metrics")).text)
     lv = {"stream": "line1", "sink": "central"}
     assert value(m, "edge_agent_batch_latency_seconds_count", **lv) == 3

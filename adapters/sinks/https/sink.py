@@ -109,10 +109,7 @@ class HttpsSink(Sink):
         return self._state
 
     def _set(self, state: str, error: str | None = None) -> None:
-        if state != self._state.state:
-            self._state.state = state
-            self._state.since = time.time()
-        self._state.last_error = error
+        self._state.change(state, error)
 
     async def send(self, batch: Batch) -> SendResult:
         if self._client is None:

@@ -763,12 +763,12 @@ class MqttSink(Sink):
             self._stats["acknowledged"] += 1
             if self._denied.pop(batch.stream, None) is not None and not self._denied:
                 if self._state.state == "connected":
-                    self._state.last_error = None
+                    self._state.clear_error()
         else:
             self._stats["failed"] += 1
             if result.outcome is Outcome.AUTH:
                 self._denied[batch.stream] = result.reason
-                self._state.last_error = f"stream {batch.stream}: {result.reason}"
+                self._state.note_error(f"stream {batch.stream}: {result.reason}")
             log.warning(
                 "sink %s: broker did not accept batch: %s",
                 self.name,
@@ -842,10 +842,7 @@ class MqttSink(Sink):
         self._changed = asyncio.Event()
 
     def _set_state(self, state: str, error: str | None) -> None:
-        if state != self._state.state:
-            self._state.since = time.time()
-        self._state.state = state
-        self._state.last_error = error
+        self._state.change(state, error)
 
     def _tls_context(self) -> ssl.SSLContext:
         try:

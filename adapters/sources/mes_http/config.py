@@ -41,8 +41,9 @@ class Config(SourceConfig):
     max_events: int = Field(default=10_000, ge=1, le=1_000_000)
     #: Retry-After sent with 503 while the buffer is full
     retry_after: Duration = Field(default=5.0, ge=1)
-    #: seconds in-flight requests get to finish when the agent stops
-    shutdown_timeout: Duration = 5.0
+    #: seconds in-flight requests get to finish when the agent stops; at most 5 s, so it
+    #: fits the sources' share of the stop budget (agent/lifecycle.py)
+    shutdown_timeout: Duration = Field(default=5.0, ge=0, le=5.0)
     #: site-specific UN/CEFACT rec. 20 unit codes accepted besides the built-in list
     extra_uom_codes: list[str] = Field(default_factory=list)
     mapping: FieldMapping | None = None

@@ -170,7 +170,7 @@ class MesHttpSource(Source):
         if errors:
             e = errors[0]
             first = f" [{e['index']}] {e['field'] or '(event)'}: {e['message']}"
-        self._state.last_error = f"{status} {reason} from {request.remote}: {message}{first}"
+        self._state.note_error(f"{status} {reason} from {request.remote}: {message}{first}")
         log.debug("%s: %s", self.name, self._state.last_error)
         body: dict[str, Any] = {"error": reason, "message": message, "stored": 0}
         if errors is not None:

@@ -295,7 +295,7 @@ class MqttSource(Source):
             self._subscribed = not item.refused
             for text in item.refused:
                 log.error(text, extra={"source": self.name})
-                self._state.last_error = text
+                self._state.note_error(text)
         elif isinstance(item, _Problem):
             if item.state == "disconnected" and self._state.state == "auth_failed":
                 return  # keep the more useful reason
@@ -307,7 +307,7 @@ class MqttSource(Source):
                 assert self._connected_event is not None
                 self._connected_event.clear()
             else:
-                self._state.last_error = item.text
+                self._state.note_error(item.text)
 
     async def _consume(self, ingest: Ingest, queue: asyncio.Queue[_Message]) -> None:
         while True:
@@ -331,7 +331,7 @@ class MqttSource(Source):
                 self._rejected[exc.reason] += 1
                 text = f"rejected message on {msg.topic!r}: {exc.text}"
                 log.warning(text, extra={"source": self.name, "stream": self.stream})
-                self._state.last_error = text
+                self._state.note_error(text)
                 decoded.append((msg, []))
         events = [ev for _, evs in decoded for ev in evs]
         if events:
@@ -367,7 +367,7 @@ class MqttSource(Source):
             extra={"source": self.name, "stream": self.stream},
         )
         self._held_back = True
-        self._state.last_error = str(exc)
+        self._state.note_error(str(exc))
         for msg, events in decoded:
             while events:
                 await asyncio.sleep(self.config.retry_interval)
@@ -377,7 +377,7 @@ class MqttSource(Source):
                     await self._append(ingest, events)
                     break
                 except BufferFull as again:
-                    self._state.last_error = str(again)
+                    self._state.note_error(str(again))
             if await self._current([msg]):
                 self._ack([msg])
         self._held_back = False

@@ -25,7 +25,6 @@ liveness check: no publish response or keep-alive within ``liveness_timeout``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import math
@@ -251,7 +250,8 @@ class OpcUaSource(Source):
             if self._sessions:
                 self.reconnects += 1
             self._sessions += 1
-            self._set_state("connected")
+            # nodes the server refused stay the last error once connected
+            self._set_state("connected", self._state.last_error if self.failed_nodes else None)
             log.info(
                 "source %s: connected to %s (%s), %d of %d items monitored",
                 self.name,
@@ -358,7 +358,7 @@ class OpcUaSource(Source):
                     log.warning("source %s: %s", self.name, why)
         self.monitored = monitored
         if self.failed_nodes:
-            self._state.last_error = (
+            self._state.note_error(
                 f"{len(self.failed_nodes)} node(s) not monitored, e.g. "
                 f"{next(iter(self.failed_nodes.values()))}"
             )
@@ -477,22 +477,18 @@ class OpcUaSource(Source):
         # One append in flight at a time (so batches commit in order, and a refused one is
         # retried before anything after it), but the next batch is taken and mapped while
         # the previous one commits: the fsync wait no longer stalls the whole source.
+        # The append in flight is a task of the writer's own group: cancelled with it.
         committing: asyncio.Task[None] | None = None
-        try:
+        async with asyncio.TaskGroup() as tg:
             while True:
                 events = await self._next_events(queue, linger, batch_max)
                 if committing is not None:
                     await committing
                     committing = None
                 if events:
-                    committing = asyncio.create_task(
+                    committing = tg.create_task(
                         self._append(ingest, events), name=f"opcua-append:{self.name}"
                     )
-        finally:
-            if committing is not None and not committing.done():
-                committing.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await committing
 
     async def _next_events(
         self,
@@ -537,7 +533,7 @@ class OpcUaSource(Source):
                 continue
             except BufferError_ as exc:
                 log.error("source %s: buffer append failed: %s; retrying in 1s", self.name, exc)
-                self._state.last_error = f"buffer: {exc}"
+                self._state.note_error(f"buffer: {exc}")
                 await asyncio.sleep(1.0)
                 continue
             self._buffer_full_since = None

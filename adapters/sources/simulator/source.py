@@ -59,7 +59,7 @@ class SimulatorSource(Source):
             pending.extend(self._next() for _ in range(max(0, n)))
             if not pending:
                 if c.limit and self._emitted >= c.limit:
-                    self._state.state = "finished"
+                    self._state.change("finished")
                     await asyncio.Event().wait()  # done: idle until cancelled
                 continue
             try:
@@ -67,7 +67,7 @@ class SimulatorSource(Source):
             except BufferFull as exc:
                 # A simulated machine cannot be held back: it keeps producing, and what
                 # does not fit is counted as lost at the source, like a real sensor.
-                self._state.last_error = str(exc)
+                self._state.note_error(str(exc))
                 log.warning("simulator %s: %s", self.name, exc)
                 await asyncio.sleep(0.5)
                 continue

@@ -158,14 +158,26 @@ class SparkplugSource(Source):
             extra={"source": self.name, "stream": self.stream},
         )
         self._connect(client)
-        room = loop.create_task(self._watch_room(ingest), name=f"{self.name}-state")
         try:
-            await self._consume(ingest, queue)
+            # the STATE watcher lives exactly as long as the consumer: one task group
+            async with asyncio.TaskGroup() as tg:
+                room = tg.create_task(self._watch_room(ingest), name=f"{self.name}-state")
+                try:
+                    await self._consume(ingest, queue)
+                finally:
+                    self._stopping = True
+                    room.cancel()
+        except ExceptionGroup as group:
+            # one error (a commit that failed, nested in the consumer's group): raise it
+            # as itself, so the supervisor's line says what failed, not "a TaskGroup"
+            one: BaseException = group
+            while isinstance(one, BaseExceptionGroup) and len(one.exceptions) == 1:
+                one = one.exceptions[0]
+            if one is group:
+                raise
+            raise one from None
         finally:
             self._stopping = True
-            room.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await room
             self._set("stopped")
             await asyncio.shield(asyncio.to_thread(self._close, client))
             self._client = None
@@ -430,8 +442,9 @@ class SparkplugSource(Source):
         """Decode the next group while the previous one commits (the commit spends most of
         its time in SQLite and fsync, outside the GIL). One commit at a time, in order:
         group N+1 is handed to the buffer, and acknowledged, only after group N is."""
+        # The commit in flight is a task of the consumer's own group: cancelled with it.
         pending: asyncio.Task[None] | None = None
-        try:
+        async with asyncio.TaskGroup() as tg:
             while True:
                 if pending is not None and (queue.empty() or pending.done()):
                     await pending  # nothing to decode ahead, or done: surface its errors
@@ -443,12 +456,7 @@ class SparkplugSource(Source):
                 events = self._decode(group)
                 if pending is not None:
                     await pending
-                pending = asyncio.create_task(self._commit(ingest, group, events))
-        finally:
-            if pending is not None:
-                pending.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pending
+                pending = tg.create_task(self._commit(ingest, group, events))
 
     def _decode(self, group: list[_Message]) -> list[NewEvent]:
         events: list[NewEvent] = []
@@ -460,7 +468,7 @@ class SparkplugSource(Source):
             events.extend(out.events)
             if out.fault:
                 log.warning("%s: asking for a rebirth", out.fault, extra={"source": self.name})
-                self._state.last_error = out.fault
+                self._state.note_error(out.fault)
             for reason, text in out.refused:
                 n = self._refused_logged[reason] = self._refused_logged[reason] + 1
                 if n == 1 or n % 1000 == 0:
@@ -487,7 +495,7 @@ class SparkplugSource(Source):
                             extra={"source": self.name, "stream": self.stream},
                         )
                     self._holding = True
-                    self._state.last_error = str(exc)
+                    self._state.note_error(str(exc))
                     self._kick.set()
                     await asyncio.sleep(self.config.retry_interval)
             if self._holding:
