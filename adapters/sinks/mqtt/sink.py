@@ -58,6 +58,7 @@ from adapters.sinks.mqtt.config import Config
 from agent.config import read_secret
 from agent.errors import ConfigError, SinkError
 from agent.interfaces import Batch, ComponentState, Outcome, SendResult, Sink
+from agent.tasks import TaskScope
 from agent.tls import TlsFileError
 
 log = logging.getLogger("edge_agent.sink.mqtt")
@@ -205,6 +206,7 @@ class MqttSink(Sink):
         self._tls: ssl.SSLContext | None = None
         self._password: str | None = None
         self._task: asyncio.Task[None] | None = None
+        self._scope: TaskScope | None = None
         #: one thread for the blocking part of connecting (DNS, TCP, TLS handshake)
         self._executor: ThreadPoolExecutor | None = None
         self._conn: _Connection | None = None
@@ -237,7 +239,9 @@ class MqttSink(Sink):
         self._password = self._read_password()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"mqtt-connect-{self.name}")
         self._connecting = True
-        self._task = asyncio.create_task(self._run(), name=f"sink-{self.name}-mqtt")
+        self._scope = TaskScope(f"sink {self.name}")
+        await self._scope.open()
+        self._task = self._scope.spawn(self._run(), name=f"sink-{self.name}-mqtt")
 
     async def stop(self) -> None:
         """Say "offline" (retained), disconnect cleanly (no Last Will), end the task."""
@@ -261,18 +265,16 @@ class MqttSink(Sink):
                 conn.client.disconnect()
                 await asyncio.wait({conn.lost}, timeout=STOP_TIMEOUT)
             self._close(conn, "sink stopped")
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-        self._stopped = True
-        self._set_state("stopped", None)
+        try:
+            if self._task is not None:
+                self._task.cancel()
+            if self._scope is not None:
+                await self._scope.close()  # raises TaskCrashed if _run crashed (a bug)
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+            self._stopped = True
+            self._set_state("stopped", None)
 
     def state(self) -> ComponentState:
         conn = self._conn
