@@ -87,15 +87,14 @@ class TaskScope:
         if self._group is None or self._closed:
             coro.close()
             raise RuntimeError(f"{self.owner}: task scope is not open (start it first)")
-        return self._group.create_task(self._reported(coro, name), name=name)
+        task = self._group.create_task(coro, name=name)
+        task.add_done_callback(self._report)
+        return task
 
-    async def _reported(self, coro: Coroutine[Any, Any, T], name: str) -> T:
-        try:
-            return await coro
-        except Exception:
-            # now, not at close(): the owner may be waiting on this task's work
-            log.exception("%s: task %s crashed", self.owner, name)
-            raise
+    def _report(self, task: asyncio.Task[Any]) -> None:
+        # now, not at close(): the owner may be waiting on this task's work
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("%s: task %s crashed", self.owner, task.get_name(), exc_info=exc)
 
     async def close(self) -> None:
         """Wait for every task of the scope (the component cancels its own first).
