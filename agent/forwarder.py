@@ -210,7 +210,7 @@ class StreamForwarder:
         the later batches) returned to be settled one by one."""
 
         def launch(batch: Batch) -> None:
-            task = tg.create_task(captured(self._timed_send(batch)), name=f"send:{batch.batch_id}")
+            task = tg.create_task(captured(self._timed_send, batch), name=f"send:{batch.batch_id}")
             inflight.append((batch, task))
 
         launch(first)

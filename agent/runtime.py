@@ -323,7 +323,7 @@ class Agent:
                     await stop_tasks("sources", src_tasks)
                     _discard(buffer.new_stream_listeners, add_forwarder)
                     await stop_tasks("forwarders", fwd_tasks)
-            return reason
+        return reason
 
     @staticmethod
     async def _stop_sinks(sinks: list[Sink]) -> None:

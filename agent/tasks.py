@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar
 
 log = logging.getLogger("edge_agent.tasks")
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,13 +43,16 @@ class Captured(Generic[T]):
         return self.value  # type: ignore[return-value]  # T may itself admit None
 
 
-async def captured(aw: Awaitable[T]) -> Captured[T]:
-    """Await ``aw`` and keep its outcome: a task of a TaskGroup that must not cancel its
-    siblings and the body when it fails (an in-flight send, a publish racing a lost
-    connection) runs this; the body decides what the exception means. Cancellation is
-    not captured."""
+async def captured(
+    fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
+) -> Captured[T]:
+    """Await ``fn(*args, **kwargs)`` and keep its outcome: a task of a TaskGroup that must
+    not cancel its siblings and the body when it fails (an in-flight send, a publish
+    racing a lost connection) runs this; the body decides what the exception means.
+    Cancellation is not captured. ``fn`` is called here, not by the caller, so a task
+    cancelled before it ran leaves no coroutine that was never awaited."""
     try:
-        return Captured(value=await aw)
+        return Captured(value=await fn(*args, **kwargs))
     except Exception as exc:  # noqa: BLE001 - handed to the body, not dropped
         return Captured(error=exc)
 

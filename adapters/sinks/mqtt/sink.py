@@ -57,7 +57,7 @@ from adapters.registry import AdapterContext
 from adapters.sinks.mqtt.config import Config
 from agent.config import read_secret
 from agent.errors import ConfigError, SinkError
-from agent.interfaces import Batch, ComponentState, Outcome, SendResult, Sink
+from agent.interfaces import Batch, ComponentState, Outcome, SendResult, Sink, State
 from agent.tasks import TaskScope
 from agent.tls import TlsFileError
 
@@ -200,7 +200,7 @@ class MqttSink(Sink):
         self._status_topic = f"{self._prefix}/agents/{ctx.agent_id}/status"
         self._client_id = config.client_id or f"edge-agent-{ctx.agent_id}-sink-{name}"
         self._started_at = _now_rfc3339()
-        self._state = ComponentState(state="starting", since=time.time())
+        self._state = ComponentState(state=State.STARTING, since=time.time())
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._tls: ssl.SSLContext | None = None
@@ -330,7 +330,7 @@ class MqttSink(Sink):
     def _batch_properties(self, batch: Batch) -> tuple[Properties, int]:
         """The contract's MQTT 5 properties and their packed length."""
         content_type = CONTENT_TYPE_GZIP if self._cfg.gzip else CONTENT_TYPE
-        props = Properties(PacketTypes.PUBLISH)
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho: no annotations
         props.ContentType = content_type
         props.PayloadFormatIndicator = 0 if self._cfg.gzip else 1
         user = [
@@ -495,7 +495,7 @@ class MqttSink(Sink):
         conn = self._new_connection()
         properties = None
         if self._v5:
-            properties = Properties(PacketTypes.CONNECT)
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho: no annotations
             properties.SessionExpiryInterval = 0
         connect = functools.partial(
             conn.client.connect,
@@ -620,7 +620,7 @@ class MqttSink(Sink):
         if cfg.presence:
             will_props = None
             if self._v5:
-                will_props = Properties(PacketTypes.WILLMESSAGE)
+                will_props = Properties(PacketTypes.WILLMESSAGE)  # type: ignore[no-untyped-call]  # paho: no annotations
                 will_props.ContentType = STATUS_CONTENT_TYPE
             client.will_set(
                 self._status_topic,
@@ -814,7 +814,7 @@ class MqttSink(Sink):
         """Every presence message (online, stopped) says it is JSON, as the Last Will does."""
         if not self._v5:
             return None
-        props = Properties(PacketTypes.PUBLISH)
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho: no annotations
         props.ContentType = STATUS_CONTENT_TYPE
         return props
 

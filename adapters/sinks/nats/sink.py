@@ -45,7 +45,7 @@ from adapters.sinks.nats.config import Config
 from agent.config import read_secret
 from agent.errors import ConfigError, SinkError
 from agent.event import format_sequence
-from agent.interfaces import Batch, ComponentState, SendResult, Sink
+from agent.interfaces import Batch, ComponentState, SendResult, Sink, State
 from agent.tasks import TaskScope, captured
 from agent.tls import TlsFileError
 
@@ -92,7 +92,7 @@ class NatsSink(Sink):
         self._cfg = config
         self._ctx = ctx
         self._prefix = f"{config.subject_prefix}.{ctx.plant}"
-        self._state = ComponentState(state="starting", since=time.time())
+        self._state = ComponentState(state=State.STARTING, since=time.time())
         self._nc: Any = None
         self._js: Any = None
         self._lost: asyncio.Future[str] | None = None
@@ -459,7 +459,7 @@ class NatsSink(Sink):
         async with asyncio.TaskGroup() as tg:
             pub = tg.create_task(
                 captured(
-                    js.publish(subject, payload, timeout=self._cfg.ack_timeout, headers=headers)
+                    js.publish, subject, payload, timeout=self._cfg.ack_timeout, headers=headers
                 ),
                 name=f"sink-{self.name}-publish",
             )
