@@ -64,7 +64,7 @@ class LazyGroup(click.Group):
     `edge-agent status` does not pay for importing asyncua (seconds on a small box)."""
 
     lazy = {
-        "gateway": "agent.gateway.cli:gateway",
+        "gateway": "gateway.cli:gateway",
         "opcua": "adapters.sources.opcua.cli:opcua",
         "sparkplug": "adapters.sources.sparkplug.cli:sparkplug",
     }

@@ -101,7 +101,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
         Deadline(1)  # loops below are bounded by their own deadlines
         raw = asyncio.run(raw_httpx(gw, batches, 1))
         agent = asyncio.run(agent_drain(gw, d / "agent.db", "line1", n, 1))
-        from agent.gateway.store import received_count
+        from gateway.store import received_count
 
         got = received_count(gw.db_path, "line1")
     finally:

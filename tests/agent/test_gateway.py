@@ -631,7 +631,7 @@ async def test_many_batches_from_concurrent_async_clients(gw, stream):
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "agent.gateway", *args],
+        [sys.executable, "-m", "gateway", *args],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
@@ -689,7 +689,7 @@ def test_body_over_max_body_is_413(gateway, stream):
 
 async def test_in_process_server_serves_and_stops(tmp_path, stream):
     """GatewayServer, for embedding (benchmarks, demo): same routes, clean stop, data kept."""
-    from agent.gateway.server import GatewayServer, GatewaySettings
+    from gateway.server import GatewayServer, GatewaySettings
 
     settings = GatewaySettings(port=0, db=tmp_path / "gw.sqlite3")
     async with GatewayServer(settings) as server:
@@ -702,6 +702,6 @@ async def test_in_process_server_serves_and_stops(tmp_path, stream):
         async with httpx.AsyncClient() as client:
             r = await client.post(server.url, content=orjson.dumps(evs), headers=headers_for(evs))
         assert r.status_code == 503
-    from agent.gateway import read_events
+    from gateway import read_events
 
     assert read_events(settings.db, stream) == evs
