@@ -64,10 +64,10 @@ def raw_paho(port: int, payloads: list[bytes], n: int) -> float:
 
 
 async def agent_drain(url: str, path: Path, d: Path, n: int) -> float:
-    from adapters.registry import AdapterContext
     from adapters.sinks.mqtt import Config, MqttSink
     from agent.buffer import Buffer
     from agent.forwarder import ForwarderSettings, StreamForwarder
+    from agent.registry import AdapterContext
 
     buf = await Buffer.open(path, plant="p", agent_id="a", durability="fsync", max_bytes=8 << 30)
     sink = MqttSink("central", Config(url=url), AdapterContext("a", "p", d, "bench"))

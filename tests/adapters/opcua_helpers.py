@@ -11,10 +11,10 @@ from typing import Any
 
 import orjson
 
-from adapters.registry import AdapterContext
 from adapters.sources.opcua import Config, build
 from adapters.sources.opcua.source import OpcUaSource
 from agent.buffer import Buffer
+from agent.registry import AdapterContext
 
 NS = "urn:edge-agent:test-server"
 

@@ -36,7 +36,7 @@ RUNNER = r"""
 import asyncio, json, os, signal, sys
 from pathlib import Path
 
-from adapters.registry import AdapterContext
+from agent.registry import AdapterContext
 from adapters.sources.drop_folder import Config, build
 from agent.buffer import Buffer
 

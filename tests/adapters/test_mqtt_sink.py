@@ -17,12 +17,12 @@ import orjson
 import paho.mqtt.client as mqtt
 import pytest
 
-from adapters.registry import AdapterContext
 from adapters.sinks.mqtt import Config, MqttSink
 from adapters.sinks.mqtt.sink import CONTENT_TYPE, CONTENT_TYPE_GZIP, publish_packet_size
 from agent.event import encode, source_uri
 from agent.ids import ulids
 from agent.interfaces import Batch, NewEvent, Outcome, SendResult
+from agent.registry import AdapterContext
 from tests.fixtures.mosquitto import (
     Mosquitto,
     MosquittoFactory,

@@ -19,10 +19,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from adapters.registry import AdapterContext
 from adapters.sources.mqtt import Config, MqttSource, build
 from agent.buffer import Buffer
 from agent.config import ConfigError, parse_config
+from agent.registry import AdapterContext
 from tests.fixtures.mosquitto import Mosquitto
 
 STREAM = "uns"

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import trustme
 
-from adapters.registry import AdapterContext
 from adapters.sinks.https.config import HttpsSinkConfig
 from adapters.sinks.https.sink import HttpsSink
 from adapters.sinks.mqtt import Config as MqttSinkConfig
@@ -20,6 +19,7 @@ from adapters.sources.mqtt.config import Config as MqttSourceConfig
 from adapters.sources.mqtt.source import MqttSource
 from agent import tls
 from agent.interfaces import Outcome
+from agent.registry import AdapterContext
 from tests.adapters.test_mqtt_sink import make_batch, sink_config
 from tests.fixtures.mosquitto import MosquittoFactory, MqttPki
 

@@ -18,10 +18,10 @@ from typing import Any
 import orjson
 import pytest
 
-from adapters.registry import AdapterContext
 from adapters.sources.sparkplug import Config, SparkplugSource, build
 from adapters.sources.sparkplug import payload as sp
 from agent.buffer import Buffer
+from agent.registry import AdapterContext
 from agent.vocabulary import validate_data
 from tests.fixtures.mosquitto import Mosquitto, Received, Subscriber
 from tests.interop.sparkplug_peers import TahuEdgeNode

@@ -379,9 +379,9 @@ def _count_auth_errors(p: Path, offset: int) -> int:
 
 
 def test_publish_denied_by_permissions_is_auth_not_a_timeout(js, tmp_path):
-    from adapters.registry import AdapterContext
     from adapters.sinks.nats import Config, NatsSink
     from agent.interfaces import Batch, Outcome
+    from agent.registry import AdapterContext
 
     cluster, stream = js
     asyncio.run(cluster.add_stream(stream, ["denied.>"]))

@@ -44,6 +44,16 @@ def test_version(edge_agent_binary: Path, tmp_path: Path) -> None:
     assert agent.__version__ in res.stdout
 
 
+def test_the_binary_finds_the_commands_beside_the_adapters(
+    edge_agent_binary: Path, tmp_path: Path
+) -> None:
+    """They are found by entry point (agent/registry.py): the spec ships the metadata."""
+    for command in ("gateway", "opcua", "sparkplug"):
+        res = run([str(edge_agent_binary), command, "--help"], tmp_path)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert f"edge-agent {command}" in res.stdout, res.stdout
+
+
 def test_config_check_example(edge_agent_binary: Path, tmp_path: Path) -> None:
     res = run(
         [str(edge_agent_binary), "config", "check", str(REPO / "config/example.toml")], tmp_path
