@@ -140,3 +140,52 @@ def test_the_commands_beside_the_adapters_are_click_commands() -> None:
     for name in registry.command_names():
         assert isinstance(registry.command(name), click.Command), name
     assert registry.command("no-such-command") is None
+
+
+# ------------------------------------------------------------------------- the tests' own
+
+#: programs under tests/ that are neither tests nor helpers: dev.py runs the first two to
+#: install the interop peers; the third runs in the mqtt-spb-wrapper venv they make
+PEER_PROGRAMS = {
+    "tests/interop/ensure_node_opcua.py",
+    "tests/interop/ensure_sparkplug_client.py",
+    "tests/interop/sparkplug/spb_wrapper_node.py",
+}
+
+
+def _test_sources() -> list[Path]:
+    skip = {"node_modules", ".venv", "__pycache__"}
+    return sorted(
+        p for p in (ROOT / "tests").rglob("*.py") if not skip & set(p.relative_to(ROOT).parts)
+    )
+
+
+def test_test_helpers_live_in_fixtures() -> None:
+    """Outside tests/fixtures/ a module is a test module, a conftest or a peer's program."""
+    stray = [
+        rel
+        for p in _test_sources()
+        if not (rel := p.relative_to(ROOT).as_posix()).startswith("tests/fixtures/")
+        and not p.name.startswith("test_")
+        and p.name not in ("conftest.py", "__init__.py")
+        and rel not in PEER_PROGRAMS
+    ]
+    assert not stray, f"helpers belong in tests/fixtures/: {stray}"
+
+
+def test_no_test_module_imports_another() -> None:
+    """A test module imports helpers from tests.fixtures, never from another test module."""
+    found = []
+    for path in _test_sources():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
+            for name in names:
+                if name.startswith("tests.") and not name.startswith("tests.fixtures"):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {name}")
+    assert not found, "import helpers from tests.fixtures:\n" + "\n".join(found)

@@ -20,8 +20,8 @@ from adapters.sources.mqtt.source import MqttSource
 from agent import tls
 from agent.interfaces import Outcome
 from agent.registry import AdapterContext
-from tests.adapters.test_mqtt_sink import make_batch, sink_config
 from tests.fixtures.mosquitto import MosquittoFactory, MqttPki
+from tests.fixtures.mqtt_sink import make_batch, sink_config
 
 CTX = AdapterContext(agent_id="agent-1", plant="plant-a", state_dir=Path("."), version="9.9.9")
 

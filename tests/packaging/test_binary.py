@@ -12,26 +12,13 @@ from pathlib import Path
 from PyInstaller.archive.readers import CArchiveReader
 
 import agent
-from tests.agent.test_sdnotify import (
+from tests.fixtures.packaging import REPO
+from tests.fixtures.sdnotify import (
     NotifySocket,
     _free_port,
     run_agent_with_notify,
     write_agent_config,
 )
-from tests.packaging.helpers import REPO
-
-PR_SET_MDWE = 65
-PR_MDWE_REFUSE_EXEC_GAIN = 1
-
-# Runs argv[1:] with the kernel's memory-deny-write-execute set (inherited across fork and
-# exec): the same protection as the unit's MemoryDenyWriteExecute=yes.
-MDWE_EXEC = f"""
-import ctypes, os, sys
-libc = ctypes.CDLL(None, use_errno=True)
-if libc.prctl({PR_SET_MDWE}, {PR_MDWE_REFUSE_EXEC_GAIN}, 0, 0, 0) != 0:
-    sys.exit("PR_SET_MDWE failed (errno %d): needs Linux >= 6.3" % ctypes.get_errno())
-os.execv(sys.argv[1], sys.argv[1:])
-"""
 
 
 def run(cmd: list[str], tmp_path: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -146,7 +133,11 @@ def test_binary_sends_ready_and_watchdog_under_mdwe(built_exe: Path, tmp_path: P
     ns = NotifySocket(str(tmp_path / "notify.sock"), str(tmp_path / "notify.sock"))
     try:
         cfg = write_agent_config(tmp_path, _free_port(), _free_port())
-        command = [sys.executable, "-c", MDWE_EXEC, str(built_exe)]
+        command = [
+            sys.executable,
+            str(REPO / "tests/fixtures/programs/mdwe_exec.py"),
+            str(built_exe),
+        ]
         run_agent_with_notify(command, cfg, ns, tmp_path, watchdog_usec=2_000_000)
     finally:
         ns.close()
