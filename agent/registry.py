@@ -50,10 +50,18 @@ class AdapterContext:
 
 
 @functools.cache
+def _installed() -> tuple[EntryPoint, ...]:
+    """The entry points of our groups, read once: each read walks every distribution's
+    metadata (tens of milliseconds), and a config load needs two groups."""
+    everything = entry_points()
+    return tuple(ep for group in GROUPS.values() for ep in everything.select(group=group))
+
+
+@functools.cache
 def _table(group: str) -> dict[str, EntryPoint]:
     """Name -> entry point, sorted by name; the first distribution on sys.path wins a name."""
     found: dict[str, EntryPoint] = {}
-    for ep in entry_points(group=GROUPS[group]):
+    for ep in (ep for ep in _installed() if ep.group == GROUPS[group]):
         found.setdefault(ep.name, ep)
     if group != "commands" and not found:
         raise EdgeAgentError(
