@@ -661,6 +661,26 @@ def test_report_cli_on_a_missing_file_is_one_line(tmp_path):
     assert out.stderr.count("\n") == 1 and "nope.sqlite3" in out.stderr
 
 
+def test_edge_agent_gateway_is_the_same_program(gateway, stream, tmp_path):
+    """`edge-agent gateway` (found by entry point) and `python -m gateway` are one command."""
+    gw = gateway()
+    with gw.client(timeout=10) as client:
+        post(client, gw, events(1, 3))
+    gw.stop()
+    via_agent = subprocess.run(
+        [sys.executable, "-m", "agent", "gateway", "report", "--db", str(gw.db_path), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert via_agent.returncode == 0, via_agent.stderr
+    direct = _cli("report", "--db", str(gw.db_path), "--json")
+    assert direct.returncode == 0, direct.stderr
+    assert orjson.loads(via_agent.stdout)["totals"] == orjson.loads(direct.stdout)["totals"]
+    assert orjson.loads(direct.stdout)["totals"]["received"] == 3
+
+
 def test_serve_cli_errors_are_one_line(tmp_path):
     cert = tmp_path / "c.pem"
     cert.write_text("x")
