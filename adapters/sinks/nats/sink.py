@@ -40,12 +40,12 @@ import ssl
 import time
 from typing import Any
 
-from adapters.registry import AdapterContext
 from adapters.sinks.nats.config import Config
 from agent.config import read_secret
 from agent.errors import ConfigError, SinkError
 from agent.event import format_sequence
 from agent.interfaces import Batch, ComponentState, SendResult, Sink
+from agent.registry import AdapterContext
 from agent.tls import TlsFileError
 
 log = logging.getLogger("edge_agent.sink.nats")

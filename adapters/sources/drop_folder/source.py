@@ -27,9 +27,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.registry import AdapterContext
 from agent.errors import BufferFull
 from agent.interfaces import Committed, ComponentState, Ingest, Source
+from agent.registry import AdapterContext
 
 from . import files
 from .config import Config

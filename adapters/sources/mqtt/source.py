@@ -40,13 +40,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from adapters.registry import AdapterContext
 from adapters.sources.mes_common import MesInputError, parse_mes_payload
 from adapters.sources.mqtt import uns
 from agent.config import read_secret
 from agent.errors import BufferFull, SourceError
 from agent.interfaces import Committed, ComponentState, Ingest, NewEvent, Source
 from agent.logs import register_secret
+from agent.registry import AdapterContext
 from agent.tls import TlsFileError
 
 from .config import Config, Subscription
