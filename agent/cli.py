@@ -14,9 +14,10 @@ import os
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import orjson
@@ -64,25 +65,23 @@ def _load(path: Path) -> Config:
 
 
 class LazyGroup(click.Group):
-    """Commands that live beside their adapters are imported only when used, so that
-    `edge-agent status` does not pay for importing asyncua (seconds on a small box)."""
-
-    lazy = {
-        "gateway": "agent.gateway.cli:gateway",
-        "opcua": "adapters.sources.opcua.cli:opcua",
-        "sparkplug": "adapters.sources.sparkplug.cli:sparkplug",
-    }
+    """Commands that live beside their adapters (and the reference gateway) are found by
+    entry point (agent/registry.py) and imported only when used, so that `edge-agent
+    status` does not pay for importing asyncua (seconds on a small box)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), *self.lazy])
+        from agent import registry
+
+        return sorted({*super().list_commands(ctx), *registry.command_names()})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name in self.lazy:
-            import importlib
+        found = super().get_command(ctx, cmd_name)
+        if found is not None:
+            return found
+        from agent import registry
 
-            module, attr = self.lazy[cmd_name].split(":")
-            return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
-        return super().get_command(ctx, cmd_name)
+        command = registry.command(cmd_name)
+        return command if isinstance(command, click.Command) else None
 
 
 @click.group(
@@ -271,12 +270,14 @@ def _snapshot_offline(cfg: Config) -> StatusSnapshot:
     )
 
 
-class Duration(click.ParamType):
+class Duration(click.ParamType[float | None]):
     """A duration as in the config (90s, 15m, 4h, 2d, plain seconds); ``off`` disables."""
 
     name = "duration"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float | None:
         if value is None or isinstance(value, float):
             return value
         if str(value).strip().lower() in ("off", "none", "-"):
@@ -289,10 +290,12 @@ class Duration(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-class Count(click.ParamType):
+class Count(click.ParamType[int | None]):
     name = "count"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> int | None:
         if value is None or isinstance(value, int):
             return value
         if str(value).strip().lower() in ("off", "none", "-"):
@@ -302,7 +305,12 @@ class Count(click.ParamType):
         return int(value)
 
 
-def _threshold(name: str, kind: click.ParamType, default: str, what: str) -> Any:
+_Decorated = TypeVar("_Decorated", bound=Callable[..., Any])
+
+
+def _threshold(
+    name: str, kind: click.ParamType[Any], default: str, what: str
+) -> Callable[[_Decorated], _Decorated]:
     return click.option(f"--{name}", type=kind, default=default, show_default=True,
                         help=f"--check: {what} (off disables)")  # fmt: skip
 

@@ -2,8 +2,8 @@
 
 Sources and sinks are tables keyed by a name the operator picks (``[sources.line1]``,
 ``[sinks.central]``) with a ``type`` naming the adapter; each adapter owns its config model
-(``adapters/<kind>/<type>/config.py``) and is looked up in ``adapters.registry``, so a new
-adapter does not touch this file.
+(``adapters/<kind>/<type>/config.py``) and is looked up in ``agent.registry`` (entry points),
+so a new adapter does not touch this file.
 
 Secrets never live in the model as plain ``str``: they are ``SecretStr`` filled from a
 ``*_file`` key or a ``${ENV}`` reference, so repr, logs and status cannot show them.
@@ -206,9 +206,6 @@ class Config(Model):
     def warnings(self) -> tuple[str, ...]:
         return self._warnings
 
-    def stream_of(self, source_name: str) -> str:
-        return self.sources[source_name].stream or source_name
-
     def sink_for(self, stream: str) -> str:
         s = self.streams.get(stream)
         if s and s.sink:
@@ -277,7 +274,7 @@ def _first_error(exc: ValidationError, prefix: str) -> ConfigError:
 def _validate_components(
     raw: dict[str, Any], kind: str, deprecations: list[str] | None = None
 ) -> dict[str, Any]:
-    from adapters import registry
+    from agent import registry
 
     table = raw.get(kind, {})
     if not isinstance(table, dict):

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from adapters import registry
+from agent import registry
 from agent.config import Config
 from agent.errors import ConfigError, EdgeAgentError
 

@@ -39,11 +39,3 @@ def ulids(n: int, now_ms: int | None = None) -> list[str]:
 
 def ulid() -> str:
     return ulids(1)[0]
-
-
-def ulid_time_ms(value: str) -> int:
-    """The millisecond timestamp a ULID carries."""
-    n = 0
-    for ch in value[:10]:
-        n = n * 32 + _CROCKFORD.index(ch)
-    return n

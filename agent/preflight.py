@@ -369,7 +369,7 @@ class Check:
     def buffer_file(self, key: str, path: Path) -> None:
         """The buffer: its directory can be created and written, and an existing file is
         an edge-agent buffer whose schema this version understands."""
-        from agent.buffer import SCHEMA_VERSION
+        from agent.buffer.schema import SCHEMA_VERSION, read_file_schema
 
         if not self.creatable_directory(key, path.parent):
             return
@@ -402,23 +402,18 @@ class Check:
                 self.problem(key, damaged)
             return
         try:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2.0)
-            try:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-            finally:
-                conn.close()
+            found = read_file_schema(path)
         except sqlite3.DatabaseError:
             if not self.for_run:
                 self.problem(key, damaged)
             return
-        if version > SCHEMA_VERSION:
+        if found.version > SCHEMA_VERSION:
             self.problem(
                 key,
-                f"{path} has buffer schema {version}, newer than this agent's "
+                f"{path} has buffer schema {found.version}, newer than this agent's "
                 f"({SCHEMA_VERSION}): upgrade edge-agent or set buffer.path elsewhere",
             )
-        elif version == 0 and tables:
+        elif found.version == 0 and found.has_tables:
             self.problem(
                 key,
                 f"{path} is an SQLite database but not an edge-agent buffer: set buffer.path "

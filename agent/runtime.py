@@ -31,8 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapters import registry
-from agent import __version__
+from agent import __version__, registry
 from agent.buffer import Buffer
 from agent.config import Config, load_config
 from agent.errors import ConfigError, EdgeAgentError

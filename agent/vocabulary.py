@@ -592,7 +592,7 @@ def _message(err: Mapping[str, Any], model: type[BaseModel]) -> str:
     if kind == "string_too_short" and err.get("ctx", {}).get("min_length") == 1:
         return "must not be empty (leave an optional field out instead)"
     if kind == "literal_error":
-        return err["msg"].replace("Input should be", "must be")
+        return str(err["msg"]).replace("Input should be", "must be")
     msg = str(err["msg"])
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):

@@ -73,10 +73,10 @@ async def _batches(path: Path, stream: str) -> list[Any]:
 async def agent_drain(cluster: Any, stream: str, path: Path, d: Path, n: int) -> float:
     from pydantic import SecretStr
 
-    from adapters.registry import AdapterContext
     from adapters.sinks.nats import Config, NatsSink
     from agent.buffer import Buffer
     from agent.forwarder import ForwarderSettings, StreamForwarder
+    from agent.registry import AdapterContext
     from tests.fixtures.nats_cluster import ADMIN, ADMIN_PASSWORD
 
     buf = await Buffer.open(path, plant="p", agent_id="a", durability="fsync", max_bytes=8 << 30)

@@ -48,10 +48,10 @@ if str(REPO) not in sys.path:
 async def _agent(i: int, args: argparse.Namespace, plan: dict[str, float], out: dict) -> None:
     from pydantic import SecretStr
 
-    from adapters.registry import AdapterContext
     from agent.buffer import Buffer
     from agent.forwarder import ForwarderSettings, StreamForwarder
     from agent.interfaces import Outcome, Sink
+    from agent.registry import AdapterContext
     from bench.common import event
 
     plant = f"plant{i:03d}"

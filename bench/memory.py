@@ -60,7 +60,7 @@ def status_time(cfg: Path) -> tuple[float, int]:
 
 
 def run(ctx: Ctx) -> dict[str, Any]:
-    from agent.gateway.store import received_count
+    from gateway.store import received_count
 
     d = ctx.dir("memory")
     n = ctx.n(1_000_000, 200_000)

@@ -24,9 +24,9 @@ def cpu() -> float:
 
 
 async def agent(port: int, n: int, seconds: float) -> dict[str, object]:
-    from adapters.registry import AdapterContext
     from adapters.sources.opcua import Config, build
     from agent.buffer import Buffer
+    from agent.registry import AdapterContext
 
     cfg = Config.model_validate(
         {

@@ -53,10 +53,10 @@ def response(tick: int) -> bytes:
 
 
 async def main(ticks: int) -> dict[str, float]:
-    from adapters.registry import AdapterContext
     from adapters.sources.opcua import Config, build
     from adapters.sources.opcua.mapping import NodeMapper
     from agent.buffer import Buffer
+    from agent.registry import AdapterContext
 
     blobs = [response(t) for t in range(ticks)]
     c0 = cpu()

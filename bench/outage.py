@@ -113,7 +113,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
         res = asyncio.run(scenario(gw, d / "o.db", 10.0, outage))
     finally:
         gw.stop()
-    from agent.gateway.report import read_report
+    from gateway.report import read_report
 
     rep = read_report(gw.db_path)
     st = [s for s in rep["streams"] if s["stream"] == "line1"]

@@ -13,9 +13,9 @@ from bench.ingest import agent_batches
 
 
 async def serve_and_push(ctx: Ctx, n: int, conc: int) -> tuple[float, int]:
-    from adapters.registry import AdapterContext
     from adapters.sources.mes_http import Config, build
     from agent.buffer import Buffer
+    from agent.registry import AdapterContext
 
     d = ctx.dir("push")
     buf = await Buffer.open(d / "push.db", plant="p", agent_id="a", durability="fsync")

@@ -108,9 +108,9 @@ def raw_side(port: int, messages: int) -> float:
 
 
 async def source_side(port: int, d: Path, messages: int) -> tuple[float, dict[str, Any]]:
-    from adapters.registry import AdapterContext
     from adapters.sources.sparkplug import Config, build
     from agent.buffer import Buffer
+    from agent.registry import AdapterContext
 
     buf = await Buffer.open(d / "spb.db", durability="fsync", max_bytes=8 << 30)
     cfg = Config.model_validate(

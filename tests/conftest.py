@@ -4,6 +4,7 @@ pytest_plugins = [
     "tests.fixtures.common",
     "tests.fixtures.gateway",
     "tests.fixtures.mosquitto",
+    "tests.fixtures.mqtt_sink",  # make_sink: MqttSink instances stopped at teardown
     "tests.fixtures.opcua_server",
 ]
 

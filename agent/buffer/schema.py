@@ -128,6 +128,31 @@ class Opened:
     operator_generation: str
 
 
+@dataclass(frozen=True, slots=True)
+class FileSchema:
+    """What an existing file is, as far as this module is concerned."""
+
+    #: PRAGMA user_version: the buffer schema it was migrated to (0: never by edge-agent)
+    version: int
+    #: any table at all: an SQLite file with tables and version 0 is someone else's database
+    has_tables: bool
+
+
+def read_file_schema(path: Path) -> FileSchema:
+    """The schema of an existing file, read-only, so that ``config check`` can say whether
+    this agent can open it without opening it the way ``run`` does (no migration, no WAL
+    write). The answer comes from the module that owns the schema, not from a second reader
+    of its tables. Raises sqlite3.DatabaseError for a file that is not a readable SQLite
+    database."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2.0)
+    try:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        tables = conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is not None
+    finally:
+        conn.close()
+    return FileSchema(version=version, has_tables=tables)
+
+
 def prepare_file(path: Path) -> bool:
     """Create the directory and the empty file durably with FILE_MODE; True when the file
     existed (and so must pass the integrity check)."""

@@ -11,11 +11,11 @@ from typing import Any
 import orjson
 import pytest
 
-from adapters.registry import AdapterContext
 from adapters.sources.drop_folder import Config, DropFolderSource, build
 from adapters.sources.drop_folder.files import StabilityTracker, scan
 from agent.buffer import Buffer
 from agent.config import ConfigError, parse_config
+from agent.registry import AdapterContext
 
 STREAM = "mes_drop"
 CTX = AdapterContext(agent_id="test-agent", plant="plant-test", state_dir=Path("."), version="0")

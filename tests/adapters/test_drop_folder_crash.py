@@ -32,48 +32,6 @@ from tests.fixtures.common import AgentProcess, agent_config, https_sink
 
 REPO = Path(__file__).resolve().parents[2]
 
-RUNNER = r"""
-import asyncio, json, os, signal, sys
-from pathlib import Path
-
-from adapters.registry import AdapterContext
-from adapters.sources.drop_folder import Config, build
-from agent.buffer import Buffer
-
-
-class KillAfterCommit:
-    # The real buffer; the process dies the moment the commit returned (before the move).
-    def __init__(self, buf):
-        self.buf = buf
-
-    async def append(self, stream, events, *, marks=()):
-        await self.buf.append(stream, events, marks=marks)
-        print("committed", flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    async def has_mark(self, namespace, key):
-        return await self.buf.has_mark(namespace, key)
-
-    def has_room(self):
-        return self.buf.has_room()
-
-
-async def main(db, inbox, mode):
-    buf = await Buffer.open(db, plant="p", agent_id="a")
-    ingest = KillAfterCommit(buf) if mode == "kill" else buf
-    config = Config.model_validate({"type": "drop_folder", "path": inbox})
-    source = build("mes_drop", config, AdapterContext("a", "p", Path("."), "0"))
-    for _ in range(3):
-        await source.poll_once(ingest)
-    rows = await buf.read_range("mes_drop", 0, 1 << 62, 100000)
-    print(json.dumps({"detail": source.state().detail,
-                      "values": [json.loads(b)["data"]["good"]["value"] for _, _, b in rows]}))
-    await buf.close()
-
-
-asyncio.run(main(*sys.argv[1:]))
-"""
-
 
 def counted(file_no: int, n: int) -> dict[str, Any]:
     """An event without an MES id, so only the content-hash mark prevents a re-import."""
@@ -93,11 +51,10 @@ def write_file(inbox: Path, file_no: int, events: int) -> Path:
 
 
 def run_runner(tmp_path: Path, inbox: Path, mode: str) -> subprocess.CompletedProcess[str]:
-    script = tmp_path / "runner.py"
-    script.write_text(RUNNER)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    program = "tests.fixtures.programs.drop_folder_crash"
     return subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "buffer.db"), str(inbox), mode],
+        [sys.executable, "-m", program, str(tmp_path / "buffer.db"), str(inbox), mode],
         env=env,
         capture_output=True,
         text=True,

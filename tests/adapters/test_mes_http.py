@@ -7,7 +7,6 @@ file, so "nothing stored" is checked where it matters.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import ssl
 from collections.abc import AsyncIterator
@@ -21,24 +20,9 @@ import trustme
 from adapters.sources.mes_http import Config, MesHttpSource
 from agent.buffer import Buffer
 from agent.vocabulary import validate_data
+from tests.fixtures.mes_http import event, open_buffer, serving
 
 STREAM = "mes"
-
-
-def event(i: int = 1, **over: Any) -> dict[str, Any]:
-    ev: dict[str, Any] = {
-        "type": "mfg.production.completed",
-        "time": "2026-11-23T10:15:02.123Z",
-        "id": f"MES-{i}",
-        "data": {
-            "work_order": f"WO-{4700 + i}",
-            "item": "PN-100",
-            "good": {"value": 10 + i, "uom": "EA"},
-            "scrap": {"value": 1, "uom": "EA"},
-        },
-    }
-    ev.update(over)
-    return ev
 
 
 def padded(i: int, pad: int) -> dict[str, Any]:
@@ -48,38 +32,10 @@ def padded(i: int, pad: int) -> dict[str, Any]:
     return ev
 
 
-async def open_buffer(path: Path, max_bytes: int = 64 << 20) -> Buffer:
-    return await Buffer.open(
-        path, plant="plant-test", agent_id="test-agent", durability="fsync",
-        max_bytes=max_bytes, on_full="block",
-    )  # fmt: skip
-
-
 async def stored(buf: Buffer, stream: str = STREAM) -> list[dict[str, Any]]:
     """Every event committed to ``stream``, decoded from the buffer's stored bodies."""
     rows = await buf.read_range(stream, 0, 1 << 62, 1_000_000)
     return [json.loads(body) for _, _, body in rows]
-
-
-@contextlib.asynccontextmanager
-async def serving(buf: Buffer, **cfg: Any) -> AsyncIterator[tuple[MesHttpSource, str]]:
-    """Run the source until the block ends; yields (source, base URL)."""
-    scheme = "https" if "tls_cert" in cfg else "http"
-    config = Config.model_validate({"type": "mes_http", "listen": "127.0.0.1:0", **cfg})
-    src = MesHttpSource("mes", config)
-    task = asyncio.create_task(src.run(buf))
-    try:
-        async with asyncio.timeout(10):
-            while src.bound_address is None:
-                if task.done():
-                    task.result()  # raise what went wrong
-                await asyncio.sleep(0.01)
-        yield src, f"{scheme}://{src.bound_address}"
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        assert src.state().state == "stopped"
 
 
 @pytest.fixture

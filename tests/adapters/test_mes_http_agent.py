@@ -16,8 +16,8 @@ import httpx
 import jsonschema
 
 from agent.vocabulary import envelope_schema
-from tests.adapters.test_mes_http import event
 from tests.fixtures.common import agent_config, free_port, https_sink
+from tests.fixtures.mes_http import event
 
 TOKEN = "agent-test-token-42"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

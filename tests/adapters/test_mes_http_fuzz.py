@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.vocabulary import envelope_schema, validate_data
-from tests.adapters.test_mes_http import event, open_buffer, serving
+from tests.fixtures.mes_http import event, open_buffer, serving
 
 TOKEN = "fuzz-token-0123456789"
 MAX_BODY = 16 * 1024

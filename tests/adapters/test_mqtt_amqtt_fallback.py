@@ -26,9 +26,13 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from adapters.sinks.mqtt import MqttSink
+from adapters.sources.mqtt import build
 from agent.buffer import Buffer
 from agent.interfaces import Outcome
-from tests.adapters.test_mqtt_sink import (
+from tests.fixtures import mosquitto as mosquitto_fixture
+from tests.fixtures.amqtt_broker import AmqttBroker, AmqttFactory
+from tests.fixtures.mosquitto import MqttBroker
+from tests.fixtures.mqtt_sink import (
     STATUS_TOPIC,
     batches,
     make_batch,
@@ -36,12 +40,10 @@ from tests.adapters.test_mqtt_sink import (
     topic_of,
     wait_state,
 )
-from tests.adapters.test_mqtt_sink import make_sink as _make_sink
-from tests.adapters.test_mqtt_source import (
+from tests.fixtures.mqtt_source import (
     CTX,
     STREAM,
     Publisher,
-    build,
     canonical,
     make_config,
     mes_counted,
@@ -50,13 +52,9 @@ from tests.adapters.test_mqtt_source import (
     wait_stored,
     wait_until,
 )
-from tests.fixtures import mosquitto as mosquitto_fixture
-from tests.fixtures.amqtt_broker import AmqttBroker, AmqttFactory
-from tests.fixtures.mosquitto import MqttBroker
 
 pytestmark = pytest.mark.timeout(60)
 
-make_sink = _make_sink  # the sink tests' fixture: MqttSink instances stopped at teardown
 
 V311 = {"protocol": "3.1.1"}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,120 +17,36 @@ import orjson
 import paho.mqtt.client as mqtt
 import pytest
 
-from adapters.registry import AdapterContext
-from adapters.sinks.mqtt import Config, MqttSink
+from adapters.sinks.mqtt import MqttSink
 from adapters.sinks.mqtt.sink import CONTENT_TYPE, CONTENT_TYPE_GZIP, publish_packet_size
-from agent.event import encode, source_uri
-from agent.ids import ulids
-from agent.interfaces import Batch, NewEvent, Outcome, SendResult
+from agent.interfaces import Batch, Outcome, SendResult
 from tests.fixtures.mosquitto import (
     Mosquitto,
     MosquittoFactory,
     MqttBroker,
     MqttPki,
     Received,
-    Subscriber,
+)
+from tests.fixtures.mqtt_sink import (
+    AGENT,
+    EPOCH,
+    PLANT,
+    STATUS_TOPIC,
+    batches,
+    make_batch,
+    received,
+    topic_of,
+    wait_state,
 )
 
-PLANT = "plant-a"
-AGENT = "agent-1"
-EPOCH = "01JD3V0000000000000000EPOC"
-
 pytestmark = pytest.mark.timeout(60)
-
-
-def make_batch(stream: str, first: int, n: int, *, pad: int = 0, epoch: str = EPOCH) -> Batch:
-    ids = ulids(n)
-    bodies = [
-        encode(
-            NewEvent(
-                type="mfg.production.counted",
-                data={"good": i, "unit": "EA", "pad": "x" * pad},
-                time="2026-11-23T10:15:02.123Z",
-                subject="WO-4711",
-            ),
-            id=ids[k],
-            source=source_uri(PLANT, stream),
-            seq=i,
-            epoch=epoch,
-            plant=PLANT,
-            agent_id=AGENT,
-        )
-        for k, i in enumerate(range(first, first + n))
-    ]
-    return Batch(
-        stream=stream,
-        batch_id=ulids(1)[0],
-        epoch=epoch,
-        first_sequence=first,
-        last_sequence=first + n - 1,
-        ids=ids,
-        bodies=bodies,
-    )
-
-
-def batches(stream: str, count: int, size: int = 5) -> list[Batch]:
-    return [make_batch(stream, 1 + i * size, size) for i in range(count)]
-
-
-def sink_config(broker: Mosquitto, **overrides: Any) -> Config:
-    values: dict[str, Any] = {
-        "url": broker.url,
-        "reconnect_min": 0.05,
-        "reconnect_max": 0.2,
-        "connect_timeout": 3,
-    }
-    if broker.tls:
-        values["ca_file"] = str(broker.tls.ca_file)
-    values.update(overrides)
-    return Config.model_validate(values)
 
 
 SinkFactory = Callable[..., "asyncio.Future[MqttSink]"]
 
 
-@pytest.fixture
-async def make_sink(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    sinks: list[MqttSink] = []
-
-    async def make(broker: Mosquitto, *, name: str = "central", **overrides: Any) -> MqttSink:
-        ctx = AdapterContext(agent_id=AGENT, plant=PLANT, state_dir=tmp_path, version="9.9.9")
-        sink = MqttSink(name, sink_config(broker, **overrides), ctx)
-        sinks.append(sink)
-        await sink.start()
-        return sink
-
-    try:
-        yield make
-    finally:
-        for s in sinks:
-            await s.stop()
-
-
-async def wait_state(sink: MqttSink, state: str, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while sink.state().state != state:
-        if time.monotonic() > deadline:
-            st = sink.state()
-            raise AssertionError(f"sink state {st.state} ({st.last_error}), wanted {state}")
-        await asyncio.sleep(0.02)
-
-
-async def received(
-    sub: Subscriber, pred: Callable[[list[Received]], bool], within: float = 10
-) -> list[Received]:
-    return await asyncio.to_thread(sub.wait_for, pred, within)
-
-
 def on_topic(topic: str) -> Callable[[list[Received]], list[Received]]:
     return lambda msgs: [m for m in msgs if m.topic == topic]
-
-
-def topic_of(stream: str) -> str:
-    return f"edge/{PLANT}/{stream}"
-
-
-STATUS_TOPIC = f"edge/{PLANT}/agents/{AGENT}/status"
 
 
 # --------------------------------------------------------------------------- delivery

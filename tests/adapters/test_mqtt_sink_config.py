@@ -13,11 +13,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 import adapters.sinks.mqtt as pkg
-from adapters.registry import AdapterContext
 from adapters.sinks.mqtt import Config, MqttSink, build
 from adapters.sinks.mqtt.sink import batch_properties_len, publish_packet_size
 from agent.config import parse_config
 from agent.errors import ConfigError, SinkError
+from agent.registry import AdapterContext
 
 SAMPLE = Path(pkg.__file__).parent / "sample.toml"
 

@@ -19,82 +19,22 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from adapters.registry import AdapterContext
-from adapters.sources.mqtt import Config, MqttSource, build
+from adapters.sources.mqtt import Config, build
 from agent.buffer import Buffer
 from agent.config import ConfigError, parse_config
 from tests.fixtures.mosquitto import Mosquitto
-
-STREAM = "uns"
-CTX = AdapterContext(agent_id="test-agent", plant="plant-test", state_dir=Path("."), version="0")
-
-COUNTED = "plant/line1/+/counted"
-COUNTED_MAPPING = {
-    "constants": {"type": "mfg.production.counted"},
-    "fields": {
-        "wo": "data.work_order",
-        "part": "data.item",
-        "qty": "data.good.value",
-        "unit": "data.good.uom",
-        "ts": "time",
-        "eventId": "id",
-    },
-}
-
-
-def mes_counted(n: int, *, unit: str | None = "EA", event_id: bool = True) -> dict[str, Any]:
-    """A payload in the MES's own field names (mapped by COUNTED_MAPPING)."""
-    body: dict[str, Any] = {"wo": "WO-7", "part": "P-1", "qty": n, "ts": "2026-11-23T10:00:00Z"}
-    if unit is not None:
-        body["unit"] = unit
-    if event_id:
-        body["eventId"] = f"mes-{n}"
-    return body
-
-
-def canonical(n: int) -> dict[str, Any]:
-    return {
-        "type": "mfg.workorder.status_changed",
-        "time": "2026-11-23T10:00:00Z",
-        "id": f"wo-{n}",
-        "data": {"work_order": f"WO-{n}", "status": "released"},
-    }
-
-
-def make_config(broker: Mosquitto, **overrides: Any) -> Config:
-    body: dict[str, Any] = {
-        "type": "mqtt",
-        "url": broker.url,
-        "client_id": "edge-agent-test-uns",
-        "reconnect_min": "1s",
-        "reconnect_max": "1s",
-        "retry_interval": "50ms",
-        "subscriptions": [
-            {"topic": COUNTED, "mapping": COUNTED_MAPPING},
-            {"topic": "plant/mes/#"},
-        ],
-    }
-    body.update(overrides)
-    return Config.model_validate(body)
-
-
-class Publisher:
-    """A real paho client publishing at QoS 1 and waiting for each PUBACK."""
-
-    def __init__(self, broker: Mosquitto) -> None:
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-publisher")
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-
-    def publish(self, topic: str, payload: Any, qos: int = 1) -> None:
-        data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
-        info = self.client.publish(topic, data, qos=qos)
-        info.wait_for_publish(timeout=10)
-        assert info.is_published(), f"publish to {topic} was not acknowledged by the broker"
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+from tests.fixtures.mqtt_source import (
+    CTX,
+    STREAM,
+    Publisher,
+    canonical,
+    make_config,
+    mes_counted,
+    running,
+    stored,
+    wait_stored,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -111,42 +51,6 @@ async def buf(tmp_path: Path) -> AsyncIterator[Buffer]:
         yield b
     finally:
         await b.close()
-
-
-@contextlib.asynccontextmanager
-async def running(source: MqttSource, ingest: Any) -> AsyncIterator[asyncio.Task[None]]:
-    """Run the source until the block ends; wait until it is subscribed."""
-    task = asyncio.create_task(source.run(ingest))
-    try:
-        await wait_until(lambda: source.state().detail.get("subscribed") is True, task=task)
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-async def wait_until(
-    predicate: Callable[[], Any], within: float = 10.0, task: asyncio.Task[Any] | None = None
-) -> None:
-    async with asyncio.timeout(within):
-        while not predicate():  # noqa: ASYNC110 - polling state owned by another task
-            if task is not None and task.done():
-                task.result()  # raise what stopped it
-                raise AssertionError("source stopped")
-            await asyncio.sleep(0.02)
-
-
-async def stored(buf: Buffer, stream: str = STREAM) -> list[dict[str, Any]]:
-    rows = await buf.read_range(stream, 0, 1 << 62, 100_000)
-    return [orjson.loads(body) for _, _, body in rows]
-
-
-async def wait_stored(buf: Buffer, count: int, within: float = 10.0) -> list[dict[str, Any]]:
-    async with asyncio.timeout(within):
-        while len(events := await stored(buf)) < count:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-    return events
 
 
 def pubacks(broker: Mosquitto, client_id: str) -> int:

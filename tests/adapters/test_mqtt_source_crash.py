@@ -27,70 +27,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.fixtures.common import AgentProcess, agent_config, https_sink
 from tests.fixtures.mosquitto import Mosquitto
+from tests.fixtures.programs.mqtt_source_crash import CLIENT_ID
 
 REPO = Path(__file__).resolve().parents[2]
-CLIENT_ID = "edge-agent-crash-test"
-
-RUNNER = r"""
-import asyncio, json, os, signal, sys
-from pathlib import Path
-
-from adapters.registry import AdapterContext
-from adapters.sources.mqtt import Config, build
-from agent.buffer import Buffer
-
-
-class Killing:
-    # The real buffer; the process SIGKILLs itself before or after the commit.
-    def __init__(self, buf, when):
-        self.buf, self.when = buf, when
-
-    async def append(self, stream, events, *, marks=()):
-        if self.when == "before_commit":
-            print("received", flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
-        result = await self.buf.append(stream, events, marks=marks)
-        print("committed", flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    async def has_mark(self, namespace, key):
-        return await self.buf.has_mark(namespace, key)
-
-    def has_room(self):
-        return self.buf.has_room()
-
-
-async def main(db, url, mode, expect):
-    buf = await Buffer.open(db, plant="p", agent_id="a")
-    ingest = Killing(buf, mode) if mode != "normal" else buf
-    config = Config.model_validate({
-        "type": "mqtt", "url": url, "client_id": "%CLIENT_ID%",
-        "reconnect_min": "1s", "reconnect_max": "1s",
-        "subscriptions": [{"topic": "plant/mes/#"}],
-    })
-    source = build("uns", config, AdapterContext("a", "p", Path("."), "0"))
-    task = asyncio.create_task(source.run(ingest))
-    try:
-        async with asyncio.timeout(20):
-            while len(await buf.read_range("uns", 0, 1 << 62, 1000)) < int(expect):
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.02)
-        await asyncio.sleep(0.3)  # anything more (a duplicate) would arrive now
-    finally:
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
-    rows = await buf.read_range("uns", 0, 1 << 62, 1000)
-    print(json.dumps({"detail": source.state().detail,
-                      "subjects": [json.loads(b)["subject"] for _, _, b in rows]}))
-    await buf.close()
-
-
-asyncio.run(main(*sys.argv[1:]))
-""".replace("%CLIENT_ID%", CLIENT_ID)
 
 
 def status_event(n: int, *, with_id: bool = True) -> dict[str, Any]:
@@ -137,9 +76,16 @@ def pubacks(broker: Mosquitto, expect: int = 0) -> int:
 def run(
     tmp_path: Path, broker: Mosquitto, mode: str, expect: int, *, background: bool = False
 ) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
-    script = tmp_path / "runner.py"
-    script.write_text(RUNNER)
-    args = [sys.executable, str(script), str(tmp_path / "buffer.db"), broker.url, mode, str(expect)]
+    program = "tests.fixtures.programs.mqtt_source_crash"
+    args = [
+        sys.executable,
+        "-m",
+        program,
+        str(tmp_path / "buffer.db"),
+        broker.url,
+        mode,
+        str(expect),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     if background:
         return subprocess.Popen(

@@ -14,8 +14,8 @@ import pytest
 from adapters.sources.mqtt import Config, build
 from agent.buffer import Buffer
 from agent.vocabulary import validate_data
-from tests.adapters.test_mqtt_source import CTX, Publisher, running, wait_until
 from tests.fixtures.mosquitto import Mosquitto
+from tests.fixtures.mqtt_source import CTX, Publisher, running, wait_until
 
 TEMPLATE = "{enterprise}/{site}/{area}/{line}/{cell}/{tag}"
 

@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from adapters.sources.opcua.library_logs import RETRY_LINES
-from tests.adapters.opcua_helpers import make_config, node, running_source, signals, wait_for
+from tests.fixtures.opcua_helpers import make_config, node, running_source, signals, wait_for
 
 
 async def test_server_restart_logs_warnings_without_traceback(

@@ -14,7 +14,7 @@ import pytest
 
 from adapters.sources.opcua import pki
 from adapters.sources.opcua.security import thumbprint
-from tests.adapters.opcua_ca import Ca
+from tests.fixtures.opcua_ca import Ca
 
 URI = "urn:plc1:server"
 EP = "opc.tcp://plc1:4840"

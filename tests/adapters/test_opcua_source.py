@@ -13,7 +13,7 @@ import pytest
 from asyncua import Client, ua
 
 from agent import vocabulary
-from tests.adapters.opcua_helpers import (
+from tests.fixtures.opcua_helpers import (
     CutProxy,
     make_config,
     node,

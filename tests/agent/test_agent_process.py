@@ -19,7 +19,8 @@ from typing import Any
 import httpx
 
 from agent.heartbeat import read_heartbeat
-from tests.agent.test_forwarding import (
+from tests.fixtures.common import agent_config, free_port, https_sink
+from tests.fixtures.forwarding import (
     arrival_sequences,
     assert_complete,
     drained,
@@ -29,7 +30,6 @@ from tests.agent.test_forwarding import (
     stream_of,
     wait_port,
 )
-from tests.fixtures.common import agent_config, free_port, https_sink
 
 
 class Pusher(threading.Thread):

@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from adapters import registry
-from agent import cli
+from agent import cli, registry
 from agent.config import PATTERN_WORDS, Config, load_config, parse_config
 from agent.errors import ConfigError, SinkError
 
@@ -45,7 +44,9 @@ def into(tmp: Path, text: str) -> str:
     return text
 
 
-ALL_TYPES = [f"sink:{t}" for t in registry.SINKS] + [f"source:{t}" for t in registry.SOURCES]
+ALL_TYPES = [f"sink:{t}" for t in registry.known("sinks")] + [
+    f"source:{t}" for t in registry.known("sources")
+]
 
 
 @pytest.mark.parametrize(
@@ -62,7 +63,7 @@ def test_sample_is_a_complete_config_that_config_check_accepts(
     assert text.startswith("## edge-agent configuration."), text[:200]
     raw = tomllib.loads(text)
     want = types or ["sink:https", "source:mes_http"]
-    kinds = {("sinks" if t.startswith("sink:") or t in registry.SINKS else "sources",
+    kinds = {("sinks" if t.startswith("sink:") or t in registry.known("sinks") else "sources",
               t.split(":")[-1]) for t in want}  # fmt: skip
     got = {(k, body["type"]) for k in ("sinks", "sources") for body in raw.get(k, {}).values()}
     assert kinds <= got, (kinds, got)
@@ -169,8 +170,8 @@ states = {{ "0" = "idle", "1" = "running" }}
 def _models() -> list[type[BaseModel]]:
     seen: list[type[BaseModel]] = []
     todo: list[Any] = [Config]
-    todo += [registry.config_model("sinks", t) for t in registry.SINKS]
-    todo += [registry.config_model("sources", t) for t in registry.SOURCES]
+    todo += [registry.config_model("sinks", t) for t in registry.known("sinks")]
+    todo += [registry.config_model("sources", t) for t in registry.known("sources")]
     while todo:
         m = todo.pop()
         if not (isinstance(m, type) and issubclass(m, BaseModel)) or m in seen:

@@ -23,83 +23,23 @@ from adapters.sinks.https import HttpsSink
 from agent.buffer import Buffer
 from agent.forwarder import ForwarderSettings, StreamForwarder
 from agent.interfaces import NewEvent
-from tests.fixtures.common import AgentProcess, agent_config, free_port, https_sink
+from tests.fixtures.common import agent_config, free_port, https_sink
+from tests.fixtures.forwarding import (
+    arrival_sequences,
+    assert_complete,
+    drained,
+    mes_event,
+    mes_source,
+    simulator,
+    stream_of,
+    wait_port,
+)
 
 # ------------------------------------------------------------------------------ helpers
 
 
-def simulator(rate: float = 200.0, limit: int = 0, seed: int = 7) -> dict[str, Any]:
-    return {"type": "simulator", "rate": rate, "limit": limit, "seed": seed}
-
-
-def mes_source(port: int, stream: str = "mes") -> dict[str, Any]:
-    return {"type": "mes_http", "stream": stream, "listen": f"127.0.0.1:{port}"}
-
-
-def mes_event(i: int, subject: str | None = None) -> dict[str, Any]:
-    ev: dict[str, Any] = {
-        "type": "mfg.production.completed",
-        "time": "2026-11-23T10:15:02.123Z",
-        "id": f"MES-{i}",
-        "subject": subject or f"WO-{4700 + i}",
-        "data": {
-            "work_order": f"WO-{4700 + i}",
-            "item": "PN-100",
-            "good": {"value": 10 + i, "uom": "EA"},
-        },
-    }
-    return ev
-
-
-def wait_port(agent: AgentProcess, port: int, timeout: float = 30) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert agent.proc is not None and agent.proc.poll() is None, agent.log()[-3000:]
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"port {port} not listening\n{agent.log()[-3000:]}")
-
-
 def push(port: int, events: list[dict[str, Any]], timeout: float = 10) -> httpx.Response:
     return httpx.post(f"http://127.0.0.1:{port}/v1/events", json=events, timeout=timeout)
-
-
-def stream_of(status: dict[str, Any], name: str) -> dict[str, Any]:
-    for s in status["streams"]:
-        if s["stream"] == name:
-            return s  # type: ignore[no-any-return]
-    raise AssertionError(f"no stream {name} in {status['streams']}")
-
-
-def assert_complete(gw: Any, stream: str, last_sequence: int) -> dict[str, Any]:
-    """The gateway saw every sequence 1..last_sequence, in order, no id conflicts."""
-    rep = gw.stream_report(stream)
-    assert rep is not None, f"gateway saw nothing of {stream}: {gw.report()}"
-    assert rep["missing_count"] == 0, rep
-    assert rep["out_of_order"] == 0, rep
-    assert rep["id_conflicts"] == 0, rep
-    assert rep["complete_up_to"] == last_sequence, rep
-    return rep  # type: ignore[no-any-return]
-
-
-def arrival_sequences(gw: Any, stream: str) -> list[int]:
-    return [int(e["sequence"]) for e in gw.events(stream)]
-
-
-def drained(stream: str, count: int | None = None):  # noqa: ANN201
-    def pred(s: dict[str, Any]) -> bool:
-        for x in s["streams"]:
-            if x["stream"] == stream:
-                done = x["backlog_events"] == 0 and x["last_sequence"] > 0
-                return done and (count is None or x["forwarded_total"] >= count)
-        return False
-
-    return pred
 
 
 # ------------------------------------------------------------------------------ TLS and auth

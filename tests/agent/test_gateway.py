@@ -631,7 +631,7 @@ async def test_many_batches_from_concurrent_async_clients(gw, stream):
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "agent.gateway", *args],
+        [sys.executable, "-m", "gateway", *args],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
@@ -659,6 +659,26 @@ def test_report_cli_on_a_missing_file_is_one_line(tmp_path):
     out = _cli("report", "--db", str(tmp_path / "nope.sqlite3"))
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "nope.sqlite3" in out.stderr
+
+
+def test_edge_agent_gateway_is_the_same_program(gateway, stream, tmp_path):
+    """`edge-agent gateway` (found by entry point) and `python -m gateway` are one command."""
+    gw = gateway()
+    with gw.client(timeout=10) as client:
+        post(client, gw, events(1, 3))
+    gw.stop()
+    via_agent = subprocess.run(
+        [sys.executable, "-m", "agent", "gateway", "report", "--db", str(gw.db_path), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert via_agent.returncode == 0, via_agent.stderr
+    direct = _cli("report", "--db", str(gw.db_path), "--json")
+    assert direct.returncode == 0, direct.stderr
+    assert orjson.loads(via_agent.stdout)["totals"] == orjson.loads(direct.stdout)["totals"]
+    assert orjson.loads(direct.stdout)["totals"]["received"] == 3
 
 
 def test_serve_cli_errors_are_one_line(tmp_path):
@@ -689,7 +709,7 @@ def test_body_over_max_body_is_413(gateway, stream):
 
 async def test_in_process_server_serves_and_stops(tmp_path, stream):
     """GatewayServer, for embedding (benchmarks, demo): same routes, clean stop, data kept."""
-    from agent.gateway.server import GatewayServer, GatewaySettings
+    from gateway.server import GatewayServer, GatewaySettings
 
     settings = GatewaySettings(port=0, db=tmp_path / "gw.sqlite3")
     async with GatewayServer(settings) as server:
@@ -702,6 +722,6 @@ async def test_in_process_server_serves_and_stops(tmp_path, stream):
         async with httpx.AsyncClient() as client:
             r = await client.post(server.url, content=orjson.dumps(evs), headers=headers_for(evs))
         assert r.status_code == 503
-    from agent.gateway import read_events
+    from gateway import read_events
 
     assert read_events(settings.db, stream) == evs

@@ -125,13 +125,13 @@ def test_secrets_never_appear(fmt: str) -> None:
 
 def test_secret_in_a_real_process_stderr() -> None:
     """End to end in a fresh interpreter: what reaches stderr (journald) is redacted."""
-    code = (
-        "import logging; from agent.logs import setup_logging, register_secret\n"
-        "register_secret('tok-123456'); setup_logging('info', 'auto')\n"
-        "logging.getLogger('edge_agent.t').info('token=%s', 'tok-123456', extra={'sink': 's'})\n"
-    )
     res = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+        [sys.executable, "-m", "tests.fixtures.programs.log_a_secret", "tok-123456"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
     )
     doc = json.loads(res.stderr.strip().splitlines()[-1])  # stderr is a pipe: JSON
     assert doc["msg"] == "token=***" and doc["sink"] == "s"

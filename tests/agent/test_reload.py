@@ -10,7 +10,7 @@
 - A config file that vanished, became a directory or is not UTF-8 at SIGHUP: refused the
   same way, the agent keeps collecting and forwarding.
 
-The gateway's report is the judge of delivery (tests.faults.campaign.check_delivery):
+The gateway's report is the judge of delivery (tests.fixtures.campaign.check_delivery):
 missing_count 0, out_of_order 0, id_conflicts 0, every 202 answered event present under
 the id and sequence it was acknowledged with.
 """
@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from tests.faults.campaign import (
+from tests.fixtures.campaign import (
     MesClient,
     check_delivery,
     mes_source,

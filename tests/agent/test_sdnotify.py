@@ -9,9 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -21,47 +18,14 @@ from pathlib import Path
 import pytest
 
 from agent.sdnotify import SystemdNotifier, watchdog_interval
+from tests.fixtures.sdnotify import (
+    NotifySocket,
+    _free_port,
+    run_agent_with_notify,
+    write_agent_config,
+)
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-class NotifySocket:
-    """A datagram socket standing in for systemd's notify socket."""
-
-    def __init__(self, address: str | bytes, env_value: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(address)
-        self.sock.settimeout(0.1)
-        self.env_value = env_value
-        self.messages: list[str] = []
-
-    def drain(self) -> list[str]:
-        while True:
-            try:
-                data = self.sock.recv(4096)
-            except (TimeoutError, BlockingIOError):
-                return self.messages
-            self.messages.append(data.decode())
-
-    def wait_for(self, needle: str, timeout: float, proc: subprocess.Popen | None = None) -> str:
-        deadline = time.monotonic() + timeout
-        seen = 0
-        while time.monotonic() < deadline:
-            self.drain()
-            for msg in self.messages[seen:]:
-                if any(line.startswith(needle) for line in msg.split("\n")):
-                    return msg
-            seen = len(self.messages)
-            if proc is not None and proc.poll() is not None:
-                raise AssertionError(
-                    f"agent exited ({proc.returncode}) before {needle!r}; got {self.messages}"
-                )
-        raise AssertionError(
-            f"no {needle!r} on NOTIFY_SOCKET within {timeout}s; got {self.messages}"
-        )
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture
@@ -175,88 +139,6 @@ def _agent_command() -> list[str]:
     raise AssertionError(
         "edge-agent console script not found: run `.venv/bin/pip install -e .` in the checkout"
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_agent_config(tmp_path: Path, sink_port: int, metrics_port: int) -> Path:
-    cfg = tmp_path / "edge-agent.toml"
-    cfg.write_text(
-        f"""
-[agent]
-id = "notify-test"
-plant = "testplant"
-
-[buffer]
-path = "{tmp_path / "buffer.db"}"
-
-[metrics]
-listen = "127.0.0.1:{metrics_port}"
-
-[sinks.https]
-url = "http://127.0.0.1:{sink_port}/v1/batches"
-
-[sources.sim]
-type = "simulator"
-""",
-        encoding="utf-8",
-    )
-    return cfg
-
-
-def run_agent_with_notify(
-    command: list[str], cfg: Path, ns: NotifySocket, tmp_path: Path, watchdog_usec: int
-) -> None:
-    """Start ``command run -c cfg`` as systemd would and check READY/STATUS/WATCHDOG."""
-    env = dict(os.environ)
-    env.update(NOTIFY_SOCKET=ns.env_value, WATCHDOG_USEC=str(watchdog_usec))
-    env.pop("WATCHDOG_PID", None)
-    log = (tmp_path / "agent.log").open("wb")
-    # systemd sets WATCHDOG_PID to the PID it started: the shell exec's into the agent, so
-    # $$ is that PID (for a PyInstaller binary it is the bootloader, the agent its child).
-    proc = subprocess.Popen(
-        ["/bin/sh", "-c", 'WATCHDOG_PID=$$ exec "$@"', "sh", *command, "run", "-c", str(cfg)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=tmp_path,
-    )
-    try:
-        try:
-            ns.wait_for("READY=1", 30, proc)
-            ns.wait_for("STATUS=", 10, proc)
-            first = len(ns.drain())
-            ns.wait_for("WATCHDOG=1", 5, proc)
-            time.sleep(watchdog_usec / 1e6 * 2)
-            pings = [m for m in ns.drain()[first:] if m == "WATCHDOG=1"]
-            assert len(pings) >= 2, ns.messages
-            assert proc.poll() is None, "agent exited while it should be running"
-            # ExecReload=/bin/kill -HUP $MAINPID: RELOADING=1, then READY=1 again
-            seen = len(ns.drain())
-            proc.send_signal(signal.SIGHUP)
-            ns.wait_for("RELOADING=1", 15, proc)
-            deadline = time.monotonic() + 15
-            while "READY=1" not in ns.drain()[seen:] and time.monotonic() < deadline:
-                assert proc.poll() is None, "agent exited on SIGHUP"
-            assert "READY=1" in ns.messages[seen:], ns.messages[seen:]
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\nagent output:\n{_read(tmp_path / 'agent.log')}") from None
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0, _read(tmp_path / "agent.log")
-        ns.wait_for("STOPPING=1", 2)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-def _read(path: Path) -> str:
-    return path.read_text(errors="replace")[-4000:]
 
 
 def test_real_agent_sends_ready_status_and_watchdog(

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import trustme
 
-from adapters.registry import AdapterContext
 from adapters.sinks.https.config import HttpsSinkConfig
 from adapters.sinks.https.sink import HttpsSink
 from adapters.sinks.mqtt import Config as MqttSinkConfig
@@ -23,8 +22,9 @@ from adapters.sources.mqtt.source import MqttSource
 from adapters.sources.sparkplug import Config as SparkplugConfig
 from agent import tls
 from agent.interfaces import Outcome
-from tests.adapters.test_mqtt_sink import make_batch, sink_config
+from agent.registry import AdapterContext
 from tests.fixtures.mosquitto import MosquittoFactory, MqttPki
+from tests.fixtures.mqtt_sink import make_batch, sink_config
 
 CTX = AdapterContext(agent_id="agent-1", plant="plant-a", state_dir=Path("."), version="9.9.9")
 

@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 
-from adapters.registry import AdapterContext
 from adapters.sinks.https import Config as HttpsConfig
 from adapters.sinks.mqtt import Config as MqttSinkConfig
 from adapters.sinks.nats.config import Config as NatsConfig
@@ -28,6 +27,7 @@ from adapters.sources import mqtt as mqtt_source
 from adapters.sources import sparkplug
 from agent.buffer import Buffer
 from agent.config import load_config
+from agent.registry import AdapterContext
 from agent.tls import TlsOptions
 from tests.fixtures.common import agent_config, https_sink, run_cli, to_toml
 from tests.fixtures.mosquitto import MosquittoFactory, MqttPki

@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from tests.faults.campaign import (
+from tests.fixtures.campaign import (
     BUSINESS,
     MesClient,
     check_delivery,

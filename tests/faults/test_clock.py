@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.faults.campaign import (
+from tests.fixtures.campaign import (
     MesClient,
     check_delivery,
     mes_source,

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.faults.campaign import (
+from tests.fixtures.campaign import (
     MesClient,
     check_delivery,
     mes_source,

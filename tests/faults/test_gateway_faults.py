@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.faults.campaign import (
+from tests.fixtures.campaign import (
     LONG,
     MesClient,
     check_delivery,

@@ -1,10 +1,10 @@
-"""Real power cuts: the agent's buffer and drop folder on powerfs (tests/faults/powerfs), a
+"""Real power cuts: the agent's buffer and drop folder on powerfs (tests/fixtures/powerfs), a
 filesystem that keeps only what was fsynced and forgets the rest when the power is cut.
 
-* the campaign (tests/faults/powerfs/campaign.py): the real agent ingesting from an MES
+* the campaign (tests/fixtures/powerfs/campaign.py): the real agent ingesting from an MES
   over HTTP and from the drop folder while forwarding to the reference gateway, SIGKILLed
   and power-cut at random moments, remounted, restarted. 20 cuts here; the long run is
-  ``python -m tests.faults.powerfs --cuts 100``. Each test prints its seed; replay with
+  ``python -m tests.fixtures.powerfs --cuts 100``. Each test prints its seed; replay with
   ``EDGE_AGENT_FAULTS_SEED=N``.
 * one regression test per bug the campaign found, each the cut that found it, made exact.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.faults.campaign import (
+from tests.fixtures.campaign import (
     LONG,
     MesClient,
     mes_source,
@@ -29,9 +29,9 @@ from tests.faults.campaign import (
     wait_drained,
     wait_listening,
 )
-from tests.faults.powerfs.campaign import Campaign
-from tests.faults.powerfs.mount import PowerMount
 from tests.fixtures.common import agent_config, free_port, https_sink
+from tests.fixtures.powerfs.campaign import Campaign
+from tests.fixtures.powerfs.mount import PowerMount
 
 pytestmark = pytest.mark.timeout(3600 if LONG else 900)
 
@@ -214,19 +214,6 @@ def test_cut_right_after_the_first_send_resends_under_the_same_idempotency_key(
     assert len(batches) == ROUNDS, f"a batch went again under a new key: {batches}"
 
 
-OPEN_AND_DIE = r"""
-import asyncio, os, sys
-from agent.buffer import Buffer
-
-async def main(path, durability):
-    await Buffer.open(path, durability=durability)
-    print("opened", flush=True)
-    os.kill(os.getpid(), 9)  # no close: no checkpoint, nothing tidied
-
-asyncio.run(main(sys.argv[1], sys.argv[2]))
-"""
-
-
 def make_v1_buffer(path: Path) -> None:
     """A buffer file at schema version 1 with one event, made durable (a clean close)."""
     from agent.buffer import MIGRATIONS
@@ -263,7 +250,7 @@ def test_cut_after_a_schema_migration_keeps_the_migrated_file(powerfs, tmp_path,
         os.fsync(dfd)
         os.close(dfd)
         res = subprocess.run(
-            [sys.executable, "-c", OPEN_AND_DIE, str(path), "fsync"],
+            [sys.executable, "-m", "tests.fixtures.programs.open_and_die", str(path), "fsync"],
             capture_output=True, text=True, timeout=60, cwd=str(Path(__file__).parents[2]),
         )  # fmt: skip
         assert "opened" in res.stdout, res.stderr[-2000:]

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.faults.campaign import (
+from tests.fixtures.campaign import (
     LONG,
     MesClient,
     check_delivery,

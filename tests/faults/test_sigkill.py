@@ -2,7 +2,7 @@
 
 A SIGKILL gives the agent no chance to clean up: whatever it acknowledged (202) must be
 in the buffer file already, and whatever it was sending must be sent again under the same
-ids. The gateway's report is the judge (tests/faults/campaign.py: check_delivery).
+ids. The gateway's report is the judge (tests/fixtures/campaign.py: check_delivery).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.faults.campaign import (
+from tests.fixtures.campaign import (
     LONG,
     MesClient,
     check_delivery,

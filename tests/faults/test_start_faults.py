@@ -14,7 +14,7 @@ import httpx
 
 from agent.buffer import SCHEMA_VERSION, Buffer
 from agent.interfaces import NewEvent
-from tests.faults.campaign import (
+from tests.fixtures.campaign import (
     MesClient,
     check_delivery,
     mes_source,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from tests.adapters.opcua_helpers import make_config, read_events, running_source, wait_for
+from tests.fixtures.opcua_helpers import make_config, read_events, running_source, wait_for
 
 SIM = "urn://node-opcua-simulator"
 

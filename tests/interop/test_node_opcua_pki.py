@@ -21,15 +21,15 @@ from pathlib import Path
 import pytest
 
 from adapters.sources.opcua import security
-from tests.adapters.opcua_ca import Ca, Issued
-from tests.adapters.opcua_helpers import make_config, read_events, running_source, wait_for
 from tests.fixtures.common import agent_config, https_sink, run_cli, to_toml
-from tests.interop.conftest import (
+from tests.fixtures.node_opcua import (
     NodeOpcUaServer,
     seed_certificate,
     start_node_opcua,
     stop_node_opcua,
 )
+from tests.fixtures.opcua_ca import Ca, Issued
+from tests.fixtures.opcua_helpers import make_config, read_events, running_source, wait_for
 
 SECURE = {"security_policy": "Basic256Sha256", "security_mode": "SignAndEncrypt"}
 

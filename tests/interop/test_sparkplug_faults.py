@@ -23,7 +23,7 @@ from adapters.sources.sparkplug import build
 from agent.buffer import Buffer
 from tests.fixtures.common import AgentProcess, agent_config, https_sink
 from tests.fixtures.mosquitto import Mosquitto, Subscriber
-from tests.interop.test_sparkplug_tahu import (
+from tests.fixtures.sparkplug import (
     CTX,
     HOST,
     STATE_TOPIC,

@@ -21,7 +21,7 @@ from adapters.sources.sparkplug import build
 from adapters.sources.sparkplug import payload as sp
 from agent.buffer import Buffer
 from tests.fixtures.mosquitto import Mosquitto, Subscriber
-from tests.interop.test_sparkplug_tahu import (
+from tests.fixtures.sparkplug import (
     CTX,
     STREAM,
     make_config,

@@ -10,7 +10,6 @@ that stays 0) are only fed in.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -18,35 +17,25 @@ from typing import Any
 import orjson
 import pytest
 
-from adapters.registry import AdapterContext
-from adapters.sources.sparkplug import Config, SparkplugSource, build
+from adapters.sources.sparkplug import build
 from adapters.sources.sparkplug import payload as sp
 from agent.buffer import Buffer
 from agent.vocabulary import validate_data
-from tests.fixtures.mosquitto import Mosquitto, Received, Subscriber
-from tests.interop.sparkplug_peers import TahuEdgeNode
-
-STREAM = "spb"
-HOST = "edge-agent-test"
-STATE_TOPIC = f"spBv1.0/STATE/{HOST}"
-CTX = AdapterContext(agent_id="test-agent", plant="plant-test", state_dir=Path("."), version="0")
-
-
-def make_config(broker: Mosquitto, **overrides: Any) -> Config:
-    body: dict[str, Any] = {
-        "type": "sparkplug",
-        "url": broker.url,
-        "client_id": "edge-agent-test-spb",
-        "groups": ["Plant1"],
-        "host_id": HOST,
-        "reconnect_min": "1s",
-        "reconnect_max": "1s",
-        "retry_interval": "50ms",
-        "room_check_interval": "50ms",
-        "rebirth_interval": "1s",
-    }
-    body.update(overrides)
-    return Config.model_validate(body)
+from tests.fixtures.mosquitto import Mosquitto, Subscriber
+from tests.fixtures.sparkplug import (
+    CTX,
+    STATE_TOPIC,
+    STREAM,
+    make_config,
+    rebirth_requests,
+    running,
+    signals,
+    states,
+    transitions,
+    wait_stored,
+    wait_until,
+)
+from tests.fixtures.sparkplug_peers import TahuEdgeNode
 
 
 @pytest.fixture
@@ -56,81 +45,6 @@ async def buf(tmp_path: Path) -> AsyncIterator[Buffer]:
         yield b
     finally:
         await b.close()
-
-
-async def wait_until(
-    predicate: Callable[[], Any], within: float = 20.0, task: asyncio.Task[Any] | None = None
-) -> None:
-    async with asyncio.timeout(within):
-        while not predicate():  # noqa: ASYNC110 - polling state owned by another task
-            if task is not None and task.done():
-                task.result()
-                raise AssertionError("source stopped")
-            await asyncio.sleep(0.02)
-
-
-def states(wire: Subscriber) -> list[dict[str, Any]]:
-    return [orjson.loads(m.payload) for m in wire.snapshot() if m.topic == STATE_TOPIC]
-
-
-def rebirth_requests(
-    wire: Subscriber, group: str = "Plant1", edge: str = "Line1"
-) -> list[Received]:
-    out = []
-    for m in wire.snapshot():
-        if m.topic != f"spBv1.0/{group}/NCMD/{edge}":
-            continue
-        msg = sp.decode(m.payload)
-        if any(x.name == "Node Control/Rebirth" and x.boolean_value for x in msg.metrics):
-            out.append(m)
-    return out
-
-
-@contextlib.asynccontextmanager
-async def running(
-    source: SparkplugSource, ingest: Any, wire: Subscriber
-) -> AsyncIterator[asyncio.Task[None]]:
-    """Run the source; wait until its STATE online is on the wire."""
-    before = len(states(wire))
-    task = asyncio.create_task(source.run(ingest))
-    try:
-        await wait_until(lambda: any(s["online"] for s in states(wire)[before:]), task=task)
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-async def stored(buf: Buffer, stream: str = STREAM) -> list[dict[str, Any]]:
-    rows = await buf.read_range(stream, 0, 1 << 62, 100_000)
-    return [orjson.loads(body) for _, _, body in rows]
-
-
-async def wait_stored(
-    buf: Buffer, pred: Callable[[list[dict[str, Any]]], bool], within: float = 20.0
-) -> list[dict[str, Any]]:
-    async with asyncio.timeout(within):
-        while not pred(events := await stored(buf)):  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-    return events
-
-
-def signals(events: list[dict[str, Any]], metric: str | None = None) -> list[dict[str, Any]]:
-    return [
-        e
-        for e in events
-        if e["type"] == "mfg.signal.sampled"
-        and (metric is None or e["data"]["sparkplug"]["metric"] == metric)
-    ]
-
-
-def transitions(events: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
-    return [
-        (e["subject"], e["data"]["state"], e["data"]["reason"])
-        for e in events
-        if e["type"] == "mfg.sparkplug.state_changed"
-    ]
 
 
 # ----------------------------------------------------------------------------- tests

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tests.fixtures.mosquitto import Mosquitto, Subscriber
-from tests.interop.test_sparkplug_tahu import rebirth_requests
+from tests.fixtures.sparkplug import rebirth_requests
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 

@@ -6,7 +6,7 @@ each test, so a test that kills nodes does not leak into the next one. The agent
 real ``edge-agent run`` process (tests/fixtures/common.py: AgentProcess).
 
 The judge is the stream itself (every message read back directly) and the reference
-consumer (agent/gateway/nats_consume.py), whose gateway-file report must say: no missing
+consumer (gateway/nats_consume.py), whose gateway-file report must say: no missing
 sequence, no duplicate, no event out of order.
 """
 
@@ -21,8 +21,8 @@ from typing import Any
 import orjson
 import pytest
 
-from agent.gateway.nats_consume import consume
-from agent.gateway.report import read_report
+from gateway.nats_consume import consume
+from gateway.report import read_report
 from tests.fixtures.common import agent_config, run_cli
 from tests.fixtures.nats_cluster import (
     ADMIN,
@@ -379,9 +379,9 @@ def _count_auth_errors(p: Path, offset: int) -> int:
 
 
 def test_publish_denied_by_permissions_is_auth_not_a_timeout(js, tmp_path):
-    from adapters.registry import AdapterContext
     from adapters.sinks.nats import Config, NatsSink
     from agent.interfaces import Batch, Outcome
+    from agent.registry import AdapterContext
 
     cluster, stream = js
     asyncio.run(cluster.add_stream(stream, ["denied.>"]))

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from adapters.registry import AdapterContext
 from adapters.sinks.nats import Config, NatsSink
 from adapters.sinks.nats.sink import _subject_matches, header_bytes, retry_horizon
 from agent.interfaces import Batch, Outcome
+from agent.registry import AdapterContext
 from tests.fixtures.nats_cluster import INSTALL_HINT, find_nats_server
 
 pytestmark = pytest.mark.timeout(120)

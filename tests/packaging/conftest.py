@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import agent
-from tests.packaging.helpers import REPO, require_tool
+from tests.fixtures.packaging import REPO, require_tool
 
 
 def pytest_configure(config: pytest.Config) -> None:

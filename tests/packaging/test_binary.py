@@ -12,26 +12,13 @@ from pathlib import Path
 from PyInstaller.archive.readers import CArchiveReader
 
 import agent
-from tests.agent.test_sdnotify import (
+from tests.fixtures.packaging import REPO
+from tests.fixtures.sdnotify import (
     NotifySocket,
     _free_port,
     run_agent_with_notify,
     write_agent_config,
 )
-from tests.packaging.helpers import REPO
-
-PR_SET_MDWE = 65
-PR_MDWE_REFUSE_EXEC_GAIN = 1
-
-# Runs argv[1:] with the kernel's memory-deny-write-execute set (inherited across fork and
-# exec): the same protection as the unit's MemoryDenyWriteExecute=yes.
-MDWE_EXEC = f"""
-import ctypes, os, sys
-libc = ctypes.CDLL(None, use_errno=True)
-if libc.prctl({PR_SET_MDWE}, {PR_MDWE_REFUSE_EXEC_GAIN}, 0, 0, 0) != 0:
-    sys.exit("PR_SET_MDWE failed (errno %d): needs Linux >= 6.3" % ctypes.get_errno())
-os.execv(sys.argv[1], sys.argv[1:])
-"""
 
 
 def run(cmd: list[str], tmp_path: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -42,6 +29,16 @@ def test_version(edge_agent_binary: Path, tmp_path: Path) -> None:
     res = run([str(edge_agent_binary), "--version"], tmp_path)
     assert res.returncode == 0, res.stderr
     assert agent.__version__ in res.stdout
+
+
+def test_the_binary_finds_the_commands_beside_the_adapters(
+    edge_agent_binary: Path, tmp_path: Path
+) -> None:
+    """They are found by entry point (agent/registry.py): the spec ships the metadata."""
+    for command in ("gateway", "opcua", "sparkplug"):
+        res = run([str(edge_agent_binary), command, "--help"], tmp_path)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert f"edge-agent {command}" in res.stdout, res.stdout
 
 
 def test_config_check_example(edge_agent_binary: Path, tmp_path: Path) -> None:
@@ -109,12 +106,12 @@ def test_demo_runs_from_the_binary(edge_agent_binary: Path, tmp_path: Path) -> N
 
 
 def test_every_agent_and_adapter_module_is_bundled(binary_build: tuple[Path, Path | None]) -> None:
-    """The registry imports adapters lazily: the spec's hidden imports must cover all."""
+    """The registry imports adapters (and the gateway) lazily: the hidden imports cover all."""
     archive = CArchiveReader(str(binary_build[0]))
     (pyz_name,) = [n for n in archive.toc if n.endswith(".pyz")]
     bundled = set(archive.open_embedded_archive(pyz_name).toc)
     expected = set()
-    for pkg in ("agent", "adapters"):
+    for pkg in ("agent", "adapters", "gateway"):
         expected.add(pkg)
         for info in pkgutil.walk_packages([str(REPO / pkg)], prefix=f"{pkg}."):
             expected.add(info.name)
@@ -136,7 +133,11 @@ def test_binary_sends_ready_and_watchdog_under_mdwe(built_exe: Path, tmp_path: P
     ns = NotifySocket(str(tmp_path / "notify.sock"), str(tmp_path / "notify.sock"))
     try:
         cfg = write_agent_config(tmp_path, _free_port(), _free_port())
-        command = [sys.executable, "-c", MDWE_EXEC, str(built_exe)]
+        command = [
+            sys.executable,
+            str(REPO / "tests/fixtures/programs/mdwe_exec.py"),
+            str(built_exe),
+        ]
         run_agent_with_notify(command, cfg, ns, tmp_path, watchdog_usec=2_000_000)
     finally:
         ns.close()

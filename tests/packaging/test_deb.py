@@ -19,7 +19,7 @@ import click
 
 import agent
 from agent.cli import cli
-from tests.packaging.helpers import REPO, require_tool
+from tests.fixtures.packaging import REPO, require_tool
 
 # Lintian tags that are deliberate, with the reason.
 LINTIAN_ACCEPTED = {

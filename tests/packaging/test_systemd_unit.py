@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.packaging.helpers import REPO, require_tool
+from tests.fixtures.packaging import REPO, require_tool
 
 UNIT = REPO / "systemd" / "edge-agent.service"
 

@@ -19,7 +19,7 @@ import pytest
 import trustme
 
 from tests.fixtures.gateway import GatewayProcess
-from tests.packaging.helpers import require_tool
+from tests.fixtures.packaging import require_tool
 
 RHEL = "/etc/pki/tls/certs/ca-bundle.crt"
 DEBIAN = "/etc/ssl/certs/ca-certificates.crt"

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from adapters.registry import AdapterContext
 from adapters.sinks.https.config import HttpsSinkConfig as Config
 from adapters.sinks.https.sink import HttpsSink
+from agent.registry import AdapterContext
 
 __all__ = ["Config", "HttpsSink", "build"]
 

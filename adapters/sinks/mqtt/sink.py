@@ -53,11 +53,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from adapters.registry import AdapterContext
 from adapters.sinks.mqtt.config import Config
 from agent.config import read_secret
 from agent.errors import ConfigError, SinkError
 from agent.interfaces import Batch, ComponentState, Outcome, SendResult, Sink, State
+from agent.registry import AdapterContext
 from agent.tasks import TaskScope
 from agent.tls import TlsFileError
 

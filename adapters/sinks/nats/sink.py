@@ -40,12 +40,12 @@ import ssl
 import time
 from typing import Any
 
-from adapters.registry import AdapterContext
 from adapters.sinks.nats.config import Config
 from agent.config import read_secret
 from agent.errors import ConfigError, SinkError
 from agent.event import format_sequence
 from agent.interfaces import Batch, ComponentState, SendResult, Sink, State
+from agent.registry import AdapterContext
 from agent.tasks import TaskScope, captured
 from agent.tls import TlsFileError
 

@@ -6,7 +6,7 @@ report naming each bad line). See README.md and sample.toml.
 
 from __future__ import annotations
 
-from adapters.registry import AdapterContext
+from agent.registry import AdapterContext
 
 from .config import Config
 from .source import DropFolderSource

@@ -92,7 +92,7 @@ def open_for_writing(path: Path) -> bool | None:
     try:
         import fcntl
 
-        set_lease = fcntl.F_SETLEASE  # type: ignore[attr-defined]
+        set_lease = fcntl.F_SETLEASE
         rdlck, unlck = fcntl.F_RDLCK, fcntl.F_UNLCK
     except (ImportError, AttributeError):
         return None

@@ -27,9 +27,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.registry import AdapterContext
 from agent.errors import BufferFull
-from agent.interfaces import Committed, ComponentState, Ingest, Source
+from agent.interfaces import Committed, ComponentState, Ingest, Source, State
+from agent.registry import AdapterContext
 
 from . import files
 from .config import Config
@@ -54,7 +54,7 @@ class DropFolderSource(Source):
         self.config = config
         self.mark_namespace = f"drop_folder:{name}"
         self._tracker = files.StabilityTracker()
-        self._state = ComponentState(state="starting", since=time.time())
+        self._state = ComponentState(state=State.STARTING, since=time.time())
         self._accepted_events = 0
         self._accepted_files = 0
         self._rejected: Counter[str] = Counter()

@@ -30,13 +30,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from adapters.registry import AdapterContext
 from adapters.sources.mes_common import MesInputError, parse_mes_payload
 from adapters.sources.mes_http.config import Config, split_listen
 from agent.config import read_secret
 from agent.errors import BufferError_, BufferFull, ConfigError, SourceError
 from agent.event import format_sequence
 from agent.interfaces import ComponentState, Ingest, NewEvent, Source
+from agent.registry import AdapterContext
 
 log = logging.getLogger("edge_agent.sources.mes_http")
 

@@ -6,7 +6,7 @@ and a persistent session keeps what arrives while the agent is down. See README.
 
 from __future__ import annotations
 
-from adapters.registry import AdapterContext
+from agent.registry import AdapterContext
 
 from .config import Config
 from .source import MqttSource

@@ -40,13 +40,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from adapters.registry import AdapterContext
 from adapters.sources.mes_common import MesInputError, parse_mes_payload
 from adapters.sources.mqtt import uns
 from agent.config import read_secret
 from agent.errors import BufferFull, SourceError
-from agent.interfaces import Committed, ComponentState, Ingest, NewEvent, Source
+from agent.interfaces import Committed, ComponentState, Ingest, NewEvent, Source, State
 from agent.logs import register_secret
+from agent.registry import AdapterContext
 from agent.tls import TlsFileError
 
 from .config import Config, Subscription
@@ -97,7 +97,7 @@ class MqttSource(Source):
         self.stream = config.stream or name
         self.config = config
         self.client_id = config.client_id or _client_id(ctx.agent_id, name)
-        self._state = ComponentState(state="starting", since=time.time())
+        self._state = ComponentState(state=State.STARTING, since=time.time())
         self._accepted = 0
         self._duplicates = 0
         self._messages = 0
@@ -151,7 +151,7 @@ class MqttSource(Source):
             extra={"source": self.name, "stream": self.stream},
         )
         if cfg.protocol == "5":
-            props = Properties(PacketTypes.CONNECT)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = min(int(cfg.session_expiry), 0xFFFFFFFF)
             props.ReceiveMaximum = cfg.receive_maximum
             client.connect_async(

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from .config import Config
 
 if TYPE_CHECKING:
-    from adapters.registry import AdapterContext
+    from agent.registry import AdapterContext
 
     from .source import OpcUaSource
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from adapters.registry import AdapterContext
 from adapters.sources.simulator.config import SimulatorConfig as Config
 from adapters.sources.simulator.source import SimulatorSource
+from agent.registry import AdapterContext
 
 __all__ = ["Config", "SimulatorSource", "build"]
 

@@ -7,7 +7,7 @@ See docs/sparkplug.md.
 
 from __future__ import annotations
 
-from adapters.registry import AdapterContext
+from agent.registry import AdapterContext
 
 from .config import Config
 from .source import SparkplugSource

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.powerfs.mount import PowerMount
+from tests.fixtures.powerfs.mount import PowerMount
 
 
 @pytest.fixture
@@ -214,14 +214,8 @@ def test_sqlite_wal_commits_survive_only_when_synced(powerfs, synchronous):
         db.execute("INSERT INTO t VALUES (?)", (i,))
     db.close()  # a clean close: checkpointed, durable in both modes
     # the commits under test come from a process that dies with its connection open
-    code = (
-        "import sqlite3, os, sys\n"
-        f"db = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
-        f"db.execute('PRAGMA synchronous = {synchronous}')\n"
-        "for i in range(50, 80): db.execute('INSERT INTO t VALUES (?)', (i,))\n"
-        "os.kill(os.getpid(), 9)\n"
-    )
-    assert subprocess.run([sys.executable, "-c", code]).returncode == -9
+    program = Path(__file__).parents[1] / "fixtures" / "programs" / "sqlite_commit_and_die.py"
+    assert subprocess.run([sys.executable, str(program), str(path), synchronous]).returncode == -9
     reboot(m)
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA quick_check").fetchone() == ("ok",)

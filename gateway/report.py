@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.gateway.store import COUNTERS, connect
+from gateway.store import COUNTERS, connect
 
 Interval = tuple[int, int]
 

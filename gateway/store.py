@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from agent.gateway.validate import ParsedBatch
+from gateway.validate import ParsedBatch
 
 SCHEMA_VERSION = 1
 

@@ -2,7 +2,7 @@
 
 The JetStream stream already holds one copy of each batch (Nats-Msg-Id dedupe); this
 consumer reads it in stream order with one durable pull consumer and stores every batch
-into the same SQLite file as the reference gateway (agent/gateway/store.py), so
+into the same SQLite file as the reference gateway (gateway/store.py), so
 ``edge-agent gateway report --db FILE`` proves "nothing lost, order kept" on the scaled
 path exactly as on the HTTPS one: received, duplicates, gaps per stream and epoch,
 checkpoints.
@@ -24,8 +24,8 @@ from typing import Any
 
 import orjson
 
-from agent.gateway.store import GatewayStore
-from agent.gateway.validate import BatchError, parse_batch
+from gateway.store import GatewayStore
+from gateway.validate import BatchError, parse_batch
 
 log = logging.getLogger("edge_agent.gateway.nats")
 

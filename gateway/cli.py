@@ -185,8 +185,8 @@ def gateway(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 
-    from agent.gateway.server import Faults, GatewaySettings, serve_forever
-    from agent.gateway.store import GatewayDbError
+    from gateway.server import Faults, GatewaySettings, serve_forever
+    from gateway.store import GatewayDbError
 
     faults = Faults(
         fail_status=fail_status,
@@ -226,8 +226,8 @@ def gateway(
 
 def _print_report(db: Path, as_json: bool, check: bool) -> None:
     """The report of a gateway file, as text or JSON; exit 1 under --check when not ok."""
-    from agent.gateway.report import read_report, render_text
-    from agent.gateway.store import GatewayDbError
+    from gateway.report import read_report, render_text
+    from gateway.store import GatewayDbError
 
     try:
         data = read_report(db)
@@ -336,8 +336,8 @@ def consume(
     import signal
     import ssl
 
-    from agent.gateway.nats_consume import consume as run_consume
-    from agent.gateway.store import GatewayDbError
+    from gateway.nats_consume import consume as run_consume
+    from gateway.store import GatewayDbError
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip

@@ -14,8 +14,8 @@ docs/gateway.md.
     report.py    the report figures, from the file alone
 """
 
-from agent.gateway.report import build_report, read_report, render_text
-from agent.gateway.store import GatewayDbError, read_events
+from gateway.report import build_report, read_report, render_text
+from gateway.store import GatewayDbError, read_events
 
 __all__ = [
     "GatewayDbError",

@@ -4,7 +4,7 @@ Routes:
 
     POST <path> (default /v1/batches)   a CloudEvents batch (the contract, section 3)
     GET  /healthz                       200 "ok" (no auth: for readiness probes)
-    GET  /report                        the report as JSON (agent.gateway.report)
+    GET  /report                        the report as JSON (gateway.report)
     GET  /events?stream=S[&epoch=E]     accepted events in arrival order, a JSON array
     GET|POST /control                   read / change failure injection (only with --control)
 
@@ -29,9 +29,9 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from agent.gateway.report import build_report
-from agent.gateway.store import GatewayStore, read_events_json
-from agent.gateway.validate import BATCH_CONTENT_TYPE, BatchError, ParsedBatch, parse_batch
+from gateway.report import build_report
+from gateway.store import GatewayStore, read_events_json
+from gateway.validate import BATCH_CONTENT_TYPE, BatchError, ParsedBatch, parse_batch
 
 log = logging.getLogger("agent.gateway")
 
