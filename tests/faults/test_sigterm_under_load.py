@@ -16,7 +16,7 @@ import time
 import pytest
 
 from agent.lifecycle import STOP_BUDGET
-from tests.faults.campaign import (
+from tests.fixtures.campaign import (
     MesClient,
     check_delivery,
     mes_source,

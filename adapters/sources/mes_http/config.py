@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from adapters.sources.mes_common import FieldMapping
 from agent.config import ByteSize, Duration, SourceConfig, is_loopback_host, parse_bytes
 from agent.errors import ConfigError
+from agent.tls import deprecation_sink
 from agent.vocabulary import UOM_PATTERN
 
 if TYPE_CHECKING:
@@ -23,6 +25,12 @@ def split_listen(listen: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"'{listen}' is not HOST:PORT (e.g. 127.0.0.1:8080 or [::1]:8080)")
     return host.strip("[]"), int(port)
+
+
+#: in-flight requests get at most this long at stop (inside the sources' 6 s share)
+SHUTDOWN_TIMEOUT_MAX = 5.0
+
+log = logging.getLogger("edge_agent.config")
 
 
 class Config(SourceConfig):
@@ -43,10 +51,30 @@ class Config(SourceConfig):
     retry_after: Duration = Field(default=5.0, ge=1)
     #: seconds in-flight requests get to finish when the agent stops; at most 5 s, so it
     #: fits the sources' share of the stop budget (agent/lifecycle.py)
-    shutdown_timeout: Duration = Field(default=5.0, ge=0, le=5.0)
+    #: capped at SHUTDOWN_TIMEOUT_MAX (the sources' share of the stop budget), with a warning
+    shutdown_timeout: Duration = Field(default=5.0, ge=0)
     #: site-specific UN/CEFACT rec. 20 unit codes accepted besides the built-in list
     extra_uom_codes: list[str] = Field(default_factory=list)
     mapping: FieldMapping | None = None
+
+    @field_validator("shutdown_timeout")
+    @classmethod
+    def _shutdown_timeout(cls, v: float, info: ValidationInfo) -> float:
+        """Longer than the sources' share of the stop budget would let systemd kill the
+        agent mid-stop; a config written for an older version still starts (capped, one
+        warning line), rather than refusing to start after an upgrade."""
+        if v <= SHUTDOWN_TIMEOUT_MAX:
+            return v
+        where, notes = deprecation_sink(info)
+        line = (
+            f"{where}shutdown_timeout = {v:g}s is longer than the sources' share of the stop "
+            f"budget: capped at {SHUTDOWN_TIMEOUT_MAX:g}s (docs/ARCHITECTURE.md, Lifecycle)"
+        )
+        if notes is None:
+            log.warning("%s", line)
+        else:
+            notes.append(line)
+        return SHUTDOWN_TIMEOUT_MAX
 
     @field_validator("listen")
     @classmethod
