@@ -18,6 +18,7 @@ What the sink answers decides what happens (the contract's table):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -29,6 +30,7 @@ from typing import Any
 from agent.ids import ulid
 from agent.interfaces import Batch, BatchStore, ComponentState, Outcome, SendResult, Sink, State
 from agent.outage import SinkOutage, SinkOutages
+from agent.tasks import Captured, captured
 
 log = logging.getLogger("edge_agent.forwarder")
 
@@ -165,44 +167,75 @@ class StreamForwarder:
                 await self._pipeline(first, window)
 
     async def _pipeline(self, first: Batch, window: int) -> None:
-        """Keep up to ``window`` batches on the wire; apply acknowledgements in order only."""
-        inflight: list[tuple[Batch, asyncio.Task[tuple[SendResult, float]]]] = []
-        try:
-            inflight.append((first, asyncio.create_task(self._timed_send(first))))
-            after = first.last_sequence
-            while inflight:
-                while len(inflight) < window:
-                    b = await self.buffer.take_batch(
-                        self.stream, after, self.max_events, self.max_bytes, self.priority
-                    )
-                    if b is None:
-                        break
-                    inflight.append((b, asyncio.create_task(self._timed_send(b))))
-                    after = b.last_sequence
-                head, task = inflight.pop(0)
-                result, seconds = await task
-                self._observe(head, result, seconds)
-                if result.outcome is Outcome.ACCEPTED:
-                    await self._accepted(head, result)
-                    continue
-                # Something went wrong: settle the rest one by one, in order, same batch ids.
-                rest = [b for b, _ in inflight]
+        """Keep up to ``window`` batches on the wire; apply acknowledgements in order only.
+
+        The sends are tasks of one TaskGroup that ends with this call, so none outlives
+        it (a stop cancels them). Each send keeps its own outcome (agent/tasks.captured):
+        a later send that fails cancels nothing; the head's exception is raised here,
+        unwrapped, as a send outside a pipeline would raise it."""
+        inflight: collections.deque[tuple[Batch, asyncio.Task[Captured[tuple[SendResult, float]]]]]
+        inflight = collections.deque()
+        failure: Exception | None = None
+        settle: tuple[Batch, SendResult, list[Batch]] | None = None
+        async with asyncio.TaskGroup() as tg:
+            try:
+                settle = await self._keep_window(tg, inflight, first, window)
+            except Exception as exc:  # noqa: BLE001 - raised again below, unwrapped
+                failure = exc
+            finally:  # on failure or cancellation: nothing this pipeline sent outlives it
                 for _, t in inflight:
-                    with contextlib.suppress(Exception):
-                        await t
-                inflight = []
-                settled = await self._deliver(head, first_result=result)
-                for b in rest:
-                    if settled:
-                        settled = await self._deliver(b)
-                    else:  # head was re-formed smaller: later batches must not overtake it
-                        await self.buffer.discard_batch(b)
-        finally:
+                    t.cancel()
+        if failure is not None:
+            raise failure
+        if settle is None:
+            return
+        # Something went wrong: settle the rest one by one, in order, same batch ids.
+        head, result, rest = settle
+        settled = await self._deliver(head, first_result=result)
+        for b in rest:
+            if settled:
+                settled = await self._deliver(b)
+            else:  # head was re-formed smaller: later batches must not overtake it
+                await self.buffer.discard_batch(b)
+
+    async def _keep_window(
+        self,
+        tg: asyncio.TaskGroup,
+        inflight: collections.deque[tuple[Batch, asyncio.Task[Captured[tuple[SendResult, float]]]]],
+        first: Batch,
+        window: int,
+    ) -> tuple[Batch, SendResult, list[Batch]] | None:
+        """Send and acknowledge in order until the buffer has nothing more (None) or a
+        head is not accepted: then every later send is awaited and (head, its result,
+        the later batches) returned to be settled one by one."""
+
+        def launch(batch: Batch) -> None:
+            task = tg.create_task(captured(self._timed_send, batch), name=f"send:{batch.batch_id}")
+            inflight.append((batch, task))
+
+        launch(first)
+        after = first.last_sequence
+        while inflight:
+            while len(inflight) < window:
+                b = await self.buffer.take_batch(
+                    self.stream, after, self.max_events, self.max_bytes, self.priority
+                )
+                if b is None:
+                    break
+                launch(b)
+                after = b.last_sequence
+            head, task = inflight.popleft()
+            result, seconds = (await task).get()
+            self._observe(head, result, seconds)
+            if result.outcome is Outcome.ACCEPTED:
+                await self._accepted(head, result)
+                continue
+            rest = [b for b, _ in inflight]
             for _, t in inflight:
-                t.cancel()
-            for _, t in inflight:
-                with contextlib.suppress(BaseException):
-                    await t
+                await t  # its outcome is kept, not raised: it is sent again, in order
+            inflight.clear()
+            return head, result, rest
+        return None
 
     # ------------------------------------------------------------------ one batch
 

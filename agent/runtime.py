@@ -43,6 +43,7 @@ from agent.outage import SinkOutages
 from agent.preflight import preflight
 from agent.status import HEARTBEAT_INTERVAL, build_snapshot
 from agent.status_model import StatusSnapshot
+from agent.tasks import TaskCrashed
 
 log = logging.getLogger("edge_agent.runtime")
 
@@ -321,7 +322,7 @@ class Agent:
                     await stop_tasks("sources", src_tasks)
                     _discard(buffer.new_stream_listeners, add_forwarder)
                     await stop_tasks("forwarders", fwd_tasks)
-            return reason
+        return reason
 
     @staticmethod
     async def _stop_sinks(sinks: list[Sink]) -> None:
@@ -329,9 +330,13 @@ class Agent:
         if not sinks:
             return
 
+        crashed: list[TaskCrashed] = []
+
         async def stop(sink: Sink) -> None:
             try:
                 await sink.stop()
+            except TaskCrashed as exc:  # a bug in the sink: the agent exits 1 with it
+                crashed.append(exc)
             except Exception as exc:  # noqa: BLE001 - one sink's trouble must not stop the rest
                 log.warning("sink %s did not stop cleanly: %s", sink.name, exc)
 
@@ -345,6 +350,8 @@ class Agent:
                 share("sinks"),
                 ", ".join(s.name for s in sinks if s.state().state != State.STOPPED),
             )
+        if crashed:
+            raise crashed[0]
 
     async def _wait_stop_or_reload(self) -> str:
         while True:

@@ -142,6 +142,7 @@ class Buffer:
         self._writer = Writer(
             db, executor, self.state, self._commit_group, lambda a: len(a.events), _fail_append
         )
+        await self._writer.start()
 
     async def close(self) -> None:
         """Commit what is queued (up to CLOSE_TIMEOUT), stop the writer, close cleanly.

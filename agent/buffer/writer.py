@@ -39,6 +39,7 @@ from typing import Any, Generic, TypeVar, cast
 
 from agent.buffer.state import BufferState, Delta
 from agent.errors import BufferError_
+from agent.tasks import TaskScope
 
 log = logging.getLogger("edge_agent.buffer")
 
@@ -78,7 +79,15 @@ class Writer(Generic[A]):
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
-        self._task = asyncio.create_task(self._loop(), name="buffer-writer")
+        self._scope = TaskScope("buffer writer")
+        #: what the loop took off the queue and has not resolved yet (failed if it crashes)
+        self._in_hand: list[_Job | A] = []
+
+    async def start(self) -> None:
+        """Start the loop in the writer's own task scope (agent/tasks.py): a crash of the
+        loop is logged, fails whatever is queued, and is raised again by close()."""
+        await self._scope.open()
+        self._scope.spawn(self._loop(), name="buffer-writer")
 
     # ------------------------------------------------------------------ submitting
 
@@ -116,6 +125,19 @@ class Writer(Generic[A]):
     # ------------------------------------------------------------------ the loop
 
     async def _loop(self) -> None:
+        try:
+            await self._serve()
+        except Exception as exc:
+            # a bug: nothing more will run, so nothing may wait on it (close() then raises)
+            self._stopping = True
+            err = BufferError_(f"buffer writer crashed: {exc}; not committed")
+            for job in self._in_hand:
+                self._fail_one(job, err)
+            self._fail_queued(err)
+            self._idle.set()
+            raise
+
+    async def _serve(self) -> None:
         while True:
             if not self._jobs:
                 self._idle.set()
@@ -126,9 +148,11 @@ class Writer(Generic[A]):
                 continue
             job = self._jobs.popleft()
             if isinstance(job, _Job):
+                self._in_hand = [job]
                 await self._run_job(job)
                 continue
             group = [job]
+            self._in_hand = cast("list[_Job | A]", group)
             events = self._size_of(job)
             while events < GROUP_EVENTS and self._jobs and not isinstance(self._jobs[0], _Job):
                 item = self._jobs.popleft()
@@ -179,17 +203,31 @@ class Writer(Generic[A]):
                 timeout,
             )  # fmt: skip
         for job in left:
-            err = BufferError_(
-                f"buffer closed before commit (stop timed out after {timeout:g} s): not committed"
+            self._fail_one(
+                job,
+                BufferError_(
+                    f"buffer closed before commit (stop timed out after {timeout:g} s): "
+                    "not committed"
+                ),
             )
-            if isinstance(job, _Job):
-                if not job.future.done():
-                    job.future.set_exception(err)
-            else:
-                self._fail(job, err)
         self._wake.set()
-        await self._task  # the job in flight, if any, runs to its end
-        with contextlib.suppress(sqlite3.Error):
-            await self.hop(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
-        await self.hop(lambda db: db.close())
-        self._executor.shutdown(wait=True)
+        try:
+            await self._scope.close()  # the job in flight, if any, runs to its end
+        finally:  # after a crash of the loop, too: the file is closed cleanly
+            with contextlib.suppress(sqlite3.Error):
+                await self.hop(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+            await self.hop(lambda db: db.close())
+            self._executor.shutdown(wait=True)
+
+    def _fail_queued(self, err: BufferError_) -> None:
+        left = list(self._jobs)
+        self._jobs.clear()
+        for job in left:
+            self._fail_one(job, err)
+
+    def _fail_one(self, job: _Job | A, err: BufferError_) -> None:
+        if isinstance(job, _Job):
+            if not job.future.done():
+                job.future.set_exception(err)
+        else:
+            self._fail(job, err)

@@ -16,12 +16,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 
 from agent.buffer import Buffer
 from agent.forwarder import ForwarderSettings, StreamForwarder
-from agent.interfaces import Batch, ComponentState, NewEvent, Outcome, SendResult, Sink
+from agent.interfaces import Batch, ComponentState, NewEvent, Outcome, SendResult, Sink, State
 
 STREAM = "line1"
 FAST = ForwarderSettings(
@@ -67,7 +68,7 @@ class ScriptedSink(Sink):
         return result
 
     def state(self) -> ComponentState:
-        return ComponentState("connected")
+        return ComponentState(State.CONNECTED)
 
     def delivered(self) -> list[str]:
         return [s for x in self.sent if x.outcome is Outcome.ACCEPTED for s in x.subjects]
@@ -315,6 +316,83 @@ async def test_auth_keeps_everything_pauses_and_says_so_then_resumes(tmp_path: P
 
 
 # ---------------------------------------------------------------------------- ordering
+
+
+class GatedSink(ScriptedSink):
+    """A ScriptedSink whose send of the first batch waits for ``gate``: the head stays on
+    the wire while the later sends are answered. Records sends that were cancelled."""
+
+    def __init__(self, script: Callable[[Batch, int], SendResult], max_in_flight: int) -> None:
+        super().__init__(script, max_in_flight)
+        self.gate = asyncio.Event()
+        self.started: list[int] = []
+        self.cancelled: list[int] = []
+
+    async def send(self, batch: Batch) -> SendResult:
+        self.started.append(batch.first_sequence)
+        try:
+            if batch.first_sequence == 1:
+                await self.gate.wait()
+            return await super().send(batch)
+        except asyncio.CancelledError:
+            self.cancelled.append(batch.first_sequence)
+            raise
+
+
+async def test_a_later_send_that_raises_cancels_nothing_and_is_raised_unwrapped(
+    tmp_path: Path, caplog: Any
+) -> None:
+    """A send that raises while the head is still on the wire does not cancel the head (it
+    is acknowledged); when that batch becomes the head its exception reaches the run loop
+    as itself (not a task group's wrapper), which logs, restarts, and delivers it."""
+    settings = dataclasses.replace(FAST, max_events=2)
+
+    def script(b: Batch, n: int) -> SendResult:
+        if b.first_sequence == 3 and n == 1:
+            raise RuntimeError("boom")
+        return SendResult.accepted(200)
+
+    buf = await Buffer.open(tmp_path / "b.db", plant="p1", agent_id="a1", durability="os")
+    await buf.append(STREAM, [ev(s) for s in names(6)])
+    sink = GatedSink(script, max_in_flight=3)
+    r = Rig(buf, sink, settings)
+    try:
+        r.start()
+        await until(lambda: any(x.first == 5 for x in sink.sent))  # 3-4 raised meanwhile
+        assert r.cursor() == 0 and sink.cancelled == []
+        sink.gate.set()
+        await until(lambda: r.fwd.status.last_error == "internal error: boom")
+        assert r.cursor() == 2  # the head was acknowledged; nothing passed the failed batch
+        assert sink.cancelled == []
+        failed = [x for x in caplog.records if "forwarder for stream" in x.getMessage()]
+        assert failed and failed[0].exc_info is not None
+        assert failed[0].exc_info[0] is RuntimeError  # unwrapped
+        await until(lambda: r.cursor() == 6, within=60)  # the restart (5 s) delivers the rest
+        assert sorted(set(sink.delivered())) == names(6)
+        # 5-6 was answered while 3-4 failed, never acknowledged past it: sent again after
+        # the restart, under its own batch id
+        ids = [x.batch_id for x in sink.sent if x.first == 5]
+        assert len(ids) == 2 and len(set(ids)) == 1
+    finally:
+        await r.stop()
+
+
+async def test_stop_cancels_every_send_in_flight(tmp_path: Path) -> None:
+    settings = dataclasses.replace(FAST, max_events=2)
+
+    def hold(b: Batch, n: int) -> SendResult:
+        return SendResult.accepted(200)
+
+    buf = await Buffer.open(tmp_path / "b.db", plant="p1", agent_id="a1", durability="os")
+    await buf.append(STREAM, [ev(s) for s in names(6)])
+    sink = GatedSink(hold, max_in_flight=3)
+    sink.gate = asyncio.Event()  # never set: the head stays on the wire
+    r = Rig(buf, sink, settings)
+    r.start()
+    await until(lambda: len(sink.started) == 3)
+    await r.stop()
+    assert sink.cancelled == [1]  # the later two were answered, the head was cancelled
+    assert r.task is not None and r.task.cancelled()
 
 
 async def test_pipelined_batches_settle_in_order_after_a_retry(tmp_path: Path) -> None:

@@ -56,8 +56,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 from adapters.sinks.mqtt.config import Config
 from agent.config import read_secret
 from agent.errors import ConfigError, SinkError
-from agent.interfaces import Batch, ComponentState, Outcome, SendResult, Sink
+from agent.interfaces import Batch, ComponentState, Outcome, SendResult, Sink, State
 from agent.registry import AdapterContext
+from agent.tasks import TaskScope
 from agent.tls import TlsFileError
 
 log = logging.getLogger("edge_agent.sink.mqtt")
@@ -199,12 +200,13 @@ class MqttSink(Sink):
         self._status_topic = f"{self._prefix}/agents/{ctx.agent_id}/status"
         self._client_id = config.client_id or f"edge-agent-{ctx.agent_id}-sink-{name}"
         self._started_at = _now_rfc3339()
-        self._state = ComponentState(state="starting", since=time.time())
+        self._state = ComponentState(state=State.STARTING, since=time.time())
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._tls: ssl.SSLContext | None = None
         self._password: str | None = None
         self._task: asyncio.Task[None] | None = None
+        self._scope: TaskScope | None = None
         #: one thread for the blocking part of connecting (DNS, TCP, TLS handshake)
         self._executor: ThreadPoolExecutor | None = None
         self._conn: _Connection | None = None
@@ -237,7 +239,9 @@ class MqttSink(Sink):
         self._password = self._read_password()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"mqtt-connect-{self.name}")
         self._connecting = True
-        self._task = asyncio.create_task(self._run(), name=f"sink-{self.name}-mqtt")
+        self._scope = TaskScope(f"sink {self.name}")
+        await self._scope.open()
+        self._task = self._scope.spawn(self._run(), name=f"sink-{self.name}-mqtt")
 
     async def stop(self) -> None:
         """Say "offline" (retained), disconnect cleanly (no Last Will), end the task."""
@@ -261,18 +265,16 @@ class MqttSink(Sink):
                 conn.client.disconnect()
                 await asyncio.wait({conn.lost}, timeout=STOP_TIMEOUT)
             self._close(conn, "sink stopped")
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-        self._stopped = True
-        self._set_state("stopped", None)
+        try:
+            if self._task is not None:
+                self._task.cancel()
+            if self._scope is not None:
+                await self._scope.close()  # raises TaskCrashed if _run crashed (a bug)
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+            self._stopped = True
+            self._set_state("stopped", None)
 
     def state(self) -> ComponentState:
         conn = self._conn
@@ -328,7 +330,7 @@ class MqttSink(Sink):
     def _batch_properties(self, batch: Batch) -> tuple[Properties, int]:
         """The contract's MQTT 5 properties and their packed length."""
         content_type = CONTENT_TYPE_GZIP if self._cfg.gzip else CONTENT_TYPE
-        props = Properties(PacketTypes.PUBLISH)
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho: no annotations
         props.ContentType = content_type
         props.PayloadFormatIndicator = 0 if self._cfg.gzip else 1
         user = [
@@ -493,7 +495,7 @@ class MqttSink(Sink):
         conn = self._new_connection()
         properties = None
         if self._v5:
-            properties = Properties(PacketTypes.CONNECT)
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho: no annotations
             properties.SessionExpiryInterval = 0
         connect = functools.partial(
             conn.client.connect,
@@ -618,7 +620,7 @@ class MqttSink(Sink):
         if cfg.presence:
             will_props = None
             if self._v5:
-                will_props = Properties(PacketTypes.WILLMESSAGE)
+                will_props = Properties(PacketTypes.WILLMESSAGE)  # type: ignore[no-untyped-call]  # paho: no annotations
                 will_props.ContentType = STATUS_CONTENT_TYPE
             client.will_set(
                 self._status_topic,
@@ -812,7 +814,7 @@ class MqttSink(Sink):
         """Every presence message (online, stopped) says it is JSON, as the Last Will does."""
         if not self._v5:
             return None
-        props = Properties(PacketTypes.PUBLISH)
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho: no annotations
         props.ContentType = STATUS_CONTENT_TYPE
         return props
 

@@ -44,8 +44,9 @@ from adapters.sinks.nats.config import Config
 from agent.config import read_secret
 from agent.errors import ConfigError, SinkError
 from agent.event import format_sequence
-from agent.interfaces import Batch, ComponentState, SendResult, Sink
+from agent.interfaces import Batch, ComponentState, SendResult, Sink, State
 from agent.registry import AdapterContext
+from agent.tasks import TaskScope, captured
 from agent.tls import TlsFileError
 
 log = logging.getLogger("edge_agent.sink.nats")
@@ -91,11 +92,12 @@ class NatsSink(Sink):
         self._cfg = config
         self._ctx = ctx
         self._prefix = f"{config.subject_prefix}.{ctx.plant}"
-        self._state = ComponentState(state="starting", since=time.time())
+        self._state = ComponentState(state=State.STARTING, since=time.time())
         self._nc: Any = None
         self._js: Any = None
         self._lost: asyncio.Future[str] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._scope: TaskScope | None = None
         self._tls: ssl.SSLContext | None = None
         self._auth: dict[str, Any] = {}
         self._stopping = False
@@ -127,19 +129,23 @@ class NatsSink(Sink):
             return
         self._tls = self._tls_context() if self._cfg.tls else None
         self._auth = self._credentials()
-        self._task = asyncio.create_task(self._run(), name=f"sink-{self.name}-nats")
+        self._scope = TaskScope(f"sink {self.name}")
+        await self._scope.open()
+        self._task = self._scope.spawn(self._run(), name=f"sink-{self.name}-nats")
 
     async def stop(self) -> None:
         if self._stopping and self._task is None:
             return
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        try:
+            if self._task is not None:
+                self._task.cancel()
+            if self._scope is not None:
+                await self._scope.close()  # raises TaskCrashed if _run crashed (a bug)
+        finally:
             self._task = None
-        await self._close_conn("sink stopped")
-        self._set_state("stopped", None)
+            await self._close_conn("sink stopped")
+            self._set_state("stopped", None)
 
     def state(self) -> ComponentState:
         self._state.detail = {
@@ -449,20 +455,22 @@ class NatsSink(Sink):
         self._stats["published"] += 1
         denied: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._denied = denied
-        pub = asyncio.ensure_future(
-            js.publish(subject, payload, timeout=self._cfg.ack_timeout, headers=headers)
-        )
-        try:
-            done, _ = await asyncio.wait({pub, lost, denied}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            pub.cancel()
-            raise
-        finally:
-            self._denied = None
+        # the publish races a lost connection and a denial; its task ends in this call
+        async with asyncio.TaskGroup() as tg:
+            pub = tg.create_task(
+                captured(
+                    js.publish, subject, payload, timeout=self._cfg.ack_timeout, headers=headers
+                ),
+                name=f"sink-{self.name}-publish",
+            )
+            racing: set[asyncio.Future[Any]] = {pub, lost, denied}
+            try:
+                done, _ = await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # lost, denied, or cancelled: the publish is not waited for
+                self._denied = None
+                if not pub.done():
+                    pub.cancel()
         if pub not in done:
-            pub.cancel()
-            with contextlib.suppress(BaseException):
-                await pub
             self._stats["failed"] += 1
             if denied.done():
                 reason = f"publish to {subject} denied: {denied.result()}"
@@ -470,7 +478,7 @@ class NatsSink(Sink):
                 return SendResult.auth(reason)
             return SendResult.retry(f"connection lost before the PubAck ({lost.result()})")
         try:
-            ack = pub.result()
+            ack = pub.result().get()
         except nats.errors.TimeoutError:
             self._stats["failed"] += 1
             return SendResult.retry(
