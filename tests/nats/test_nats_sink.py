@@ -222,6 +222,25 @@ async def test_refused_credentials_are_auth(tls_server, tmp_path: Path, what: st
         await sink.stop()
 
 
+@pytest.mark.parametrize("which", ["bad", "good"])
+async def test_a_reset_while_connecting_is_explained_by_asking_again(
+    tls_server, which: str
+) -> None:
+    """A reset can hide the TLS alert that refused our certificate (our CONNECT crossed
+    it). The sink then asks once more without writing and reads the alert, so an untrusted
+    certificate is auth_failed, not "disconnected", whatever the timing."""
+    from adapters.sinks.nats.sink import _tls_alert
+    from agent.tls import client_context
+
+    cert, key = tls_server[which]
+    ctx = client_context(tls_server["ca.pem"], cert_file=cert, key_file=key)
+    alert = await _tls_alert(f"tls://localhost:{tls_server['port']}", ctx)
+    if which == "bad":
+        assert alert is not None and "alert" in alert.lower(), alert
+    else:
+        assert alert is None
+
+
 async def test_server_certificate_from_another_ca_is_refused(tls_server, tmp_path: Path) -> None:
     cert, key = tls_server["good"]
     other_ca = tls_server["other-ca.pem"]  # a CA that never signed the server

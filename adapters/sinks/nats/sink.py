@@ -72,6 +72,42 @@ def retry_horizon(ctx: AdapterContext, ack_timeout: float) -> float:
     return ack_timeout + max(ctx.backoff_max, ctx.auth_retry_interval)
 
 
+def _may_hide_an_alert(exc: BaseException) -> bool:
+    """A reset or an EOF while connecting over TLS. With TLS 1.3 the server checks our client
+    certificate after the handshake; when our CONNECT crosses its refusal, the reset that
+    answers the CONNECT makes the kernel drop the alert that said why, so the cause is
+    unknown from this error alone."""
+    return isinstance(exc, ConnectionResetError | BrokenPipeError | ssl.SSLEOFError) or (
+        "unexpected eof" in str(exc).lower()
+    )
+
+
+async def _tls_alert(url: str, tls: ssl.SSLContext, within: float = 2.0) -> str | None:
+    """Ask the server again, writing nothing after the handshake, and read its verdict: the
+    TLS alert it refuses our certificate with, or None (it accepted it, or said nothing).
+    One extra connection, only after a connect failed in a way that hides the cause."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or "localhost"
+    writer = None
+    try:
+        async with asyncio.timeout(within):
+            reader, writer = await asyncio.open_connection(host, parts.port or 4222)
+            await reader.readline()  # the server's INFO, in plain text before the upgrade
+            await writer.start_tls(tls, server_hostname=host)
+            await reader.read(1)
+    except ssl.SSLError as exc:
+        if "alert" in str(exc).lower():
+            return f"{type(exc).__name__}: {exc}"
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        if writer is not None:
+            writer.close()
+    return None
+
+
 class _Refused(Exception):
     def __init__(self, reason: str, *, auth: bool) -> None:
         super().__init__(reason)
@@ -324,6 +360,11 @@ class NatsSink(Sink):
                 # the server refused our client certificate (mutual TLS)
                 raise _Refused(f"{url}: TLS refused by the server: {text} (check cert_file)",
                                auth=True) from exc  # fmt: skip
+            if _may_hide_an_alert(exc) and self._tls is not None and self._cfg.cert_file:
+                alert = await _tls_alert(url, self._tls)
+                if alert is not None:
+                    raise _Refused(f"{url}: TLS refused by the server: {alert} (check "
+                                   "cert_file)", auth=True) from exc  # fmt: skip
             if "authorization" in low or "authentication" in low:
                 raise _Refused(f"{url}: {text}", auth=True) from exc
             raise _Refused(f"{url}: {text}", auth=False) from exc
