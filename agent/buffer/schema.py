@@ -180,6 +180,7 @@ def connect(path: Path) -> sqlite3.Connection:
 def initialise(db: sqlite3.Connection, path: Path, existed: bool, durability: str) -> Opened:
     """Check, configure and migrate the file; raises sqlite3.DatabaseError when corrupt."""
     db.execute("PRAGMA busy_timeout = 5000")
+    db.execute("PRAGMA cache_size = -16384")
     if existed:
         # Fails with DatabaseError on a file that is not SQLite or is damaged.
         row = db.execute("PRAGMA quick_check").fetchone()
