@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import resource
 import sqlite3
 import sys
@@ -115,6 +116,21 @@ def raw_side(port: int, messages: int) -> float:
 
 
 async def source_side(port: int, d: Path, messages: int) -> tuple[float, dict[str, Any]]:
+    from agent.gc_tuning import tune_for_ingest
+
+    # the garbage-collector settings edge-agent run applies at start (agent/gc_tuning.py):
+    # this side stands for the agent's process; the raw side, a bare paho script, ran with
+    # CPython's defaults; put back afterwards
+    threshold = gc.get_threshold()
+    tune_for_ingest()
+    try:
+        return await _source_side(port, d, messages)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+
+
+async def _source_side(port: int, d: Path, messages: int) -> tuple[float, dict[str, Any]]:
     from adapters.sources.sparkplug import Config, build
     from agent.buffer import Buffer
     from agent.registry import AdapterContext
@@ -244,6 +260,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
                 f"{messages} NDATA x {METRICS} alias-only Double metrics, QoS 0, one edge node; "
                 f"committed to the Buffer (fsync) as mfg.signal.sampled; seq gaps "
                 f"{detail['seq_gaps']}, dropped {detail['dropped_overflow']}"
+                "; the source side with edge-agent run's GC settings (agent/gc_tuning.py)"
             ),
         ),
         "sparkplug_10k": figure(

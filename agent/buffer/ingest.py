@@ -216,14 +216,15 @@ class GroupCommit:
         return out
 
     def _encoder(self, stream: str) -> envelope.Encoder:
-        """One encoder per stream of the group (its source, the epoch, plant, agent id)."""
+        """The stream's encoder (its source, the epoch, plant, agent id), kept across
+        groups: the times and subjects it has seen stay made."""
         enc = self.encoders.get(stream)
         if enc is None:
-            enc = self.encoders[stream] = envelope.Encoder(
-                source=envelope.source_uri(self.settings.plant, stream),
-                epoch=self.state.epoch,
-                plant=self.settings.plant,
-                agent_id=self.settings.agent_id,
+            enc = self.encoders[stream] = envelope.encoder(
+                envelope.source_uri(self.settings.plant, stream),
+                self.state.epoch,
+                self.settings.plant,
+                self.settings.agent_id,
             )
         return enc
 
