@@ -5,7 +5,7 @@ recorded requests byte for byte to the same kind of peer:
 * ``drain_http_count``: a receiver that only counts (bench/counting_receiver.py), plain HTTP
   (the honest limit, issue 16);
 * ``drain_http_process``: the whole agent process (``python -m agent run``) to that receiver,
-  timed by its forwarded counter, against a replay of the requests it sent;
+  timed by its acknowledged cursor (read from the file), against a replay of the requests it sent;
 * ``drain_https_count``: the in-process forwarder to the same receiver over TLS;
 * ``drain_https``: the reference gateway over TLS (a fresh one per side), which caps both.
 """

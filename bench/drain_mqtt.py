@@ -1,7 +1,7 @@
 """Figure 3: drain a backlog to a local mosquitto (StreamForwarder + MqttSink, QoS 1) vs raw
 paho publishing the same batches at QoS 1; the buffer read rate alone beside it; and
 ``drain_mqtt_process``: the whole agent process (``python -m agent run``) draining the
-backlog, timed by its forwarded counter (/metrics), vs raw paho sending the same messages
+backlog, timed by its acknowledged cursor (read from the file), vs raw paho sending the same messages
 (same topic, payloads and MQTT 5 properties) with the agent's in-flight window."""
 
 from __future__ import annotations
