@@ -8,14 +8,13 @@ status shows the channel's counters.
 from __future__ import annotations
 
 import json
-import socket
-import time
 from typing import Any
 
 import httpx
 import jsonschema
 
 from agent.vocabulary import envelope_schema
+from tests.fixtures.campaign import wait_listening
 from tests.fixtures.common import agent_config, free_port, https_sink
 from tests.fixtures.mes_http import event
 
@@ -30,21 +29,6 @@ def mes_source(port: int) -> dict[str, Any]:
         "listen": f"127.0.0.1:{port}",
         "token": TOKEN,
     }
-
-
-def wait_listening(agent: Any, port: int, timeout: float = 30) -> None:
-    """Poll the port itself (cheaper than `status`, which starts a Python process)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert agent.proc.poll() is None, f"agent exited:\n{agent.log()[-3000:]}"
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(
-        f"mes_http not listening on {port} after {timeout}s\n{agent.log()[-3000:]}"
-    )
 
 
 def test_pushed_events_reach_the_gateway_once_across_retries_and_sigkill(
