@@ -37,6 +37,9 @@ log = logging.getLogger("edge_agent.forwarder")
 #: callback(stream, sink_name, seconds, events, outcome) for metrics
 ResultObserver = Callable[[str, str, float, int, str], None]
 
+#: a batch the pipeline holds: its send task and the event that lets it leave
+_InHand = tuple[Batch, "asyncio.Task[Captured[tuple[SendResult, float]]]", asyncio.Event]
+
 
 @dataclass(frozen=True, slots=True)
 class ForwarderSettings:
@@ -70,6 +73,11 @@ class PriorityGate:
             else:
                 self._busy.discard(stream)
             self._cond.notify_all()
+
+    @property
+    def busy(self) -> bool:
+        """Some high-priority stream is draining."""
+        return bool(self._busy)
 
     async def wait_turn(self) -> None:
         if not self._busy:
@@ -136,10 +144,11 @@ class StreamForwarder:
             await self._deliver(batch)
         wakeup = self.buffer.wakeup_event(self.stream)
         window = max(1, int(getattr(self.sink, "max_in_flight", 1)))
-        # Events in flight are never dropped under drop_oldest, so all batches on the wire
+        ahead = max(0, int(getattr(self.sink, "read_ahead", 0)))
+        # Events in flight are never dropped under drop_oldest, so all batches taken
         # together stay within a tenth of the buffer: there is always something to drop.
         self.max_bytes = max(
-            1024, min(self.settings.max_bytes, self.buffer.max_bytes // (10 * window))
+            1024, min(self.settings.max_bytes, self.buffer.max_bytes // (10 * (window + ahead)))
         )
         while True:
             await self._operator_requests()
@@ -161,29 +170,29 @@ class StreamForwarder:
                         await wakeup.wait()
                 continue
             await self._mark_busy(True)
-            if window == 1:
+            if window == 1 and ahead == 0:
                 await self._deliver(first)
             else:
-                await self._pipeline(first, window)
+                await self._pipeline(first, window, ahead)
 
-    async def _pipeline(self, first: Batch, window: int) -> None:
-        """Keep up to ``window`` batches on the wire; apply acknowledgements in order only.
+    async def _pipeline(self, first: Batch, window: int, ahead: int = 0) -> None:
+        """Keep up to ``window`` batches on the wire and ``ahead`` more taken and prepared
+        behind them; apply acknowledgements in order only.
 
         The sends are tasks of one TaskGroup that ends with this call, so none outlives
         it (a stop cancels them). Each send keeps its own outcome (agent/tasks.captured):
         a later send that fails cancels nothing; the head's exception is raised here,
         unwrapped, as a send outside a pipeline would raise it."""
-        inflight: collections.deque[tuple[Batch, asyncio.Task[Captured[tuple[SendResult, float]]]]]
-        inflight = collections.deque()
+        inflight: collections.deque[_InHand] = collections.deque()
         failure: Exception | None = None
         settle: tuple[Batch, SendResult, list[Batch]] | None = None
         async with asyncio.TaskGroup() as tg:
             try:
-                settle = await self._keep_window(tg, inflight, first, window)
+                settle = await self._keep_window(tg, inflight, first, window, ahead)
             except Exception as exc:  # noqa: BLE001 - raised again below, unwrapped
                 failure = exc
             finally:  # on failure or cancellation: nothing this pipeline sent outlives it
-                for _, t in inflight:
+                for _, t, _ in inflight:
                     t.cancel()
         if failure is not None:
             raise failure
@@ -201,41 +210,81 @@ class StreamForwarder:
     async def _keep_window(
         self,
         tg: asyncio.TaskGroup,
-        inflight: collections.deque[tuple[Batch, asyncio.Task[Captured[tuple[SendResult, float]]]]],
+        inflight: collections.deque[_InHand],
         first: Batch,
         window: int,
+        ahead: int,
     ) -> tuple[Batch, SendResult, list[Batch]] | None:
         """Send and acknowledge in order until the buffer has nothing more (None) or a
         head is not accepted: then every later send is awaited and (head, its result,
-        the later batches) returned to be settled one by one."""
+        the later batches) returned to be settled one by one.
+
+        Each taken batch is a task that prepares it (Sink.prepare) and then waits for its
+        turn: the first ``window`` of the deque have it, the next gets it the moment the
+        head is accepted, before the head's ack is written. Batches are taken in groups
+        (one transaction and one fsync for all of them: Buffer.take_batches) once half the
+        slots are free, not one per acknowledgement."""
+        slots = window + ahead
+        refill = max(1, slots // 2)
 
         def launch(batch: Batch) -> None:
-            task = tg.create_task(captured(self._timed_send, batch), name=f"send:{batch.batch_id}")
-            inflight.append((batch, task))
+            turn = asyncio.Event()
+            if len(inflight) < window:
+                turn.set()
+            task = tg.create_task(
+                captured(self._send_in_turn, batch, turn), name=f"send:{batch.batch_id}"
+            )
+            inflight.append((batch, task, turn))
 
         launch(first)
         after = first.last_sequence
         while inflight:
-            while len(inflight) < window:
-                b = await self.buffer.take_batch(
-                    self.stream, after, self.max_events, self.max_bytes, self.priority
-                )
-                if b is None:
-                    break
-                launch(b)
-                after = b.last_sequence
-            head, task = inflight.popleft()
+            free = slots - len(inflight)
+            if free >= refill and not self._yields():
+                for b in await self.buffer.take_batches(
+                    self.stream, after, self.max_events, self.max_bytes, free, self.priority
+                ):
+                    launch(b)
+                    after = b.last_sequence
+            head, task, _ = inflight.popleft()
             result, seconds = (await task).get()
             self._observe(head, result, seconds)
             if result.outcome is Outcome.ACCEPTED:
+                if self._yields():  # a high-priority stream drains: hand back what is unsent
+                    await self._drop_unsent(inflight)
+                    # the next take starts after what is still held, not after the dropped
+                    after = inflight[-1][0].last_sequence if inflight else head.last_sequence
+                elif len(inflight) >= window:
+                    inflight[window - 1][2].set()
                 await self._accepted(head, result)
                 continue
-            rest = [b for b, _ in inflight]
-            for _, t in inflight:
-                await t  # its outcome is kept, not raised: it is sent again, in order
+            rest = [b for b, _, _ in inflight]
+            for _, t, turn in inflight:
+                if not turn.is_set():  # never sent: nothing to wait for
+                    t.cancel()
+                await asyncio.wait([t])  # a sent one's outcome is kept, not raised
             inflight.clear()
             return head, result, rest
         return None
+
+    def _yields(self) -> bool:
+        """A normal stream takes nothing more while a high-priority one drains (the main
+        loop then waits its turn at the gate)."""
+        return self.priority != "high" and self.gate is not None and self.gate.busy
+
+    async def _drop_unsent(self, inflight: collections.deque[_InHand]) -> None:
+        """Forget the batches taken but not yet sent (the tail of the deque): their rows go,
+        and they are taken again, under new ids, when it is this stream's turn."""
+        while inflight and not inflight[-1][2].is_set():
+            batch, task, _ = inflight.pop()
+            task.cancel()
+            await asyncio.wait([task])
+            await self.buffer.discard_batch(batch)
+
+    async def _send_in_turn(self, batch: Batch, turn: asyncio.Event) -> tuple[SendResult, float]:
+        await self.sink.prepare(batch)
+        await turn.wait()
+        return await self._timed_send(batch)
 
     # ------------------------------------------------------------------ one batch
 

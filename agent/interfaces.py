@@ -165,6 +165,19 @@ class BatchStore(Protocol):
         made durable before it is returned, or None when there is nothing to send."""
         ...
 
+    async def take_batches(
+        self,
+        stream: str,
+        after_seq: int,
+        max_events: int,
+        max_bytes: int,
+        count: int,
+        priority: str = ...,
+    ) -> list[Batch]:
+        """Up to ``count`` next runs, in order, all persisted (one fsync) before they are
+        returned; empty when there is nothing to send."""
+        ...
+
     async def split_batch(self, batch: Batch) -> tuple[Batch, Batch]:
         """Replace ``batch`` by its two halves (new ids), atomically."""
         ...
@@ -349,6 +362,18 @@ class Sink(abc.ABC):
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Open connections. Must not fail because the peer is down: send() reports that."""
+
+    #: How many batches the forwarder may take and ``prepare`` ahead of the ones on the
+    #: wire. A sink whose send has work to do before the first byte leaves (the HTTPS
+    #: sink's gzip) sets it to 1: the next batch is read and made ready while the current
+    #: one is on the wire, and leaves as soon as it is accepted. Order is unchanged: a
+    #: batch is sent only when fewer than max_in_flight batches before it are unsettled.
+    read_ahead: int = 0
+
+    async def prepare(self, batch: Batch) -> None:  # noqa: B027 - optional hook
+        """Make ``batch`` ready to send (encode, compress) before its turn, off the event
+        loop where it can be. Never raise for peer or network trouble; ``send`` may be
+        called for a batch that was never prepared, and a prepared one may be dropped."""
 
     @abc.abstractmethod
     async def send(self, batch: Batch) -> SendResult:

@@ -332,13 +332,35 @@ class Buffer:
     ) -> Batch | None:
         """The next contiguous run after ``after_seq`` (or the cursor), persisted under a
         new batch id (fsynced before it is returned, so before its first send), or None."""
+        got = await self.take_batches(stream, after_seq, max_events, max_bytes, 1, priority)
+        return got[0] if got else None
+
+    async def take_batches(
+        self,
+        stream: str,
+        after_seq: int,
+        max_events: int,
+        max_bytes: int,
+        count: int,
+        priority: str = "normal",
+    ) -> list[Batch]:
+        """Up to ``count`` next runs, in order, persisted together (one transaction, one
+        fsync) before they are returned; empty when there is nothing to send."""
         s = self.state.streams.get(stream)
         if s is None:
-            return None
+            return []
         return await self._w.run(
             lambda db: batches.take(
-                db, self.settings, self.epoch, s, after_seq, max_events, max_bytes, priority
-            )
+                db,
+                self.settings,
+                self.epoch,
+                s,
+                after_seq,
+                max_events,
+                max_bytes,
+                priority,
+                count,
+            )  # fmt: skip
         )
 
     async def split_batch(self, batch: Batch) -> tuple[Batch, Batch]:

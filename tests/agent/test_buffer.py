@@ -289,7 +289,11 @@ async def test_newer_schema_is_refused_untouched(tmp_path: Path) -> None:
     path = tmp_path / "new.db"
     b = await open_buffer(path)
     await b.close()
-    sqlite3.connect(path).execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    # closed before the file is read: an open connection left to the GC would checkpoint
+    # and change the file whenever it is collected, maybe during open_buffer below
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
     before = path.read_bytes()
     with pytest.raises(Exception, match="newer than this agent"):
         await open_buffer(path)
@@ -447,3 +451,32 @@ async def test_close_resolves_every_queued_append_when_its_wait_times_out(
     b2 = await open_buffer(path)
     assert b2.stream_state("s") == (1, 0)
     await b2.close()
+
+
+async def test_take_batches_persists_several_runs_in_order_and_a_hole_ends_one(
+    tmp_path: Path,
+) -> None:
+    """take_batches returns up to ``count`` runs after the cursor, each with its own
+    persisted batch id (what a restart resends), split at max_events and at a hole."""
+    path = tmp_path / "b.db"
+    b = await open_buffer(path)
+    await b.append("s", [ev(i) for i in range(1, 11)])
+    await b.close()
+    # a hole at sequence 6, as drop_oldest or a dead letter past the cursor leaves one
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("DELETE FROM events WHERE seq = 6")
+    conn.close()
+    b = await open_buffer(path)
+    got = await b.take_batches("s", 0, 3, 1 << 20, 5)
+    assert [(x.first_sequence, x.last_sequence) for x in got] == [(1, 3), (4, 5), (7, 9), (10, 10)]
+    assert len({x.batch_id for x in got}) == 4
+    pending = await b.pending_batches("s")
+    assert [(x.batch_id, x.first_sequence, x.last_sequence) for x in pending] == [
+        (x.batch_id, x.first_sequence, x.last_sequence) for x in got
+    ]
+    assert [x.bodies for x in pending] == [list(x.bodies) for x in got]
+    # count bounds it; after the last run there is nothing
+    assert len(await b.take_batches("s", 0, 3, 1 << 20, 2)) == 2
+    assert await b.take_batches("s", 10, 3, 1 << 20, 2) == []
+    await b.close()

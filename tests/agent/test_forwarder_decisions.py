@@ -426,3 +426,88 @@ async def test_pipelined_batches_settle_in_order_after_a_retry(tmp_path: Path) -
         assert cursor_seen == sorted(cursor_seen)  # the cursor only moves forward
     finally:
         await r.stop()
+
+
+# ---------------------------------------------------------------------------- read-ahead
+
+
+class ReadAheadSink(ScriptedSink):
+    """One batch on the wire (max_in_flight 1) and one read ahead: records what was
+    prepared, what was on the wire at that moment, and how many sends overlapped."""
+
+    read_ahead = 1
+
+    def __init__(self, script: Callable[[Batch, int], SendResult]) -> None:
+        super().__init__(script, max_in_flight=1)
+        self.prepared: list[tuple[int, int | None]] = []  # (first seq, first seq on the wire)
+        self.on_wire: int | None = None
+        self.overlaps = 0
+        self.release = asyncio.Event()
+        self.release.set()
+
+    async def prepare(self, batch: Batch) -> None:
+        self.prepared.append((batch.first_sequence, self.on_wire))
+
+    async def send(self, batch: Batch) -> SendResult:
+        if self.on_wire is not None:
+            self.overlaps += 1
+        self.on_wire = batch.first_sequence
+        try:
+            await self.release.wait()
+            return await super().send(batch)
+        finally:
+            self.on_wire = None
+
+
+async def test_read_ahead_prepares_the_next_batch_while_one_is_on_the_wire(
+    tmp_path: Path,
+) -> None:
+    """A sink with read_ahead = 1 gets the next batch prepared while the current one is
+    still on the wire, but never two sends at once, and the order is the buffer's."""
+    settings = dataclasses.replace(FAST, max_events=2)
+    r = await rig(tmp_path, names(8), lambda b, n: SendResult.accepted(200), settings)
+    sink = ReadAheadSink(r.sink.script)
+    r.sink = sink
+    r.fwd.sink = sink
+    sink.release.clear()  # the first batch stays on the wire
+    try:
+        r.start()
+        await until(lambda: len(sink.prepared) >= 2)
+        await asyncio.sleep(0.1)
+        assert sink.prepared[1] == (3, 1)  # batch 3-4 prepared while 1-2 was on the wire
+        assert [x.first for x in sink.sent] == []  # and not sent before 1-2 was answered
+        sink.release.set()
+        await until(lambda: r.cursor() == 8)
+        assert sink.overlaps == 0
+        assert [(x.first, x.last) for x in sink.sent] == [(1, 2), (3, 4), (5, 6), (7, 8)]
+        assert sink.delivered() == names(8)
+    finally:
+        await r.stop()
+
+
+async def test_read_ahead_batch_waits_for_a_retried_head_and_keeps_its_id(
+    tmp_path: Path,
+) -> None:
+    """The batch read ahead is not sent while the head is retried; after the head is
+    accepted everything follows in order, each batch under one id."""
+    settings = dataclasses.replace(FAST, max_events=2)
+
+    def script(b: Batch, n: int) -> SendResult:
+        if b.first_sequence == 1 and n <= 2:
+            return SendResult.retry("HTTP 503", 503)
+        return SendResult.accepted(200)
+
+    r = await rig(tmp_path, names(6), script, settings)
+    sink = ReadAheadSink(script)
+    r.sink = sink
+    r.fwd.sink = sink
+    try:
+        r.start()
+        await until(lambda: r.cursor() == 6)
+        firsts = [(x.first, x.outcome) for x in sink.sent]
+        assert firsts[:3] == [(1, Outcome.RETRY), (1, Outcome.RETRY), (1, Outcome.ACCEPTED)]
+        assert [f for f, o in firsts if o is Outcome.ACCEPTED] == [1, 3, 5]
+        assert len({x.batch_id for x in sink.sent if x.first == 1}) == 1
+        assert sink.overlaps == 0
+    finally:
+        await r.stop()
