@@ -45,7 +45,7 @@ _InHand = tuple[Batch, "asyncio.Task[Captured[tuple[SendResult, float]]]", async
 class ForwarderSettings:
     max_events: int = 1000
     max_bytes: int = 1 << 20
-    linger_ms: int = 20
+    linger_ms: int = 5  # agent/config.py says why
     backoff_initial: float = 0.5
     backoff_max: float = 15.0
     auth_retry_interval: float = 60.0

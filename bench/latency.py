@@ -1,6 +1,6 @@
 """Figure 5: end-to-end latency at 1,000 events/s online: from the source acknowledgement
 (Buffer.append returned: durable, fsync) to the gateway acknowledgement (the batch's 2xx),
-with the agent's default forwarder settings (linger 20 ms), HTTPS, reference gateway."""
+with the agent's default forwarder settings (linger 5 ms), HTTPS, reference gateway."""
 
 from __future__ import annotations
 
@@ -17,7 +17,11 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
 
 
-async def measure(gw: Any, path: Any, seconds: float, rate: int) -> list[float]:
+async def measure(
+    gw: Any, path: Any, seconds: float, rate: int, linger_ms: int | None = None
+) -> list[float]:
+    """Latencies (ms) of ``seconds`` at ``rate`` single-event appends; ``linger_ms`` None
+    is the agent's default forwarder settings."""
     from adapters.sinks.https import Config, HttpsSink
     from agent.buffer import Buffer
     from agent.forwarder import ForwarderSettings, StreamForwarder
@@ -40,7 +44,8 @@ async def measure(gw: Any, path: Any, seconds: float, rate: int) -> list[float]:
 
     sink.send = timed_send  # type: ignore[method-assign]
     base = (await buf.append("line1", [event(-1)]))[0].sequence  # the stream must exist
-    fw = StreamForwarder(buf, "line1", sink, ForwarderSettings())
+    settings = ForwarderSettings() if linger_ms is None else ForwarderSettings(linger_ms=linger_ms)
+    fw = StreamForwarder(buf, "line1", sink, settings)
     task = asyncio.create_task(fw.run())
     pending: set[asyncio.Task[Any]] = set()
 
@@ -74,9 +79,13 @@ def run(ctx: Ctx) -> dict[str, Any]:
     gw = start_gateway(d / "gw")
     try:
         lat = asyncio.run(measure(gw, d / "lat.db", ctx.n(30, 10), 1000))
+        # the floor: nothing waits for more events (linger 0); what is left is the batch
+        # row's fsync, gzip, TLS, the POST and the gateway's own commit
+        floor = asyncio.run(measure(gw, d / "floor.db", ctx.n(15, 5), 1000, linger_ms=0))
     finally:
         gw.stop()
     p50, p99 = pct(lat, 50), pct(lat, 99)
+    f50, f99 = pct(floor, 50), pct(floor, 99)
     return {
         "latency": figure(
             value=p99,
@@ -85,11 +94,24 @@ def run(ctx: Ctx) -> dict[str, Any]:
             p99=round(p99, 1),
             max=round(max(lat), 1),
             events=len(lat),
-            target="p99 <= 250 ms",
-            met=p99 <= 250,
+            target="p99 <= 15 ms",
+            met=p99 <= 15,
             detail=(
-                f"{len(lat):,} single-event appends at 1,000/s, fsync, default linger 20 ms, "
-                f"HTTPS gzip 1; max {max(lat):.0f} ms"
+                f"{len(lat):,} single-event appends at 1,000/s, fsync, default linger 5 ms, "
+                f"HTTPS gzip 1; max {max(lat):.0f} ms; with linger 0 (the floor) "
+                f"p50 {f50:.1f} ms, p99 {f99:.1f} ms"
             ),
-        )
+        ),
+        "latency_floor": figure(
+            value=f99,
+            unit="ms p99",
+            p50=round(f50, 1),
+            p99=round(f99, 1),
+            max=round(max(floor), 1),
+            events=len(floor),
+            detail=(
+                f"{len(floor):,} single-event appends at 1,000/s, linger 0: the batch row's "
+                "fsync, gzip, TLS, the POST and the gateway's commit, nothing waiting"
+            ),
+        ),
     }

@@ -23,6 +23,7 @@ LABELS = {
     "buffer_read": "Buffer read path alone (take_batch)",
     "push": "HTTP push, 500-event POSTs",
     "latency": "End-to-end latency at 1,000 ev/s",
+    "latency_floor": "End-to-end latency at 1,000 ev/s, linger 0 (the floor)",
     "memory": "Peak RSS draining a 1M backlog",
     "status_time": "`edge-agent status --json`, 1M backlog",
     "disk": "Buffer on disk per event",
