@@ -223,9 +223,14 @@ class StreamForwarder:
         turn: the first ``window`` of the deque have it, the next gets it the moment the
         head is accepted, before the head's ack is written. Batches are taken in groups
         (one transaction and one fsync for all of them: Buffer.take_batches) once half the
-        slots are free, not one per acknowledgement."""
+        slots are free, and the take runs while heads are acknowledged and sends go on:
+        awaited inline it left the wire idle for its whole length (py-spy: the event loop
+        and the writer thread each idle a fifth of an MQTT drain)."""
         slots = window + ahead
         refill = max(1, slots // 2)
+        after = first.last_sequence
+        taking: asyncio.Task[list[Batch]] | None = None
+        exhausted = False  # the last take found less than it asked for
 
         def launch(batch: Batch) -> None:
             turn = asyncio.Event()
@@ -236,36 +241,70 @@ class StreamForwarder:
             )
             inflight.append((batch, task, turn))
 
+        def take(count: int) -> asyncio.Task[list[Batch]]:
+            return tg.create_task(
+                self.buffer.take_batches(
+                    self.stream, after, self.max_events, self.max_bytes, count, self.priority
+                ),
+                name=f"take:{self.stream}",
+            )
+
+        async def taken() -> list[Batch]:
+            """The batches of the take under way (none if none): made durable already, so
+            each is launched, dropped with discard_batch, or settled, never forgotten."""
+            nonlocal taking, exhausted
+            if taking is None:
+                return []
+            t, taking = taking, None
+            got = await t
+            exhausted = not got
+            return got
+
         launch(first)
-        after = first.last_sequence
-        while inflight:
-            free = slots - len(inflight)
-            if free >= refill and not self._yields():
-                for b in await self.buffer.take_batches(
-                    self.stream, after, self.max_events, self.max_bytes, free, self.priority
-                ):
-                    launch(b)
-                    after = b.last_sequence
-            head, task, _ = inflight.popleft()
-            result, seconds = (await task).get()
-            self._observe(head, result, seconds)
-            if result.outcome is Outcome.ACCEPTED:
-                if self._yields():  # a high-priority stream drains: hand back what is unsent
-                    await self._drop_unsent(inflight)
-                    # the next take starts after what is still held, not after the dropped
-                    after = inflight[-1][0].last_sequence if inflight else head.last_sequence
-                elif len(inflight) >= window:
-                    inflight[window - 1][2].set()
-                await self._accepted(head, result)
-                continue
-            rest = [b for b, _, _ in inflight]
-            for _, t, turn in inflight:
-                if not turn.is_set():  # never sent: nothing to wait for
-                    t.cancel()
-                await asyncio.wait([t])  # a sent one's outcome is kept, not raised
-            inflight.clear()
-            return head, result, rest
-        return None
+        try:
+            while inflight or taking is not None:
+                free = slots - len(inflight)
+                if taking is None and not exhausted and free >= refill and not self._yields():
+                    taking = take(free)
+                if not inflight:  # everything acknowledged: wait for what the take finds
+                    for b in await taken():
+                        launch(b)
+                        after = b.last_sequence
+                    continue
+                head, task, _ = inflight[0]
+                if taking is not None and not task.done():
+                    await asyncio.wait({task, taking}, return_when=asyncio.FIRST_COMPLETED)
+                    if taking.done():
+                        for b in await taken():
+                            launch(b)
+                            after = b.last_sequence
+                        continue
+                inflight.popleft()
+                result, seconds = (await task).get()
+                self._observe(head, result, seconds)
+                exhausted = False  # room again: look once more
+                if result.outcome is Outcome.ACCEPTED:
+                    if self._yields():  # a high-priority stream drains: hand back unsent
+                        for b in await taken():
+                            await self.buffer.discard_batch(b)
+                        await self._drop_unsent(inflight)
+                        # the next take starts after what is still held, not the dropped
+                        after = inflight[-1][0].last_sequence if inflight else head.last_sequence
+                    elif len(inflight) >= window:
+                        inflight[window - 1][2].set()
+                    await self._accepted(head, result)
+                    continue
+                rest = [b for b, _, _ in inflight] + await taken()
+                for _, t, turn in inflight:
+                    if not turn.is_set():  # never sent: nothing to wait for
+                        t.cancel()
+                    await asyncio.wait([t])  # a sent one's outcome is kept, not raised
+                inflight.clear()
+                return head, result, rest
+            return None
+        finally:
+            if taking is not None:  # cancelled or failed meanwhile: the take is a writer job
+                taking.cancel()  # that runs to its end; its batch rows stay for a restart
 
     def _yields(self) -> bool:
         """A normal stream takes nothing more while a high-priority one drains (the main

@@ -72,13 +72,22 @@ def delete_forwarded(
     return freed_total
 
 
+#: free pages are returned to the file system once more than this is free ...
+VACUUM_ABOVE = 1 << 20
+#: ... at most this much per housekeeping pass
+VACUUM_PER_PASS = 16 << 20
+
+
 def prune(db: sqlite3.Connection, settings: Settings, now: float) -> None:
     db.execute("DELETE FROM dedupe WHERE committed_at < ?", (now - settings.dedupe_window,))
     free_pages = db.execute("PRAGMA freelist_count").fetchone()[0]
-    if free_pages > 256:
+    page = db.execute("PRAGMA page_size").fetchone()[0]
+    # bounded in bytes, not pages: 16 MiB a pass whatever the file's page size (4096 pages
+    # was 16 MiB with 4 KiB pages and would be 64 MiB of page moves with 16 KiB ones)
+    if free_pages * page > VACUUM_ABOVE:
         # It frees one page per sqlite3_step, and the sqlite3 module steps a statement
         # without result columns only once: executescript runs it to completion.
-        db.executescript("PRAGMA incremental_vacuum(4096);")
+        db.executescript(f"PRAGMA incremental_vacuum({max(1, VACUUM_PER_PASS // page)});")
     db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
 
