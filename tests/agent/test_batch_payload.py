@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 
 from agent.interfaces import Batch
 
-json_objects = st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=8), max_size=4)
+json_objects = st.dictionaries(
+    st.text(max_size=5), st.integers(-(2**63), 2**63 - 1) | st.text(max_size=8), max_size=4
+)
 
 
 @given(st.lists(json_objects, max_size=40))
