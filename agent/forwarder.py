@@ -284,15 +284,30 @@ class StreamForwarder:
                 self._observe(head, result, seconds)
                 exhausted = False  # room again: look once more
                 if result.outcome is Outcome.ACCEPTED:
+                    # the heads behind it that are answered and accepted too: one ack for
+                    # all of them (PUBACKs arrive together)
+                    accepted = [(head, result)]
+                    while inflight and inflight[0][1].done():
+                        got = inflight[0][1].result()
+                        if got.error is not None or got.value is None:
+                            break
+                        nxt_result, nxt_seconds = got.value
+                        if nxt_result.outcome is not Outcome.ACCEPTED:
+                            break
+                        nxt = inflight.popleft()[0]
+                        self._observe(nxt, nxt_result, nxt_seconds)
+                        accepted.append((nxt, nxt_result))
                     if self._yields():  # a high-priority stream drains: hand back unsent
                         for b in await taken():
                             await self.buffer.discard_batch(b)
                         await self._drop_unsent(inflight)
                         # the next take starts after what is still held, not the dropped
-                        after = inflight[-1][0].last_sequence if inflight else head.last_sequence
-                    elif len(inflight) >= window:
-                        inflight[window - 1][2].set()
-                    await self._accepted(head, result)
+                        last = accepted[-1][0]
+                        after = inflight[-1][0].last_sequence if inflight else last.last_sequence
+                    else:
+                        for _, _, turn in list(inflight)[:window]:
+                            turn.set()
+                    await self._accepted_all(accepted)
                     continue
                 rest = [b for b, _, _ in inflight] + await taken()
                 for _, t, turn in inflight:
@@ -431,8 +446,19 @@ class StreamForwarder:
             extra=self._extra(batch),
         )
 
+    async def _accepted_all(self, accepted: list[tuple[Batch, SendResult]]) -> None:
+        if len(accepted) == 1:
+            await self._accepted(*accepted[0])
+            return
+        await self.buffer.ack_many([b for b, _ in accepted])
+        for batch, result in accepted:
+            await self._after_ack(batch, result)
+
     async def _accepted(self, batch: Batch, result: SendResult) -> None:
         await self.buffer.ack(batch)
+        await self._after_ack(batch, result)
+
+    async def _after_ack(self, batch: Batch, result: SendResult) -> None:
         if self._attempt or self.status.state not in ("sending", "idle"):
             log.debug("stream %s: delivering again after %d retries", self.stream, self._attempt)
         await self.outage.delivered(self.stream, figures=self._figures)

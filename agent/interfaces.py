@@ -200,6 +200,10 @@ class BatchStore(Protocol):
         """Advance the cursor past ``batch``; idempotent, complete even if cancelled."""
         ...
 
+    async def ack_many(self, accepted: list[Batch]) -> None:
+        """ack() for consecutive accepted batches of one stream, in one transaction."""
+        ...
+
     async def dead_letter(self, batch: Batch, reason: str, status: int | None) -> None:
         """Move the one event of ``batch`` to the dead letters; the cursor passes it."""
         ...

@@ -386,6 +386,14 @@ class Buffer:
         s = self.state.streams[batch.stream]
         await self._w.write(lambda db: batches.ack(db, self.settings, s, batch))
 
+    async def ack_many(self, accepted: list[Batch]) -> None:
+        """Acknowledge consecutive accepted batches of one stream in one transaction;
+        the same guarantees as ack."""
+        if not accepted:
+            return
+        s = self.state.streams[accepted[0].stream]
+        await self._w.write(lambda db: batches.ack_many(db, self.settings, s, accepted))
+
     async def dead_letter(self, batch: Batch, reason: str, status: int | None) -> None:
         """Move the single event of ``batch`` to the dead-letter table and move on."""
         assert len(batch) == 1, "bisect down to one event before dead-lettering"

@@ -480,3 +480,18 @@ async def test_take_batches_persists_several_runs_in_order_and_a_hole_ends_one(
     assert len(await b.take_batches("s", 0, 3, 1 << 20, 2)) == 2
     assert await b.take_batches("s", 10, 3, 1 << 20, 2) == []
     await b.close()
+
+
+async def test_ack_many_moves_the_cursor_over_all_and_counts_each_event_once(
+    tmp_path: Path,
+) -> None:
+    b = await open_buffer(tmp_path / "b.db")
+    await b.append("s", [ev(i) for i in range(1, 10)])
+    got = await b.take_batches("s", 0, 3, 1 << 20, 3)
+    await b.ack(got[0])
+    await b.ack_many(got)  # the first again (idempotent), then the other two
+    assert b.stream_state("s") == (9, 9)
+    assert await b.pending_batches("s") == []
+    [row] = [r for r in await b.stream_rows() if r["name"] == "s"]
+    assert row["forwarded_total"] == 9
+    await b.close()
