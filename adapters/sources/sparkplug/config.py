@@ -29,6 +29,12 @@ class Config(SourceConfig, MqttConnection):
         self.connection_preflight(check)
 
     url: str = "mqtt://127.0.0.1:1883"
+    #: MQTT 3.1.1 by default, unlike the mqtt source: Sparkplug 3.0 allows 3.1.1 and 5
+    #: alike and uses no MQTT 5 feature (STATE's Will is retained QoS 1 in both; a host
+    #: connects with a clean session either way), while paho 2.2 parses a v5 PUBLISH's
+    #: properties into a fresh Properties object and clears it again per message: about
+    #: 30 us a message, a third of the source's receive (docs/performance.md, issue 12)
+    protocol: Literal["5", "3.1.1"] = "3.1.1"
     #: Sparkplug group ids to host (each subscribed as spBv1.0/<group>/#); "+" for all
     groups: list[str] = Field(min_length=1)
     #: the primary host id edge nodes are configured with: STATE is spBv1.0/STATE/<host_id>

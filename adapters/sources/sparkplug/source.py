@@ -33,7 +33,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import paho.mqtt.client as paho
@@ -60,8 +60,11 @@ _AUTH_CODES = {"Not authorized", "Bad user name or password", "Banned"}
 _KEPT = ("/NBIRTH/", "/NDEATH/", "/DBIRTH/", "/DDEATH/")
 
 
-@dataclass(frozen=True, slots=True)
-class _Message:
+class _Message(NamedTuple):
+    """One PUBLISH as paho's thread hands it over: a NamedTuple (immutable, and made per
+    message on paho's thread, where a frozen dataclass's __init__ costs several times
+    more)."""
+
     generation: int
     mid: int
     qos: int
