@@ -1,9 +1,9 @@
 """The Sparkplug B primary host source: births, data and deaths into the buffer, STATE out.
 
-paho runs its network loop in its own thread; callbacks only post to the asyncio loop,
-which decodes messages in arrival order (tracker.py), commits their events with one
-``ingest.append`` per group of ready messages, and only then acknowledges those that came
-at QoS 1 (Sparkplug data is QoS 0 by the specification: see docs/sparkplug.md).
+paho runs its network loop in its own thread (reading ahead: client.py says why); its
+callbacks only post to the asyncio loop, which decodes messages in arrival order
+(tracker.py), commits their events with one ``ingest.append`` per group of ready
+messages, and only then acknowledges those that came at QoS 1 (Sparkplug data is QoS 0 by the specification: see docs/sparkplug.md).
 
 STATE (``spBv1.0/STATE/<host_id>``, retained, QoS 1, the 3.0 JSON payload):
 
@@ -49,6 +49,7 @@ from agent.registry import AdapterContext
 from agent.tls import TlsFileError
 
 from . import payload as sp
+from .client import ReadAheadClient
 from .config import Config
 from .tracker import Tracker
 
@@ -232,14 +233,14 @@ class SparkplugSource(Source):
     def _make_client(self) -> paho.Client:
         cfg = self.config
         if cfg.protocol == "5":
-            client = paho.Client(
+            client = ReadAheadClient(
                 CallbackAPIVersion.VERSION2,
                 client_id=self.client_id,
                 protocol=MQTTProtocolVersion.MQTTv5,
                 manual_ack=True,
             )
         else:
-            client = paho.Client(
+            client = ReadAheadClient(
                 CallbackAPIVersion.VERSION2,
                 client_id=self.client_id,
                 clean_session=True,
