@@ -448,6 +448,7 @@ class SparkplugSource(Source):
         group N+1 is handed to the buffer, and acknowledged, only after group N is."""
         # The commit in flight is a task of the consumer's own group: cancelled with it.
         pending: asyncio.Task[None] | None = None
+        linger = self.config.commit_linger
         async with asyncio.TaskGroup() as tg:
             while True:
                 if pending is not None and (queue.empty() or pending.done()):
@@ -455,6 +456,8 @@ class SparkplugSource(Source):
                     pending = None
                     continue
                 group = [await queue.get()]
+                if linger and pending is None and queue.qsize() < MAX_GROUP:
+                    await asyncio.sleep(linger)  # let what follows join this commit
                 while len(group) < MAX_GROUP and not queue.empty():
                     group.append(queue.get_nowait())
                 events = self._decode(group)
