@@ -100,6 +100,37 @@ def test_every_scalar_datatype(datatype: str, field: str, raw: Any, expected: An
     assert validate_data(event.type, event.data) == event.data
 
 
+@pytest.mark.parametrize(("datatype", "field", "raw", "expected"), SCALARS)
+@pytest.mark.parametrize("historical", [False, True])
+def test_data_fast_path_makes_the_same_event_as_the_birth(
+    datatype: str, field: str, raw: Any, expected: Any, historical: bool
+) -> None:
+    """NDATA's metrics take a fast path in the tracker (tracker._data), births the general
+    one (_sample): for the same metric, value and time both give the same event, unit and
+    historical flag included, but for the message type and seq in the origin."""
+    tracker = Tracker()
+    spec = {"alias": 7, field: raw, "timestamp": T0 - 5}
+    if historical:
+        spec["is_historical"] = True
+    props = {"properties": {"engUnit": "degC"}}
+    out = birth(tracker, {"name": "m", "datatype": DT[datatype], **spec, **props}, bd=3)
+    (born,) = [e for e in out.events if e.type == "mfg.signal.sampled"]
+    out = tracker.handle("spBv1.0/G/NDATA/E", payload(1, spec), T0)
+    (event,) = out.events
+    want = dict(born.data)
+    want["sparkplug"] = {**born.data["sparkplug"], "seq": 1, "message": "NDATA"}
+    assert (event.data, event.time, event.subject) == (want, born.time, born.subject)
+    assert list(event.data) == list(want) and list(event.data["sparkplug"]) == list(
+        want["sparkplug"]
+    )  # the same keys in the same order: the same stored JSON
+    assert event.data["uom"] == "CEL" and event.data["value"] == expected
+    # no metric timestamp: the payload's, as the general path does
+    del spec["timestamp"]
+    out = tracker.handle("spBv1.0/G/NDATA/E", payload(2, spec, ts=T0 + 7), T0)
+    (event,) = out.events
+    assert event.time == "2025-12-01T12:00:00.007000Z" == event.data["source_timestamp"]
+
+
 ARRAYS = [
     ("Int8Array", struct.pack("<3b", -1, 0, 127), [-1, 0, 127]),
     ("Int16Array", struct.pack("<2h", -300, 300), [-300, 300]),

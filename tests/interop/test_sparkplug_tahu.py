@@ -50,11 +50,16 @@ async def buf(tmp_path: Path) -> AsyncIterator[Buffer]:
 # ----------------------------------------------------------------------------- tests
 
 
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])  # 3.1.1 the default (config.py says why)
 async def test_birth_data_death_with_aliases(
-    mosquitto: Mosquitto, mqtt_subscriber: Callable[..., Subscriber], buf: Buffer, tahu: Any
+    mosquitto: Mosquitto,
+    mqtt_subscriber: Callable[..., Subscriber],
+    buf: Buffer,
+    tahu: Any,
+    protocol: str,
 ) -> None:
     wire = mqtt_subscriber(mosquitto, "spBv1.0/#")
-    source = build(STREAM, make_config(mosquitto), CTX)
+    source = build(STREAM, make_config(mosquitto, protocol=protocol), CTX)
     async with running(source, buf, wire):
         node: TahuEdgeNode = await asyncio.to_thread(tahu, mosquitto)
         node.send(cmd="birth")
@@ -111,6 +116,9 @@ async def test_birth_data_death_with_aliases(
     st = states(wire)
     assert st[-1]["online"] is False and st[-2]["online"] is True
     assert st[-1]["timestamp"] == st[-2]["timestamp"]
+    # the session as the specification asks of each protocol (clean session / clean start)
+    flags = "(p2, c1" if protocol == "3.1.1" else "(p5, c1"
+    assert f"as edge-agent-test-spb {flags}" in mosquitto.log()
 
 
 async def test_seq_gap_is_answered_by_a_rebirth_request_on_the_wire(

@@ -29,6 +29,12 @@ class Config(SourceConfig, MqttConnection):
         self.connection_preflight(check)
 
     url: str = "mqtt://127.0.0.1:1883"
+    #: MQTT 3.1.1 by default, unlike the mqtt source: Sparkplug 3.0 allows 3.1.1 and 5
+    #: alike and uses no MQTT 5 feature (STATE's Will is retained QoS 1 in both; a host
+    #: connects with a clean session either way), while paho 2.2 parses a v5 PUBLISH's
+    #: properties into a fresh Properties object and clears it again per message: about
+    #: 30 us a message, a third of the source's receive (docs/performance.md, issue 12)
+    protocol: Literal["5", "3.1.1"] = "3.1.1"
     #: Sparkplug group ids to host (each subscribed as spBv1.0/<group>/#); "+" for all
     groups: list[str] = Field(min_length=1)
     #: the primary host id edge nodes are configured with: STATE is spBv1.0/STATE/<host_id>
@@ -42,6 +48,11 @@ class Config(SourceConfig, MqttConnection):
     room_check_interval: Duration = Field(default=0.25, gt=0)
     #: how long to wait before trying a refused commit again
     retry_interval: Duration = Field(default=0.5, gt=0)
+    #: when no commit is in flight, how long the first message of a group waits for more
+    #: before the group is committed: at a steady trickle (an edge node publishing every
+    #: millisecond) one commit (one fsync, two thread hops) per message otherwise, which
+    #: at 1,000 payloads/s cost a third of the agent's CPU (docs/performance.md); 0: none
+    commit_linger: Duration = Field(default=0.01, ge=0, le=1)
     #: messages held in memory while the buffer refuses events or the commits fall behind;
     #: data beyond is dropped, counted (dropped_overflow) and answered by a rebirth request
     #: (births and deaths are always kept). QoS 0 cannot be held back at the broker.

@@ -1,9 +1,9 @@
 """The Sparkplug B primary host source: births, data and deaths into the buffer, STATE out.
 
-paho runs its network loop in its own thread; callbacks only post to the asyncio loop,
-which decodes messages in arrival order (tracker.py), commits their events with one
-``ingest.append`` per group of ready messages, and only then acknowledges those that came
-at QoS 1 (Sparkplug data is QoS 0 by the specification: see docs/sparkplug.md).
+paho runs its network loop in its own thread (reading ahead: client.py says why); its
+callbacks only post to the asyncio loop, which decodes messages in arrival order
+(tracker.py), commits their events with one ``ingest.append`` per group of ready
+messages, and only then acknowledges those that came at QoS 1 (Sparkplug data is QoS 0 by the specification: see docs/sparkplug.md).
 
 STATE (``spBv1.0/STATE/<host_id>``, retained, QoS 1, the 3.0 JSON payload):
 
@@ -33,7 +33,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import paho.mqtt.client as paho
@@ -49,6 +49,7 @@ from agent.registry import AdapterContext
 from agent.tls import TlsFileError
 
 from . import payload as sp
+from .client import ReadAheadClient
 from .config import Config
 from .tracker import Tracker
 
@@ -60,8 +61,11 @@ _AUTH_CODES = {"Not authorized", "Bad user name or password", "Banned"}
 _KEPT = ("/NBIRTH/", "/NDEATH/", "/DBIRTH/", "/DDEATH/")
 
 
-@dataclass(frozen=True, slots=True)
-class _Message:
+class _Message(NamedTuple):
+    """One PUBLISH as paho's thread hands it over: a NamedTuple (immutable, and made per
+    message on paho's thread, where a frozen dataclass's __init__ costs several times
+    more)."""
+
     generation: int
     mid: int
     qos: int
@@ -229,14 +233,14 @@ class SparkplugSource(Source):
     def _make_client(self) -> paho.Client:
         cfg = self.config
         if cfg.protocol == "5":
-            client = paho.Client(
+            client = ReadAheadClient(
                 CallbackAPIVersion.VERSION2,
                 client_id=self.client_id,
                 protocol=MQTTProtocolVersion.MQTTv5,
                 manual_ack=True,
             )
         else:
-            client = paho.Client(
+            client = ReadAheadClient(
                 CallbackAPIVersion.VERSION2,
                 client_id=self.client_id,
                 clean_session=True,
@@ -444,6 +448,7 @@ class SparkplugSource(Source):
         group N+1 is handed to the buffer, and acknowledged, only after group N is."""
         # The commit in flight is a task of the consumer's own group: cancelled with it.
         pending: asyncio.Task[None] | None = None
+        linger = self.config.commit_linger
         async with asyncio.TaskGroup() as tg:
             while True:
                 if pending is not None and (queue.empty() or pending.done()):
@@ -451,6 +456,8 @@ class SparkplugSource(Source):
                     pending = None
                     continue
                 group = [await queue.get()]
+                if linger and pending is None and queue.qsize() < MAX_GROUP:
+                    await asyncio.sleep(linger)  # let what follows join this commit
                 while len(group) < MAX_GROUP and not queue.empty():
                     group.append(queue.get_nowait())
                 events = self._decode(group)
