@@ -63,6 +63,7 @@ def _remove_db(db: Path) -> None:
 
 def write_config(d: Path, db: Path, url: str) -> Path:
     """The agent as bench/agent_process.py runs it (fsync buffer), metrics off."""
+    d.mkdir(parents=True, exist_ok=True)
     cfg = d / "agent.toml"
     cfg.write_text(
         f"""[agent]
