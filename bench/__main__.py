@@ -63,7 +63,9 @@ def median_of(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="smaller loads: a few minutes")
-    p.add_argument("--only", action="append", choices=FIGURES + OPTIONAL, help="run only this figure")
+    p.add_argument(
+        "--only", action="append", choices=FIGURES + OPTIONAL, help="run only this figure"
+    )
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
     p.add_argument(
         "--rounds",
