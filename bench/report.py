@@ -32,6 +32,11 @@ LABELS = {
     "opcua": "OPC UA 10,000 items at 1 Hz",
     "peer_mosquitto_bridge": "Peer: edge mosquitto bridge, 60 s outage + edge SIGKILL",
     "peer_node_red": "Peer: Node-RED 4 OPC UA -> MQTT, 60 s outage",
+    "scale_drain": "Scale: whole-agent HTTP drain, largest backlog (10M)",
+    "scale_status": "Scale: `status --json`, largest backlog (10M)",
+    "scale_rss": "Scale: peak RSS draining the largest backlog (10M)",
+    "scale_streams": "Scale: ingest over 100 streams (ratio: to 1 stream)",
+    "scale_week": "Scale: file size over a simulated week",
 }
 
 
