@@ -26,7 +26,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Literal
 
@@ -68,17 +68,23 @@ _TIME = re.compile(
 )
 _MISSING: Any = object()
 
-#: a checker takes the value and the extra unit codes; it returns the normalised value or
-#: _MISSING when the fast pass is not certain
-Check = Callable[[Any, frozenset[str]], Any]
+# The field kinds the fast pass knows, as (kind, a, b) specs read by _data in one loop
+# (no call per field): a string of a..b characters without surrounding blanks, one of a
+# set of strings, a Quantity; UNKNOWN: only the detailed path can judge it.
+STR, LITERAL, QUANTITY, UNKNOWN = range(4)
+Spec = tuple[int, Any, Any]
+_UNKNOWN: Spec = (UNKNOWN, None, None)
+#: more characters than any string the vocabulary allows
+_NO_LIMIT = 1 << 62
 
 
 def _plain(s: str) -> bool:
-    """No blanks for str_strip_whitespace to strip (and no doubt about what a blank is)."""
+    """No blanks for str_strip_whitespace to strip (and no doubt about what a blank is:
+    pydantic and str.strip() disagree on a few control and non-ASCII characters)."""
     if not s:
         return True
     a, b = s[0], s[-1]
-    return a > " " and b > " " and a < "\x7f" and b < "\x7f" or s == s.strip() and s.isascii()
+    return " " < a < "\x7f" and " " < b < "\x7f" or s == s.strip() and s.isascii()
 
 
 @functools.lru_cache(maxsize=1024)
@@ -92,45 +98,14 @@ def fast_time(s: str) -> datetime | None:
         return None
 
 
-def _id_like(lo: int, hi: int | None) -> Check:
-    def check(v: Any, _extra: frozenset[str]) -> Any:
-        if type(v) is not str or not _plain(v):
-            return _MISSING
-        n = len(v)
-        if n < lo or (hi is not None and n > hi):
-            return _MISSING
-        return v
-
-    return check
+@functools.lru_cache(maxsize=64)
+def _units(extra: frozenset[str]) -> frozenset[str]:
+    """The unit codes Quantity accepts unchanged: known or site codes, of the pattern."""
+    return frozenset(c for c in (*UOM_CODES, *extra) if _UOM.fullmatch(c))
 
 
-def _literal(values: tuple[Any, ...]) -> Check | None:
-    if not all(type(x) is str for x in values):
-        return None
-    allowed = frozenset(values)
-
-    def check(v: Any, _extra: frozenset[str]) -> Any:
-        return v if type(v) is str and v in allowed else _MISSING
-
-    return check
-
-
-def _quantity(v: Any, extra: frozenset[str]) -> Any:
-    if type(v) is not dict or len(v) != 2:
-        return _MISSING
-    value = v.get("value", _MISSING)
-    uom = v.get("uom", _MISSING)
-    if type(value) is int:
-        value = float(value)
-    elif type(value) is not float or not math.isfinite(value):
-        return _MISSING
-    if type(uom) is not str or not (uom in UOM_CODES or uom in extra) or not _UOM.fullmatch(uom):
-        return _MISSING
-    return {"value": value, "uom": uom}
-
-
-def _checker(annotation: Any, metadata: Iterable[Any]) -> tuple[Check, bool] | None:
-    """(checker, None allowed) for one field's annotation, or None: not a known kind."""
+def _spec(annotation: Any, metadata: Iterable[Any]) -> tuple[Spec, bool] | None:
+    """(spec, None allowed) for one field's annotation, or None: not a known kind."""
     optional = False
     meta = list(metadata)
     origin = typing.get_origin(annotation)
@@ -147,20 +122,22 @@ def _checker(annotation: Any, metadata: Iterable[Any]) -> tuple[Check, bool] | N
             meta.extend(m.metadata if isinstance(m, FieldInfo) else [m])
         origin = typing.get_origin(annotation)
     if annotation is Quantity and not meta:
-        return _quantity, optional
+        return (QUANTITY, None, None), optional
     if origin is Literal and not meta:
-        lit = _literal(typing.get_args(annotation))
-        return (lit, optional) if lit else None
+        values = typing.get_args(annotation)
+        if not all(type(x) is str for x in values):
+            return None
+        return (LITERAL, frozenset(values), None), optional
     if annotation is str:
-        lo, hi = 0, None
+        lo, hi = 0, _NO_LIMIT
         for m in meta:
             if isinstance(m, MinLen):
                 lo = max(lo, m.min_length)
             elif isinstance(m, MaxLen):
-                hi = m.max_length if hi is None else min(hi, m.max_length)
+                hi = min(hi, m.max_length)
             else:
                 return None  # a pattern, a validator: the detailed path judges
-        return _id_like(lo, hi), optional
+        return (STR, lo, hi), optional
     return None
 
 
@@ -172,57 +149,26 @@ _KNOWN_MODEL_RULES: dict[str, tuple[str, str]] = {
 
 
 class _DataCheck:
-    """The fast pass of one vocabulary model's data.
+    """What the fast pass knows of one vocabulary model: its fields' specs and order."""
 
-    It walks the record's keys (a few) rather than the model's fields (a dozen); the
-    output keeps the model's field order, as model_dump would write it."""
-
-    __slots__ = ("index", "one_of", "required", "specs")
+    __slots__ = ("index", "one_of", "required", "schema", "specs", "type")
 
     def __init__(
         self,
-        fields: list[tuple[str, Check | None, bool]],
+        type_: str,
+        fields: list[tuple[str, Spec, bool]],
         one_of: list[tuple[str, str]],
     ) -> None:
-        # name -> (position, checker or None: a kind only the detailed path knows)
-        self.specs = {name: (i, check) for i, (name, check, _) in enumerate(fields)}
+        self.type = type_
+        self.schema = dataschema(type_)
+        # name -> (position, kind, a, b), in the model's field order
+        self.specs = {name: (i, *spec) for i, (name, spec, _) in enumerate(fields)}
         self.index = {name: i for i, (name, _, _) in enumerate(fields)}
         self.required = frozenset(name for name, _, req in fields if req)
         self.one_of = one_of
 
-    def __call__(self, data: dict[str, Any], extra: frozenset[str]) -> dict[str, Any] | None:
-        specs = self.specs
-        out: dict[str, Any] = {}
-        last = -1
-        ordered = True
-        for name, v in data.items():
-            spec = specs.get(name)
-            if spec is None:
-                return None  # an unknown field: the detailed path names it
-            if v is None:
-                continue  # left out, as model_dump(exclude_none) does; required: see below
-            i, check = spec
-            if check is None:
-                return None
-            v = check(v, extra)
-            if v is _MISSING:
-                return None
-            out[name] = v
-            if i < last:
-                ordered = False
-            last = i
-        if not self.required <= out.keys():
-            return None
-        for a, b in self.one_of:
-            if a not in out and b not in out:
-                return None
-        if not ordered:
-            index = self.index
-            out = {k: out[k] for k in sorted(out, key=index.__getitem__)}
-        return out
 
-
-def _data_check(model: type[BaseModel]) -> _DataCheck | None:
+def _data_check(type_: str, model: type[BaseModel]) -> _DataCheck | None:
     decorators = model.__pydantic_decorators__
     if (
         decorators.field_validators
@@ -240,7 +186,7 @@ def _data_check(model: type[BaseModel]) -> _DataCheck | None:
         if rule is None or dec.info.mode != "after":
             return None
         one_of.append(rule)
-    fields: list[tuple[str, Check | None, bool]] = []
+    fields: list[tuple[str, Spec, bool]] = []
     for name, info in model.model_fields.items():
         if info.alias is not None or info.serialization_alias is not None:
             return None
@@ -249,29 +195,28 @@ def _data_check(model: type[BaseModel]) -> _DataCheck | None:
         required = info.is_required()
         if not required and info.default is not None:
             return None
-        kind = _checker(info.annotation, info.metadata)
+        kind = _spec(info.annotation, info.metadata)
         if kind is None:
             if required:
                 return None
-            fields.append((name, None, False))
+            fields.append((name, _UNKNOWN, False))
             continue
-        check, optional = kind
+        spec, optional = kind
         if required and optional:
             return None  # a required field that may be null stays in data as null
-        fields.append((name, check, required))
-    return _DataCheck(fields, one_of)
+        fields.append((name, spec, required))
+    return _DataCheck(type_, fields, one_of)
 
 
 #: the fast pass per MES event type (the agent's own types are never accepted from outside)
 DATA_CHECKS: dict[str, _DataCheck] = {
     t: c
     for t, m in TYPES.items()
-    if not t.startswith("mfg.agent.") and (c := _data_check(m)) is not None
+    if not t.startswith("mfg.agent.") and (c := _data_check(t, m)) is not None
 }
-_SCHEMAS = {t: dataschema(t) for t in DATA_CHECKS}
 #: the envelope keys nearly every record has; the others are checked only when present
 _COMMON = frozenset({"type", "time", "data", "subject", "correlationid", "id"})
-#: NewEvent(...) without the keyword parsing of a NamedTuple's __new__ (same tuple)
+#: NewEvent(...) without the keyword handling of a NamedTuple's __new__ (the same tuple)
 _new_event = tuple.__new__
 
 
@@ -280,15 +225,82 @@ def _bad_id(v: Any) -> bool:
     return v is not None and (type(v) is not str or not 0 < len(v) <= 200 or not _plain(v))
 
 
-def fast_event(c: dict[str, Any], extra_uom_codes: frozenset[str]) -> NewEvent | None:
+def _data(check: _DataCheck, data: dict[str, Any], units: frozenset[str]) -> dict[str, Any] | None:
+    """The normalised data, as validate_data gives it (field order, no nulls), or None."""
+    specs = check.specs
+    out: dict[str, Any] = {}
+    last = -1
+    ordered = True
+    for name, v in data.items():
+        spec = specs.get(name)
+        if spec is None:
+            return None  # an unknown field: the detailed path names it
+        if v is None:
+            continue  # left out, as model_dump(exclude_none) does; required: see below
+        i, kind, a, b = spec
+        if kind == STR:
+            if type(v) is not str or not a <= len(v) <= b:
+                return None
+            if v and not (" " < v[0] < "\x7f" and " " < v[-1] < "\x7f") and not _plain(v):
+                return None
+        elif kind == QUANTITY:
+            if type(v) is not dict or len(v) != 2:
+                return None
+            value = v.get("value")
+            uom = v.get("uom")
+            if type(value) is int:
+                value = float(value)  # Number is a float: 480 is written 480.0
+            elif type(value) is not float or not math.isfinite(value):
+                return None
+            if type(uom) is not str or uom not in units:
+                return None
+            v = {"value": value, "uom": uom}
+        elif kind == LITERAL:
+            if type(v) is not str or v not in a:
+                return None
+        else:
+            return None
+        out[name] = v
+        if i < last:
+            ordered = False
+        last = i
+    if not check.required <= out.keys():
+        return None
+    for x, y in check.one_of:
+        if x not in out and y not in out:
+            return None
+    if not ordered:
+        index = check.index
+        out = {k: out[k] for k in sorted(out, key=index.__getitem__)}
+    return out
+
+
+def fast_events(items: Iterable[Any], extra_uom_codes: frozenset[str]) -> list[NewEvent | None]:
+    """fast_event of each record (None where only the detailed path can say), in one loop."""
+    units = _units(extra_uom_codes)
+    checks = DATA_CHECKS
+    out: list[NewEvent | None] = []
+    append = out.append
+    for c in items:
+        append(_one(c, checks, units))
+    return out
+
+
+def fast_event(c: Any, extra_uom_codes: frozenset[str]) -> NewEvent | None:
     """The NewEvent of canonical record ``c``, or None when only the detailed path can say."""
+    return _one(c, DATA_CHECKS, _units(extra_uom_codes))
+
+
+def _one(c: Any, checks: dict[str, _DataCheck], units: frozenset[str]) -> NewEvent | None:
+    if type(c) is not dict:
+        return None
     keys = c.keys()
     if not keys <= _ENVELOPE:
         return None
     type_ = c.get("type")
     if type(type_) is not str:
         return None
-    check = DATA_CHECKS.get(type_)
+    check = checks.get(type_)
     if check is None:
         return None
     t = c.get("time")
@@ -312,11 +324,11 @@ def fast_event(c: dict[str, Any], extra_uom_codes: frozenset[str]) -> NewEvent |
         if source is not None and type(source) is not str:
             return None
         schema = c.get("dataschema")
-        if schema is not None and schema != _SCHEMAS[type_]:
+        if schema is not None and schema != check.schema:
             return None
-    valid = check(data, extra_uom_codes)
+    valid = _data(check, data, units)
     if valid is None:
         return None
     if subject is None:
         subject = default_subject(type_, valid)
-    return _new_event(NewEvent, (type_, valid, when, subject, correlationid, _SCHEMAS[type_], eid))
+    return _new_event(NewEvent, (type_, valid, when, subject, correlationid, check.schema, eid))

@@ -6,12 +6,12 @@ HTTP, dropped as a file or published on the plant's MQTT broker.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
-from adapters.sources.mes_common.fast import fast_event
+from adapters.sources.mes_common.fast import fast_event, fast_events
 from adapters.sources.mes_common.mapping import FieldMapping, apply_mapping
 from agent.errors import EdgeAgentError
 from agent.interfaces import NewEvent
@@ -127,6 +127,34 @@ def parse_mes_payload(
         if fast is not None:
             return fast
     return parse_detailed(canonical, errors, mapping, extra)
+
+
+def parse_mes_batch(
+    items: Sequence[Any],
+    mapping: FieldMapping | None = None,
+    *,
+    extra_uom_codes: Iterable[str] = (),
+) -> tuple[list[NewEvent], list[tuple[int, MesInputError]]]:
+    """parse_mes_payload of every record of a request: (events, [(index, error)]).
+
+    Without a mapping the fast pass runs over the whole list in one loop (the HTTP push's
+    500-event bodies); a record it refuses goes through parse_mes_payload alone."""
+    extra = frozenset(extra_uom_codes)
+    if mapping is None or mapping.is_identity:
+        fast = fast_events(items, extra)
+    else:
+        fast = [None] * len(items)
+    events: list[NewEvent] = []
+    errors: list[tuple[int, MesInputError]] = []
+    for i, ev in enumerate(fast):
+        if ev is None:
+            try:
+                ev = parse_mes_payload(items[i], mapping, extra_uom_codes=extra)
+            except MesInputError as exc:
+                errors.append((i, exc))
+                continue
+        events.append(ev)
+    return events, errors
 
 
 def parse_detailed(
