@@ -188,7 +188,9 @@ class GroupCommit:
         encode = self._encoder(stream).encode
         rows, committed, now = out.rows, out.committed, self.now
         ctl = 1 if g.checkpoint else 0
-        here: dict[str, Committed] = {}
+        # source ids seen in this request -> (seq, id); the duplicate's Committed is made
+        # only on a repeat (rare), not one more NamedTuple for every MES event
+        here: dict[str, tuple[int, str]] = {}
         ids = self.ids
         pos = first_id
         seq = base
@@ -196,7 +198,9 @@ class GroupCommit:
         for ev in events:
             sei = ev.source_event_id
             if sei is not None:
-                prior = dupes.get(sei) or here.get(sei)
+                prior = dupes.get(sei)
+                if prior is None and sei in here:
+                    prior = Committed(stream, *here[sei], duplicate=True)
                 if prior is not None:
                     committed.append(prior)
                     continue
@@ -209,7 +213,7 @@ class GroupCommit:
             rows.append((sid, seq, eid, now, n, body, ctl))
             committed.append(Committed(stream, seq, eid))
             if sei is not None:
-                here[sei] = Committed(stream, seq, eid, duplicate=True)
+                here[sei] = (seq, eid)
                 out.dedupe.append((sid, sei, seq, eid, now))
         out.size = size
         out.last_seq = seq

@@ -311,7 +311,17 @@ def _one(c: Any, checks: dict[str, _DataCheck], units: frozenset[str]) -> NewEve
     eid = c.get("id")
     subject = c.get("subject")
     correlationid = c.get("correlationid")
-    if _bad_id(eid) or _bad_id(subject) or _bad_id(correlationid):
+    if eid is not None and not (
+        type(eid) is str
+        and 0 < len(eid) <= 200
+        and " " < eid[0] < "\x7f"
+        and " " < eid[-1] < "\x7f"
+    ):  # the usual MES id in one expression; anything else as MesEvent reads it
+        if _bad_id(eid):
+            return None
+    if subject is not None and _bad_id(subject):
+        return None
+    if correlationid is not None and _bad_id(correlationid):
         return None
     if not keys <= _COMMON:
         # the tolerated CloudEvents attributes, as MesEvent reads them (the agent sets

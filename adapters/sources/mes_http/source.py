@@ -304,17 +304,24 @@ class MesHttpSource(Source):
         dups = sum(1 for c in committed if c.duplicate)
         self._accepted += len(committed) - dups
         self._duplicates += dups
-        listed = []
-        for i, (ev, c) in enumerate(zip(events, committed, strict=True)):
-            item: dict[str, Any] = {
+        # one comprehension, not a loop of appends: a 500-event response is built per request
+        listed = [
+            {
                 "index": i,
                 "id": c.id,
                 "sequence": format_sequence(c.sequence),
                 "duplicate": c.duplicate,
             }
-            if ev.source_event_id is not None:
-                item["source_event_id"] = ev.source_event_id
-            listed.append(item)
+            if ev.source_event_id is None
+            else {
+                "index": i,
+                "id": c.id,
+                "sequence": format_sequence(c.sequence),
+                "duplicate": c.duplicate,
+                "source_event_id": ev.source_event_id,
+            }
+            for i, (ev, c) in enumerate(zip(events, committed, strict=True))
+        ]
         body = {
             "stream": self.stream,
             "accepted": len(committed) - dups,
