@@ -118,7 +118,7 @@ class GroupCommit:
 
     def _stage(self, g: PendingAppend) -> Result:
         st = self._staged_stream(g.stream)
-        events = self._checkpoint_events(g, st) if g.checkpoint else list(g.events)
+        events = self._checkpoint_events(g, st) if g.checkpoint else g.events
         dupes = self._existing_dupes(st.sid, g.stream, events)
         first_id = self.id_pos
         enc = self._encode(g, events, dupes, first_id, st.last_seq)
@@ -131,7 +131,8 @@ class GroupCommit:
                 enc = self._encode(g, events, dupes, first_id, st.last_seq)
             if need > self._room():
                 return self._full()  # this request (and the rest of the group) does not fit
-        self.dedupe_rows.extend(enc.dedupe)
+        if enc.dedupe:
+            self.dedupe_rows.extend(enc.dedupe)
         self.pending_bytes += need
         self.rows.extend(enc.rows)
         st.last_seq = enc.last_seq
@@ -140,7 +141,8 @@ class GroupCommit:
         cnt = self.counts.setdefault(g.stream, [0, 0])
         cnt[0] += len(enc.rows)
         cnt[1] += need
-        self.mark_rows.extend((ns, key, self.now) for ns, key in g.marks)
+        if g.marks:  # rare: no generator for every one-event append
+            self.mark_rows.extend((ns, key, self.now) for ns, key in g.marks)
         return enc.committed
 
     def _staged_stream(self, name: str) -> Staged:
@@ -176,7 +178,7 @@ class GroupCommit:
     def _encode(
         self,
         g: PendingAppend,
-        events: list[NewEvent],
+        events: Sequence[NewEvent],
         dupes: dict[str, Committed],
         first_id: int,
         base: int,
