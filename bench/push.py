@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from bench.common import Ctx, figure, spawn, wait_until
+from bench.common import Ctx, figure, ratio, spawn, wait_until
 from bench.ingest import agent_batches
 
 
@@ -77,6 +77,8 @@ def run(ctx: Ctx) -> dict[str, Any]:
             unit="events/s",
             raw=raw,
             raw_label="Buffer.append of 500-event lists x4 tasks, fsync",
+            target=">= 0.6",
+            met=ratio(rate, raw) >= 0.6,
             detail=(
                 f"{n:,} events, 4 concurrent POSTs of 500 events each; {commits} commits; "
                 "the agent's GC settings (agent/gc_tuning.py) on both sides"
