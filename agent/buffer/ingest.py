@@ -118,6 +118,10 @@ class GroupCommit:
 
     def _stage(self, g: PendingAppend) -> Result:
         st = self._staged_stream(g.stream)
+        if len(g.events) == 1 and not g.checkpoint and not g.marks:
+            one = self._stage_one(g, g.events[0], st)
+            if one is not None:
+                return one
         events = self._checkpoint_events(g, st) if g.checkpoint else g.events
         dupes = self._existing_dupes(st.sid, g.stream, events)
         first_id = self.id_pos
@@ -144,6 +148,31 @@ class GroupCommit:
         if g.marks:  # rare: no generator for every one-event append
             self.mark_rows.extend((ns, key, self.now) for ns, key in g.marks)
         return enc.committed
+
+    def _stage_one(self, g: PendingAppend, ev: NewEvent, st: Staged) -> Result | None:
+        """A one-event append without a source id (200 appenders of one value each): the
+        rows and results _encode would give, without its per-request set-up, which cost
+        more than the event's encoding (2.7 of 4.3 us per event staging 200 such appends,
+        against 1.6 us for one 200-event append; issue 16, docs/performance.md). None when
+        it has an id or does not fit: then _stage's general path decides, nothing taken."""
+        if ev.source_event_id is not None:
+            return None
+        seq = st.last_seq + 1
+        eid = self.ids[self.id_pos]
+        body = self._encoder(g.stream).encode(ev, eid, seq)
+        n = len(body)
+        if n > self._room():
+            return None  # drop_oldest or BufferFull: the general path
+        self.id_pos += 1
+        self.pending_bytes += n
+        self.rows.append((st.sid, seq, eid, self.now, n, body, 0))
+        st.last_seq = seq
+        cnt = self.counts.get(g.stream)
+        if cnt is None:
+            cnt = self.counts[g.stream] = [0, 0]
+        cnt[0] += 1
+        cnt[1] += n
+        return [Committed(g.stream, seq, eid)]
 
     def _staged_stream(self, name: str) -> Staged:
         st = self.staged.get(name)
