@@ -312,6 +312,15 @@ async def test_source_event_ids_deduplicated_and_marks_atomic(tmp_path: Path) ->
     await b.close()
 
 
+async def test_a_source_id_repeated_within_one_append_is_stored_once(tmp_path: Path) -> None:
+    b = await open_buffer(tmp_path / "b.db")
+    got = await b.append("mes", [ev(1, sei="MES-1"), ev(2, sei="MES-2"), ev(1, sei="MES-1")])
+    assert [c.duplicate for c in got] == [False, False, True]
+    assert (got[2].id, got[2].sequence, got[2].stream) == (got[0].id, 1, "mes")
+    assert (await b.stream_rows())[0]["ingested_total"] == 2
+    await b.close()
+
+
 async def test_checkpoint_covers_everything_since_the_previous(tmp_path: Path) -> None:
     b = await open_buffer(tmp_path / "b.db")
     await b.append("s", [ev(i) for i in range(5)])

@@ -2,6 +2,7 @@
 
 parse_mes_payload(obj, mapping, *, constants=None, extra_uom_codes=(), drop_empty=False)
     -> NewEvent                      raises MesInputError(field_path, message, errors)
+parse_mes_batch(items, mapping, *, extra_uom_codes=()) -> (events, [(index, MesInputError)])
 FieldMapping                         the ``mapping`` table of a source's config
 """
 
@@ -11,7 +12,12 @@ from adapters.sources.mes_common.mapping import (
     apply_mapping,
     get_path,
 )
-from adapters.sources.mes_common.parse import MesEvent, MesInputError, parse_mes_payload
+from adapters.sources.mes_common.parse import (
+    MesEvent,
+    MesInputError,
+    parse_mes_batch,
+    parse_mes_payload,
+)
 
 __all__ = [
     "ENVELOPE_FIELDS",
@@ -20,5 +26,6 @@ __all__ = [
     "MesInputError",
     "apply_mapping",
     "get_path",
+    "parse_mes_batch",
     "parse_mes_payload",
 ]

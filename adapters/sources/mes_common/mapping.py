@@ -81,6 +81,11 @@ class FieldMapping(Model):
             raise ValueError(f"type '{t}' is not a canonical MES event type (one of: {names})")
         return v
 
+    @property
+    def is_identity(self) -> bool:
+        """True when records are already canonical: nothing renamed, translated or set."""
+        return not (self.fields or self.values or self.constants) and self.unmapped == "keep"
+
     def source_of(self, canonical: str) -> str | None:
         """The MES field that feeds ``canonical`` (or one of its parents), for messages."""
         rev = {dst: src for src, dst in self.fields.items()}

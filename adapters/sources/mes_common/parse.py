@@ -6,11 +6,12 @@ HTTP, dropped as a file or published on the plant's MQTT broker.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
+from adapters.sources.mes_common.fast import fast_event, fast_events
 from adapters.sources.mes_common.mapping import FieldMapping, apply_mapping
 from agent.errors import EdgeAgentError
 from agent.interfaces import NewEvent
@@ -110,7 +111,61 @@ def parse_mes_payload(
     """
     if not isinstance(obj, Mapping):
         raise MesInputError("", "an event must be a JSON object")
+    # A plainly valid record (the common case) needs no pydantic: fast.py, which returns
+    # None whenever only the detailed checks judge it. Without a mapping the record is its
+    # canonical object (fast_event does not change it, and refuses the dotted keys
+    # apply_mapping would expand), so it is not even copied.
+    extra = frozenset(extra_uom_codes)
+    plain = not constants and not drop_empty and (mapping is None or mapping.is_identity)
+    if plain and type(obj) is dict:
+        fast = fast_event(obj, extra)
+        if fast is not None:
+            return fast
     canonical, errors = apply_mapping(obj, mapping, constants, drop_empty=drop_empty)
+    if not errors and not plain:
+        fast = fast_event(canonical, extra)
+        if fast is not None:
+            return fast
+    return parse_detailed(canonical, errors, mapping, extra)
+
+
+def parse_mes_batch(
+    items: Sequence[Any],
+    mapping: FieldMapping | None = None,
+    *,
+    extra_uom_codes: Iterable[str] = (),
+) -> tuple[list[NewEvent], list[tuple[int, MesInputError]]]:
+    """parse_mes_payload of every record of a request: (events, [(index, error)]).
+
+    Without a mapping the fast pass runs over the whole list in one loop (the HTTP push's
+    500-event bodies); a record it refuses goes through parse_mes_payload alone."""
+    extra = frozenset(extra_uom_codes)
+    if mapping is None or mapping.is_identity:
+        fast = fast_events(items, extra)
+    else:
+        fast = [None] * len(items)
+    events: list[NewEvent] = []
+    errors: list[tuple[int, MesInputError]] = []
+    for i, ev in enumerate(fast):
+        if ev is None:
+            try:
+                ev = parse_mes_payload(items[i], mapping, extra_uom_codes=extra)
+            except MesInputError as exc:
+                errors.append((i, exc))
+                continue
+        events.append(ev)
+    return events, errors
+
+
+def parse_detailed(
+    canonical: dict[str, Any],
+    errors: list[tuple[str, str]],
+    mapping: FieldMapping | None,
+    extra: frozenset[str],
+) -> NewEvent:
+    """The pydantic path: validates the mapped record and names every bad field.
+    ``errors`` are the mapping's conflicts. Every record the fast pass refuses comes here
+    (tests/adapters/test_mes_fast.py compares the two on the records both accept)."""
     event: MesEvent | None = None
     try:
         event = MesEvent.model_validate(canonical)
@@ -133,7 +188,7 @@ def parse_mes_payload(
         errors = [e for e in errors if e[0] != "type"] + [("type", type_problem)]
     elif isinstance(type_, str) and isinstance(data, Mapping):
         try:
-            valid_data = validate_data(type_, data, extra_uom_codes=extra_uom_codes)
+            valid_data = validate_data(type_, data, extra_uom_codes=extra)
         except VocabularyError as exc:
             errors += [(f"data.{p}" if p else "data", m) for p, m in exc.errors]
         if canonical.get("dataschema") not in (None, dataschema(type_)):
