@@ -57,6 +57,8 @@ from asyncua.ua.ua_binary import struct_from_binary, struct_to_binary
 N = 10_000
 DEFAULT_GC_THRESHOLD = gc.get_threshold()
 CEILING_NS = [10_000, 15_000, 20_000, 25_000, 30_000]
+#: this module's name for its child processes (a copy run under another name calls itself)
+SELF = __spec__.name if __spec__ is not None else "bench.opcua_path"
 
 
 def cpu() -> float:
@@ -127,7 +129,7 @@ async def open_source(n: int) -> tuple[Any, Any]:
 def raw_in_fresh_process(ticks: int) -> float:
     """asyncua's decode per notification, CPython's default GC, in a process of its own."""
     out = subprocess.run(
-        [sys.executable, "-m", "bench.opcua_path", str(ticks), "--raw"],
+        [sys.executable, "-m", SELF, str(ticks), "--raw"],
         check=True,
         capture_output=True,
         text=True,
@@ -258,7 +260,7 @@ def ceiling(ns: list[int], seconds: int, core: int) -> dict[str, Any]:
     runs = []
     for n in ns:
         out = subprocess.run(
-            ["taskset", "-c", str(core), sys.executable, "-m", "bench.opcua_path"]
+            ["taskset", "-c", str(core), sys.executable, "-m", SELF]
             + ["--ceiling-one", str(n), "--seconds", str(seconds)],
             check=True,
             capture_output=True,

@@ -43,7 +43,7 @@ from agent.interfaces import ComponentState, Ingest, NewEvent, Source
 from . import lean_publish, library_logs
 from .config import Config, NodeConfig
 from .connection import AuthRefused, close_quietly, open_client, translate
-from .mapping import NodeMapper, Sample, known, overflowed, status_name
+from .mapping import NodeMapper, known, overflowed, status_name
 
 log = logging.getLogger("edge_agent.source.opcua")
 library_logs.install()
@@ -159,6 +159,7 @@ class OpcUaSource(Source):
         self._rate_mark = (time.monotonic(), 0)
         self._rate = 0.0
         self._buffer_full_since: float | None = None
+        self._publish_decode = "asyncua"  # or "lean": lean_publish in the session (status)
 
     # ------------------------------------------------------------------ status
 
@@ -193,6 +194,7 @@ class OpcUaSource(Source):
             "backfilled": self.backfilled,
             "backfill_errors": dict(self.backfill_errors),
             "held_back_by_full_buffer": self._buffer_full_since is not None,
+            "publish_decode": self._publish_decode,
         }
         return dataclasses.replace(self._state, detail=dict(self._state.detail))
 
@@ -245,7 +247,8 @@ class OpcUaSource(Source):
         self._lost = asyncio.Event()
         self._lost_reason = ""
         client, _own = await open_client(self.cfg, self.name, self.state_dir)
-        lean_publish.install(client)  # before the subscriptions start its publish loop
+        # before the subscriptions start its publish loop
+        self._publish_decode = "lean" if lean_publish.install(client) else "asyncua"
 
         async def on_lost(exc: Exception) -> None:
             self._mark_lost(str(translate(exc, self.cfg)))
@@ -517,14 +520,22 @@ class OpcUaSource(Source):
             while len(records) < batch_max and not queue.empty():
                 records.append(queue.get_nowait())
             events: list[NewEvent] = []
+            # known() once per distinct timestamp object: lean_publish gives the items of
+            # one tick the same datetime objects
+            src_in = srv_in = src_known = srv_known = None
             for item, value, vt, code, src, srv, received in records:
-                if code & 0xC0000000:
-                    self.bad_values += 1
-                if overflowed(code):
-                    self.server_overflows += 1
+                if code:  # Good (0) is nearly every sample
+                    if code & 0xC0000000:
+                        self.bad_values += 1
+                    if overflowed(code):
+                        self.server_overflows += 1
+                if src is not src_in:
+                    src_in, src_known = src, known(src)
+                if srv is not srv_in:
+                    srv_in, srv_known = srv, known(srv)
                 mapper = item.mapper
                 assert mapper is not None
-                events.extend(mapper.map(Sample(value, code, known(src), known(srv), received), vt))
+                events.extend(mapper.map_values(value, code, src_known, srv_known, received, vt))
             self.notifications += len(records)
             if events:
                 return events
