@@ -56,7 +56,7 @@ from asyncua.ua.ua_binary import struct_from_binary, struct_to_binary
 
 N = 10_000
 DEFAULT_GC_THRESHOLD = gc.get_threshold()
-CEILING_NS = [10_000, 15_000, 20_000, 25_000, 30_000]
+CEILING_NS = [10_000, 20_000, 30_000, 40_000, 50_000, 60_000]
 #: this module's name for its child processes (a copy run under another name calls itself)
 SELF = __spec__.name if __spec__ is not None else "bench.opcua_path"
 
