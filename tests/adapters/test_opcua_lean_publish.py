@@ -172,3 +172,42 @@ def test_a_tick_shares_its_datetimes_and_keeps_the_bare_handles():
     assert isinstance(note, DataChanges)
     assert [h for h, *_ in note.items] == list(range(1, 101))
     assert len({id(src) for _, _, _, _, src, _ in note.items}) == 1
+
+
+async def test_the_source_queues_the_same_records_from_either_decode(tmp_path):
+    """_on_publish: lean DataChanges and asyncua's DataChangeNotification (what it gets for
+    arrays, or from an asyncua it could not hook) become the same queued records."""
+    import asyncio
+
+    from adapters.sources.opcua import Config, build
+    from agent.registry import AdapterContext
+
+    cfg = Config.model_validate(
+        {
+            "endpoint": "opc.tcp://127.0.0.1:1",
+            "nodes": [{"node_id": f"ns=2;s=V{i}"} for i in range(4)],
+        }
+    )
+    dvs = [
+        ua.DataValue(
+            ua.Variant(1.5, ua.VariantType.Double), SourceTimestamp=T0, ServerTimestamp=T0
+        ),
+        ua.DataValue(ua.Variant("on", ua.VariantType.String), SourceTimestamp=T0),
+        ua.DataValue(ua.Variant(None, ua.VariantType.Null), StatusCode=ua.StatusCode(0x80000000)),
+        ua.DataValue(ua.Variant(7, ua.VariantType.UInt32)),
+    ]
+    blob = response([dvs])
+    queued = []
+    for decoded in both(blob):
+        src = build("s", cfg, AdapterContext("a", "p", tmp_path, "test"))
+        src._queue = asyncio.Queue()
+        src._handles = {it.index + 1: it for it in src._items}
+        await src._on_publish(decoded.Parameters)
+        queued.append([src._queue.get_nowait()[1:6] for _ in range(4)])
+        assert [type(n) for n in decoded.Parameters.NotificationMessage.NotificationData] in (
+            [ua.DataChangeNotification],
+            [DataChanges],
+        )
+    assert queued[0] == queued[1]
+    assert queued[1][0] == (1.5, "Double", 0, T0, T0)
+    assert queued[1][2] == (None, "Null", 0x80000000, None, None)
