@@ -23,6 +23,9 @@ def run(ctx: Ctx) -> dict[str, Any]:
             unit="items at 1 Hz kept up with on one core",
             target="measured (issue 14)",
             first_not_keeping_up=res["first_not_keeping_up"],
+            cpu_bound_items=res["cpu_bound_items"],
+            us_per_notification=res["us_per_notification_median"],
+            cpu_of_core_max=res["cpu_of_core_max"],
             load_average=[round(x, 1) for x in res["load_average"]],
             runs=runs,
             detail="; ".join(

@@ -276,9 +276,15 @@ def ceiling(ns: list[int], seconds: int, core: int, batch_max: int | None = None
         print(json.dumps(run), file=sys.stderr, flush=True)
         runs.append(run)
     kept = [r["items"] for r in runs if r["keeps_up"]]
+    us = statistics.median(r["us_per_notification"] for r in runs)
     return {
         "ceiling_items": max(kept) if kept else 0,
         "first_not_keeping_up": min((r["items"] for r in runs if not r["keeps_up"]), default=None),
+        # what a whole core would carry at the measured CPU per notification: the ceiling
+        # when the core is the source's alone (on a shared machine it gets a share of it)
+        "cpu_bound_items": int(1e6 / us) if us else 0,
+        "us_per_notification_median": us,
+        "cpu_of_core_max": max(r["cpu_of_core"] for r in runs),
         "load_average": os.getloadavg(),
         "runs": runs,
     }
