@@ -32,7 +32,8 @@ def run(ctx: Ctx) -> dict[str, Any]:
                 f"{r['items']:,}: {'keeps up' if r['keeps_up'] else 'BEHIND'} "
                 f"({r['committed_per_s']:,}/{r['produced_per_s']:,} committed/produced per s, "
                 f"queue max {r['queue_max']:,}, late {r['late_max_s']} s, "
-                f"{r['cpu_of_core'] * 100:.0f}% of the core, {r['us_per_notification']} us each)"
+                f"{r['cpu_of_core'] * 100:.0f}% of the core, waiting for it "
+                f"{r['runqueue_wait_of_run'] * 100:.0f}% of the run, {r['us_per_notification']} us each)"
                 for r in runs
             ),
         )

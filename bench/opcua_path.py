@@ -140,6 +140,16 @@ def raw_in_fresh_process(ticks: int) -> float:
     return float(json.loads(out.strip().splitlines()[-1])["raw_us_per_notification"]) / 1e6
 
 
+def runqueue_wait() -> float:
+    """Seconds this process's threads have waited for a CPU (runnable, not running), from
+    /proc/self/task/*/schedstat: on a shared core, the time others had it."""
+    total = 0
+    for stat in Path("/proc/self/task").glob("*/schedstat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int(stat.read_text().split()[1])
+    return total / 1e9
+
+
 def decode_cpu(blobs: list[bytes]) -> float:
     c0 = cpu()
     for b in blobs:
@@ -214,7 +224,7 @@ async def ceiling_one(n: int, seconds: int, batch_max: int | None = None) -> dic
     produced = 0
     try:
         await asyncio.sleep(0.5)
-        t0, c0 = time.monotonic(), cpu()
+        t0, c0, w0 = time.monotonic(), cpu(), runqueue_wait()
         for k, b in enumerate(blobs):
             due = t0 + k * 0.5
             now = time.monotonic()
@@ -232,7 +242,7 @@ async def ceiling_one(n: int, seconds: int, batch_max: int | None = None) -> dic
         committed_in_time = src.events_committed
         while src.events_committed < produced:  # noqa: ASYNC110 - polling a counter
             await asyncio.sleep(0.01)
-        t1, c1 = time.monotonic(), cpu()
+        t1, c1, w1 = time.monotonic(), cpu(), runqueue_wait()
     finally:
         writer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -252,6 +262,8 @@ async def ceiling_one(n: int, seconds: int, batch_max: int | None = None) -> dic
         "backlog_mean_last_third": round(last),
         "committed_after_last_s": round(t1 - (t0 + seconds - 0.5), 2),
         "cpu_of_core": round((c1 - c0) / (t1 - t0), 2),
+        # waiting for the core while runnable, as a fraction of the run: another's share
+        "runqueue_wait_of_run": round((w1 - w0) / (t1 - t0), 2),
         "us_per_notification": round((c1 - c0) / produced * 1e6, 2),
         "keeps_up": keeps_up,
         "batch_max": src.cfg.batch_max,
