@@ -47,7 +47,7 @@ log = logging.getLogger("edge_agent.source.opcua")
 #: (client_handle, value, variant type name, status code, source ts, server ts)
 Change = tuple[int, Any, str | None, int, datetime | None, datetime | None]
 
-_DCN = ua.FourByteNodeId(ua.ObjectIds.DataChangeNotification_Encoding_DefaultBinary)  # type: ignore[arg-type]
+_DCN = ua.FourByteNodeId(ua.ObjectIds.DataChangeNotification_Encoding_DefaultBinary)  # type: ignore[arg-type,attr-defined]
 _I32 = struct.Struct("<i")
 _U32 = struct.Struct("<I")
 _I64 = struct.Struct("<q")
