@@ -30,8 +30,8 @@ no more than half a tick from the first third of the run to the last, and everyt
 produced was committed within a tick (1 s) of the last response. ``--batch-max B`` runs
 with the source's ``batch_max`` at B (default 5,000). The asyncua server cannot produce
 more than about 10,000 changes/s on this 2-core machine, hence the recorded responses;
-what is not measured here is the socket and chunk work (the bare client's whole cost per
-notification end to end was 10-30% above its in-process decode here).
+what is not measured here is the socket and chunk work, which a real session adds (to the
+bare client's cost as well).
 """
 
 from __future__ import annotations
