@@ -2,7 +2,9 @@
 
 Data flow and why::
 
-    server ──Publish──▶ _on_publish (asyncua's publish loop)
+    server ──Publish──▶ lean_publish (the session's decode: data changes as tuples)
+                          ▼
+                       _on_publish (asyncua's publish loop)
                           │ one call per PublishResponse, no task per notification
                           ▼
                      bounded asyncio.Queue (max_pending notifications)
