@@ -32,6 +32,7 @@ FIGURES = [
     "disk",
     "outage",
     "opcua",
+    "opcua_ceiling",
     "peers",
     "sparkplug",
 ]

@@ -1,6 +1,9 @@
-"""Figure 9 (issue 3): 10,000 monitored items changing at 1 Hz from a local asyncua server
-(folders of 250 variables); the agent's opcua source keeps up, and its CPU as a multiple
-of a bare asyncua client receiving the same notifications, same run."""
+"""Figure 9 (issues 3 and 14): 10,000 monitored items changing at 1 Hz from a local asyncua
+server (folders of 250 variables); the agent's opcua source keeps up, and its CPU as a
+multiple of a bare asyncua client receiving the same notifications, same run (issue 14:
+at most 2x). The two clients run one after the other and the server does not always
+produce the same rate for both, so the multiple is also given per notification
+(``cpu_multiple_per_notification``); ``met`` needs both within the target."""
 
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
         server.wait(10)
     a, b = out["agent"], out["bare"]
     mult = a["cpu"] / b["cpu"] if b["cpu"] else 0.0
+    per = (a["cpu"] / a["rate"]) / (b["cpu"] / b["rate"]) if a["rate"] and b["cpu"] else 0.0
     keeps_up = (
         a["pending_end"] <= max(a["pending_start"], 2 * n)
         and a["overflows"] == 0
@@ -62,15 +66,17 @@ def run(ctx: Ctx) -> dict[str, Any]:
             raw=b["cpu"] * 100,
             raw_label="bare asyncua client, same items, same server",
             cpu_multiple=round(mult, 2),
-            target="<= 3x bare CPU, keeps up",
-            met=mult <= 3 and keeps_up,
+            cpu_multiple_per_notification=round(per, 2),
+            target="<= 2x bare CPU, keeps up (issue 14; issue 3: 3x)",
+            met=max(mult, per) <= 2 and keeps_up,
             keeps_up=keeps_up,
             agent=a,
             bare=b,
             detail=(
                 f"{n:,} items at 1 Hz, publishing interval 500 ms, {secs} s measured: agent "
                 f"{a['rate']:,.0f} notif/s at {a['cpu'] * 100:.0f}% of a core, bare client "
-                f"{b['rate']:,.0f} notif/s at {b['cpu'] * 100:.0f}% => {mult:.1f}x; queue "
+                f"{b['rate']:,.0f} notif/s at {b['cpu'] * 100:.0f}% => {mult:.2f}x "
+                f"({per:.2f}x per notification); queue "
                 f"{a['pending_start']} -> {a['pending_end']}, server overflows {a['overflows']}"
             ),
         )

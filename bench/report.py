@@ -30,6 +30,7 @@ LABELS = {
     "disk_soak": "File size over fill/drain soak",
     "outage": "60 s gateway outage",
     "opcua": "OPC UA 10,000 items at 1 Hz",
+    "opcua_ceiling": "OPC UA items at 1 Hz on one core (recorded responses)",
     "peer_mosquitto_bridge": "Peer: edge mosquitto bridge, 60 s outage + edge SIGKILL",
     "peer_node_red": "Peer: Node-RED 4 OPC UA -> MQTT, 60 s outage",
     "scale_drain": "Scale: whole-agent HTTP drain, largest backlog (10M)",

@@ -52,6 +52,7 @@ async def test_values_arrive_in_order_with_timestamps_and_status(plain, tmp_path
         st = src.state()
         assert st.state == "connected", st
         assert st.detail["items_monitored"] == 2
+        assert st.detail["publish_decode"] == "lean"  # lean_publish, not asyncua's decode
     values = [e["data"]["value"] for e in counters]
     # every tick, in order, no gap, no duplicate (queue_size covers the publishing interval)
     assert values == list(range(values[0], values[0] + len(values))), values

@@ -86,6 +86,12 @@ def _status_object(code: int) -> dict[str, Any]:
     return {"code": code, "name": status_name(code)}
 
 
+#: _status_object of the codes nearly every sample has, without the lru_cache call
+_STATUS: dict[int, dict[str, Any]] = {0: _status_object(0)}
+_new_event = tuple.__new__
+assert NewEvent._fields[:4] == ("type", "data", "time", "subject") and len(NewEvent._fields) == 7
+
+
 def is_good(code: int) -> bool:
     return (code & 0xC0000000) == 0
 
@@ -116,13 +122,39 @@ def sane(t: datetime | None, now: datetime) -> bool:
 def event_time(sample: Sample) -> tuple[datetime, TimeBasis]:
     """When it happened, and by which clock: the source timestamp, else the server's, else
     when we received it."""
-    if sane(sample.source_timestamp, sample.received):
-        assert sample.source_timestamp is not None
-        return sample.source_timestamp, "source"
-    if sane(sample.server_timestamp, sample.received):
-        assert sample.server_timestamp is not None
-        return sample.server_timestamp, "server"
-    return sample.received, "received"
+    return _when(sample.source_timestamp, sample.server_timestamp, sample.received)
+
+
+class _AheadOf:
+    """``received + _SANE_AHEAD``, remembered for the last ``received``: the items of one
+    PublishResponse share it (a timedelta addition per sample otherwise)."""
+
+    __slots__ = ("_last", "_limit")
+
+    def __init__(self) -> None:
+        self._last: datetime | None = None
+        self._limit = _SANE_FROM
+
+    def __call__(self, received: datetime) -> datetime:
+        if received is not self._last:
+            self._limit = received + _SANE_AHEAD
+            self._last = received
+        return self._limit
+
+
+_ahead_of = _AheadOf()
+
+
+def _when(
+    src: datetime | None, srv: datetime | None, received: datetime
+) -> tuple[datetime, TimeBasis]:
+    """event_time() of a sample's parts (what sane() says, with the bound computed once)."""
+    limit = _ahead_of(received)
+    if src is not None and _SANE_FROM <= src <= limit:
+        return src, "source"
+    if srv is not None and _SANE_FROM <= srv <= limit:
+        return srv, "server"
+    return received, "received"
 
 
 def rfc3339(t: datetime | None) -> str | None:
@@ -153,7 +185,7 @@ class _LastFormatted:
         self._text = ""
 
     def __call__(self, t: datetime) -> str:
-        if t != self._last:
+        if t is not self._last and t != self._last:
             self._text = _format(t)
             self._last = t
         return self._text
@@ -290,6 +322,7 @@ class NodeMapper:
         #: (same source timestamp, value and status) is not emitted twice
         self._last: tuple[datetime | None, Any, int] | None = None
         self._hold_keys = {_key(v) for v in node.hold_values}
+        self._signal_only = node.event == SIGNAL
         self._static: dict[str, Any] = {"node_id": node_id}
         if browse_path:
             self._static["browse_path"] = browse_path
@@ -308,10 +341,35 @@ class NodeMapper:
         return self._last == (sample.source_timestamp, sample.value, sample.status_code)
 
     def map(self, sample: Sample, data_type: str | None = None) -> list[NewEvent]:
-        if self.is_repeat(sample):
+        return self.map_values(
+            sample.value,
+            sample.status_code,
+            sample.source_timestamp,
+            sample.server_timestamp,
+            sample.received,
+            data_type,
+        )
+
+    def map_values(
+        self,
+        value: Any,
+        code: int,
+        src: datetime | None,
+        srv: datetime | None,
+        received: datetime,
+        data_type: str | None = None,
+    ) -> list[NewEvent]:
+        """map() of a Sample's fields (timestamps already through known()), without making
+        the Sample: the source's hot path, one call per notification. A plain signal node
+        takes the short way: its one event built in place (same data, same key order)."""
+        last = (src, value, code)
+        if src is not None and self._last == last:  # is_repeat
             return []
-        self._last = (sample.source_timestamp, sample.value, sample.status_code)
-        when, basis = event_time(sample)
+        self._last = last
+        when, basis = _when(src, srv, received)
+        if self._signal_only:
+            return [self._signal_of(value, code, src, srv, when, basis, data_type)]
+        sample = Sample(value, code, src, srv, received)
         out: list[NewEvent] = []
         if self.node.event == SIGNAL or self.node.raw:
             out.append(self._signal(sample, when, basis, data_type))
@@ -331,17 +389,39 @@ class NodeMapper:
     def _signal(
         self, s: Sample, when: datetime, basis: TimeBasis, data_type: str | None
     ) -> NewEvent:
-        data = dict(self._static)
-        data["value"] = to_json(s.value)
+        return self._signal_of(
+            s.value, s.status_code, s.source_timestamp, s.server_timestamp, when, basis, data_type
+        )
+
+    def _signal_of(
+        self,
+        value: Any,
+        code: int,
+        src: datetime | None,
+        srv: datetime | None,
+        when: datetime,
+        basis: TimeBasis,
+        data_type: str | None,
+    ) -> NewEvent:
+        data = self._static.copy()
+        kind = type(value)  # to_json's own fast path, without the call
+        if kind is float:
+            data["value"] = value if math.isfinite(value) else None
+        elif value is None or kind is int or kind is bool or kind is str:
+            data["value"] = value
+        else:
+            data["value"] = to_json(value)
         if data_type:
             data["data_type"] = data_type
-        data["status_code"] = _status_object(s.status_code)
-        if s.source_timestamp is not None:
-            data["source_timestamp"] = _source_text(s.source_timestamp)
-        if s.server_timestamp is not None:
-            data["server_timestamp"] = _server_text(s.server_timestamp)
+        status = _STATUS.get(code)
+        data["status_code"] = status if status is not None else _status_object(code)
+        if src is not None:
+            data["source_timestamp"] = _source_text(src)
+        if srv is not None:
+            data["server_timestamp"] = _server_text(srv)
         data["time_basis"] = basis
-        return NewEvent(type=SIGNAL, data=data, time=when, subject=self.subject)
+        # positional: a NamedTuple's keyword __new__ costs twice as much
+        return _new_event(NewEvent, (SIGNAL, data, when, self.subject, None, None, None))
 
     def _business(self, s: Sample, when: datetime) -> NewEvent | None:
         n = self.node

@@ -2,7 +2,9 @@
 
 Data flow and why::
 
-    server ──Publish──▶ _on_publish (asyncua's publish loop)
+    server ──Publish──▶ lean_publish (the session's decode: data changes as tuples)
+                          ▼
+                       _on_publish (asyncua's publish loop)
                           │ one call per PublishResponse, no task per notification
                           ▼
                      bounded asyncio.Queue (max_pending notifications)
@@ -40,10 +42,10 @@ from asyncua import Client, ua
 from agent.errors import BufferError_, BufferFull, SourceError
 from agent.interfaces import ComponentState, Ingest, NewEvent, Source
 
-from . import library_logs
+from . import lean_publish, library_logs
 from .config import Config, NodeConfig
 from .connection import AuthRefused, close_quietly, open_client, translate
-from .mapping import NodeMapper, overflowed, sample_from_datavalue, status_name
+from .mapping import NodeMapper, known, overflowed, status_name
 
 log = logging.getLogger("edge_agent.source.opcua")
 library_logs.install()
@@ -54,6 +56,11 @@ _CREATE_CHUNK = 1000
 
 class ConnectionLost(SourceError):
     pass
+
+
+#: one queued notification: the item, then value, variant type name, status code, source
+#: and server timestamp as decoded (lean_publish.Change without the handle), when received
+_Record = tuple["_Item", Any, str | None, int, datetime | None, datetime | None, datetime]
 
 
 @dataclass(slots=True)
@@ -132,7 +139,7 @@ class OpcUaSource(Source):
         self.state_dir = state_dir
         self._items = [_Item(i, n) for i, n in enumerate(config.nodes)]
         self._handles: dict[int, _Item] = {}
-        self._queue: asyncio.Queue[tuple[_Item, ua.DataValue, datetime]] | None = None
+        self._queue: asyncio.Queue[_Record] | None = None
         self._state = ComponentState(state="starting", since=time.time())
         self._lost = asyncio.Event()
         self._lost_reason = ""
@@ -154,6 +161,7 @@ class OpcUaSource(Source):
         self._rate_mark = (time.monotonic(), 0)
         self._rate = 0.0
         self._buffer_full_since: float | None = None
+        self._publish_decode = "asyncua"  # or "lean": lean_publish in the session (status)
 
     # ------------------------------------------------------------------ status
 
@@ -188,6 +196,7 @@ class OpcUaSource(Source):
             "backfilled": self.backfilled,
             "backfill_errors": dict(self.backfill_errors),
             "held_back_by_full_buffer": self._buffer_full_since is not None,
+            "publish_decode": self._publish_decode,
         }
         return dataclasses.replace(self._state, detail=dict(self._state.detail))
 
@@ -240,6 +249,8 @@ class OpcUaSource(Source):
         self._lost = asyncio.Event()
         self._lost_reason = ""
         client, _own = await open_client(self.cfg, self.name, self.state_dir)
+        # before the subscriptions start its publish loop
+        self._publish_decode = "lean" if lean_publish.install(client) else "asyncua"
 
         async def on_lost(exc: Exception) -> None:
             self._mark_lost(str(translate(exc, self.cfg)))
@@ -402,7 +413,7 @@ class OpcUaSource(Source):
         found.sort(key=lambda f: (f[0], f[1]))
         assert self._queue is not None
         for _, _, item, dv in found:
-            await self._queue.put((item, dv, now))
+            await self._queue.put((item, *_fields(dv), now))
         self.backfilled += len(found)
         log.info("source %s: backfilled %d values from history", self.name, len(found))
 
@@ -434,38 +445,44 @@ class OpcUaSource(Source):
         data = result.NotificationMessage.NotificationData
         if not data:
             return
-        assert self._queue is not None
-        queue = self._queue
         received = datetime.now(UTC)
         for notif in data:
-            if isinstance(notif, ua.DataChangeNotification):
-                items = notif.MonitoredItems
-                for n, mi in enumerate(items):
-                    item = self._handles.get(mi.ClientHandle)
-                    if item is None:
-                        continue
-                    rec = (item, mi.Value, received)
-                    try:
-                        queue.put_nowait(rec)
-                    except asyncio.QueueFull:
-                        self._blocked = True
-                        try:
-                            await queue.put(rec)
-                        except asyncio.CancelledError:
-                            self.lost_in_flight += len(items) - n
-                            log.warning(
-                                "source %s: session closed with %d notifications not yet "
-                                "queued (counted as lost_in_flight)",
-                                self.name,
-                                len(items) - n,
-                            )
-                            raise
-                        finally:
-                            self._blocked = False
+            if type(notif) is lean_publish.DataChanges:  # what lean_publish decodes
+                await self._enqueue(notif.items, received)
+            elif isinstance(notif, ua.DataChangeNotification):  # asyncua's decode
+                changes = [(mi.ClientHandle, *_fields(mi.Value)) for mi in notif.MonitoredItems]
+                await self._enqueue(changes, received)
             elif isinstance(notif, ua.StatusChangeNotification):
                 status = notif.Status
                 if not status.is_good():
                     self._mark_lost(f"subscription ended by {self.cfg.endpoint}: {status.name}")
+
+    async def _enqueue(self, changes: list[lean_publish.Change], received: datetime) -> None:
+        assert self._queue is not None
+        queue = self._queue
+        handles = self._handles
+        for n, (handle, value, vt, code, src, srv) in enumerate(changes):
+            item = handles.get(handle)
+            if item is None:
+                continue
+            rec = (item, value, vt, code, src, srv, received)
+            try:
+                queue.put_nowait(rec)
+            except asyncio.QueueFull:
+                self._blocked = True
+                try:
+                    await queue.put(rec)
+                except asyncio.CancelledError:
+                    self.lost_in_flight += len(changes) - n
+                    log.warning(
+                        "source %s: session closed with %d notifications not yet "
+                        "queued (counted as lost_in_flight)",
+                        self.name,
+                        len(changes) - n,
+                    )
+                    raise
+                finally:
+                    self._blocked = False
 
     # ------------------------------------------------------------------ commit
 
@@ -492,7 +509,7 @@ class OpcUaSource(Source):
 
     async def _next_events(
         self,
-        queue: asyncio.Queue[tuple[_Item, ua.DataValue, datetime]],
+        queue: asyncio.Queue[_Record],
         linger: float,
         batch_max: int,
     ) -> list[NewEvent]:
@@ -505,17 +522,22 @@ class OpcUaSource(Source):
             while len(records) < batch_max and not queue.empty():
                 records.append(queue.get_nowait())
             events: list[NewEvent] = []
-            for item, dv, received in records:
-                sample = sample_from_datavalue(dv, received)
-                code = sample.status_code
-                if code & 0xC0000000:
-                    self.bad_values += 1
-                if overflowed(code):
-                    self.server_overflows += 1
+            # known() once per distinct timestamp object: lean_publish gives the items of
+            # one tick the same datetime objects
+            src_in = srv_in = src_known = srv_known = None
+            for item, value, vt, code, src, srv, received in records:
+                if code:  # Good (0) is nearly every sample
+                    if code & 0xC0000000:
+                        self.bad_values += 1
+                    if overflowed(code):
+                        self.server_overflows += 1
+                if src is not src_in:
+                    src_in, src_known = src, known(src)
+                if srv is not srv_in:
+                    srv_in, srv_known = srv, known(srv)
                 mapper = item.mapper
                 assert mapper is not None
-                vt = dv.Value.VariantType.name if dv.Value is not None else None
-                events.extend(mapper.map(sample, vt))
+                events.extend(mapper.map_values(value, code, src_known, srv_known, received, vt))
             self.notifications += len(records)
             if events:
                 return events
@@ -540,3 +562,15 @@ class OpcUaSource(Source):
             self.appends += 1
             self.events_committed += len(events)
             return
+
+
+def _fields(dv: ua.DataValue) -> tuple[Any, str | None, int, datetime | None, datetime | None]:
+    """What the source reads from an asyncua DataValue, as lean_publish gives it."""
+    variant = dv.Value
+    return (
+        variant.Value if variant is not None else None,
+        variant.VariantType.name if variant is not None else None,
+        dv.StatusCode.value if dv.StatusCode is not None else 0,
+        dv.SourceTimestamp,
+        dv.ServerTimestamp,
+    )
