@@ -34,6 +34,7 @@ FIGURES = [
     "opcua",
     "peers",
     "sparkplug",
+    "gateway",
 ]
 
 

@@ -31,6 +31,10 @@ LABELS = {
     "opcua": "OPC UA 10,000 items at 1 Hz",
     "peer_mosquitto_bridge": "Peer: edge mosquitto bridge, 60 s outage + edge SIGKILL",
     "peer_node_red": "Peer: Node-RED 4 OPC UA -> MQTT, 60 s outage",
+    "gateway_http": "Reference gateway accepting 200k events, plain HTTP",
+    "gateway_http_fsync": "Reference gateway accepting 200k events, plain HTTP, `--fsync`",
+    "gateway_https": "Reference gateway accepting 200k events, TLS",
+    "gateway_https_fsync": "Reference gateway accepting 200k events, TLS, `--fsync`",
 }
 
 
