@@ -299,8 +299,9 @@ def check_event(i: int, ev: Any) -> int:
     return n
 
 
-#: Attributes one batch of one agent holds once (else the event-by-event pass decides).
-_CONSTANT = itemgetter("specversion", "source", "streamepoch", "plant", "agentid")
+_SPEC, _SOURCE, _EPOCH, _PLANT, _AGENT = map(
+    itemgetter, ("specversion", "source", "streamepoch", "plant", "agentid")
+)
 _ID, _TYPE, _TIME, _SEQUENCE, _DATA = map(itemgetter, ("id", "type", "time", "sequence", "data"))
 _STR_OR_NONE = {str, type(None)}
 _tzinfo = attrgetter("tzinfo")
@@ -316,14 +317,13 @@ def _plainly_valid(events: list[Any], epoch: str, first: int) -> tuple[Any, ...]
     if first < 1:
         return None
     try:
-        consts = set(map(_CONSTANT, events))
-        if len(consts) != 1:
-            return None
-        ((spec, source, ev_epoch, plant, agent),) = consts
+        n = len(events)
+        # attributes a batch of one agent holds once: one count() each (a batch that mixes
+        # plants or agents is legal, and goes to the careful pass)
+        head = events[0]
+        source, plant, agent = _SOURCE(head), _PLANT(head), _AGENT(head)
         if not (
-            spec == "1.0"
-            and ev_epoch == epoch
-            and type(source) is str
+            type(source) is str
             and source
             and type(plant) is str
             and plant
@@ -331,6 +331,15 @@ def _plainly_valid(events: list[Any], epoch: str, first: int) -> tuple[Any, ...]
             and agent
         ):
             return None
+        for getter, value in (
+            (_SPEC, "1.0"),
+            (_SOURCE, source),
+            (_EPOCH, epoch),
+            (_PLANT, plant),
+            (_AGENT, agent),
+        ):
+            if list(map(getter, events)).count(value) != n:
+                return None
         ids = list(map(_ID, events))
         types = list(map(_TYPE, events))
         times = list(map(_TIME, events))
