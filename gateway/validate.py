@@ -299,10 +299,18 @@ def check_event(i: int, ev: Any) -> int:
     return n
 
 
-_SPEC, _SOURCE, _EPOCH, _PLANT, _AGENT = map(
-    itemgetter, ("specversion", "source", "streamepoch", "plant", "agentid")
+_ENVELOPE = itemgetter(
+    "specversion",
+    "source",
+    "streamepoch",
+    "plant",
+    "agentid",
+    "id",
+    "type",
+    "time",
+    "sequence",
+    "data",
 )
-_ID, _TYPE, _TIME, _SEQUENCE, _DATA = map(itemgetter, ("id", "type", "time", "sequence", "data"))
 _STR_OR_NONE = {str, type(None)}
 _tzinfo = attrgetter("tzinfo")
 
@@ -312,16 +320,20 @@ def _plainly_valid(events: list[Any], epoch: str, first: int) -> tuple[Any, ...]
     batch-level rules (one source, the header's epoch, contiguous sequences from ``first``)
     without doubt; None when the event-by-event pass must decide (and name the culprit).
 
-    Each test is over a whole column, in C: map() with an itemgetter pulls it out, one
-    set() or one comparison judges it."""
+    One itemgetter pass pulls every attribute out of each event; then each test is over a
+    whole column, in C: one set(), one count() or one comparison judges it."""
     if first < 1:
         return None
     try:
         n = len(events)
+        # one pass over the events (each dict is touched once, while it is in the cache),
+        # then whole columns
+        spec, sources, epochs, plants, agents, ids, types, times, seqs, datas = zip(
+            *map(_ENVELOPE, events), strict=True
+        )
         # attributes a batch of one agent holds once: one count() each (a batch that mixes
         # plants or agents is legal, and goes to the careful pass)
-        head = events[0]
-        source, plant, agent = _SOURCE(head), _PLANT(head), _AGENT(head)
+        source, plant, agent = sources[0], plants[0], agents[0]
         if not (
             type(source) is str
             and source
@@ -329,26 +341,18 @@ def _plainly_valid(events: list[Any], epoch: str, first: int) -> tuple[Any, ...]
             and plant
             and type(agent) is str
             and agent
+            and spec.count("1.0") == n
+            and sources.count(source) == n
+            and epochs.count(epoch) == n
+            and plants.count(plant) == n
+            and agents.count(agent) == n
         ):
             return None
-        for getter, value in (
-            (_SPEC, "1.0"),
-            (_SOURCE, source),
-            (_EPOCH, epoch),
-            (_PLANT, plant),
-            (_AGENT, agent),
-        ):
-            if list(map(getter, events)).count(value) != n:
-                return None
-        ids = list(map(_ID, events))
-        types = list(map(_TYPE, events))
-        times = list(map(_TIME, events))
-        seqs = list(map(_SEQUENCE, events))
         if (
             set(map(type, chain(ids, types, times, seqs))) != {str}
             or "" in ids
             or "" in types
-            or set(map(type, map(_DATA, events))) != {dict}
+            or set(map(type, datas)) != {dict}
             or set(map(len, seqs)) != {20}
         ):
             return None
@@ -367,8 +371,7 @@ def _plainly_valid(events: list[Any], epoch: str, first: int) -> tuple[Any, ...]
             return None
     except (KeyError, TypeError, ValueError):
         # KeyError: an attribute is missing; TypeError: an event is not an object, or a
-        # value is unhashable; ValueError: a time fromisoformat cannot read, or not one
-        # constant tuple
+        # value is unhashable; ValueError: a time fromisoformat cannot read
         return None
     return ids, types, source
 
