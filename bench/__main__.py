@@ -41,7 +41,7 @@ FIGURES = [
 def median_of(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """One result from several runs of a figure: for each ratio figure the run with the
     median ratio (value, raw and detail stay consistent), plus every run's ratio and the
-    spread; anything else from the last run."""
+    spread, and every run's value; anything else from the last run."""
     out = dict(rounds[-1])
     if len(rounds) < 2:
         return out
@@ -54,6 +54,7 @@ def median_of(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         chosen = dict(next(f for f in runs if f["ratio"] == mid))
         chosen["ratio_runs"] = ratios
         chosen["ratio_spread"] = [min(ratios), max(ratios)]
+        chosen["value_runs"] = [f["value"] for f in runs]
         out[key] = chosen
     return out
 
