@@ -20,8 +20,8 @@ The peers, each a fresh process from this checkout, alternated in one round:
 Figures: ``gateway_http``, ``gateway_http_fsync``, ``gateway_https``, ``gateway_https_fsync``;
 each value = events accepted per second (wall time from the first send to the last answer),
 raw = the same client against the counting receiver over the same transport. The detail
-also gives the gateway's CPU seconds (user + sys, from /proc) per 100k events, which is
-less noisy than the wall rate on a shared machine.
+also gives the gateway's CPU seconds (user + sys, from /proc) and events per CPU second,
+less noisy than the wall rate on a shared machine, and the load average at the end.
 """
 
 from __future__ import annotations
@@ -165,6 +165,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
             key = f"gateway_{scheme}" + ("_fsync" if fsync else "")
             res = against_gateway(d / key, cert is not None, fsync, batches, n)
             rate = n / res["seconds"]
+            load_avg = os.getloadavg()[0]
             target = 50_000 if fsync else 100_000
             out[key] = figure(
                 value=rate,
@@ -174,11 +175,15 @@ def run(ctx: Ctx) -> dict[str, Any]:
                 target=f">= {target:,} events/s" if scheme == "http" else "",
                 met=rate >= target if scheme == "http" else None,
                 gateway_cpu_per_100k=round(res["gateway_cpu"] * 100_000 / n, 3),
+                #: events per second of the gateway's own CPU: its rate on a core of its own
+                per_cpu_second=round(n / res["gateway_cpu"]) if res["gateway_cpu"] else None,
+                load_average=round(load_avg, 1),
                 detail=(
                     f"{what}; gateway {'--fsync' if fsync else 'without --fsync'}, "
                     f"stored {res['stored']:,}; gateway CPU {res['gateway_cpu']:.2f} s "
-                    f"({res['gateway_cpu'] * 100_000 / n:.2f} s per 100k events), "
-                    f"client CPU {res['client_cpu']:.2f} s"
+                    f"({n / max(res['gateway_cpu'], 1e-9):,.0f} events per CPU second), "
+                    f"client CPU {res['client_cpu']:.2f} s; load average {load_avg:.1f} "
+                    f"on {os.cpu_count()} CPUs"
                 ),
             )
     return out
