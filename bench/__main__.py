@@ -40,8 +40,9 @@ FIGURES = [
 
 def median_of(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """One result from several runs of a figure: for each ratio figure the run with the
-    median ratio (value, raw and detail stay consistent), plus every run's ratio and the
-    spread, and every run's value; anything else from the last run."""
+    median ratio (or the median value, for a figure with ``median_by="value"``; value, raw
+    and detail stay consistent), plus every run's ratio and the spread, and every run's
+    value; anything else from the last run."""
     out = dict(rounds[-1])
     if len(rounds) < 2:
         return out
@@ -50,8 +51,10 @@ def median_of(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             continue
         runs = [r[key] for r in rounds if "ratio" in r.get(key, {})]
         ratios = [f["ratio"] for f in runs]
-        mid = statistics.median_low(ratios)
-        chosen = dict(next(f for f in runs if f["ratio"] == mid))
+        # a figure whose target is an absolute rate (the gateway's) says median_by="value"
+        by = last.get("median_by", "ratio")
+        mid = statistics.median_low([f[by] for f in runs])
+        chosen = dict(next(f for f in runs if f[by] == mid))
         chosen["ratio_runs"] = ratios
         chosen["ratio_spread"] = [min(ratios), max(ratios)]
         chosen["value_runs"] = [f["value"] for f in runs]

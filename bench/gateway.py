@@ -178,6 +178,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
                 #: events per second of the gateway's own CPU: its rate on a core of its own
                 per_cpu_second=round(n / res["gateway_cpu"]) if res["gateway_cpu"] else None,
                 load_average=round(load_avg, 1),
+                median_by="value",  # the targets are rates, not ratios
                 detail=(
                     f"{what}; gateway {'--fsync' if fsync else 'without --fsync'}, "
                     f"stored {res['stored']:,}; gateway CPU {res['gateway_cpu']:.2f} s "
