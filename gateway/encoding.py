@@ -3,7 +3,7 @@
 The gateway reads a batch's bytes as they came over the wire (aiohttp's own decompression
 is off) and undoes the encoding here, in one call, bounded by ``--max-body``. A gzip body
 is then stored exactly as received: an agent batch of 1000 events is ~474 KB of JSON and
-~12 KB of gzip, and writing the JSON into the WAL (and checkpointing it into the file)
+~11 KiB of gzip, and writing the JSON into the WAL (and checkpointing it into the file)
 was a fifth of the gateway's time per batch (docs/performance.md, "Reference gateway").
 Readers tell the two kinds apart by the first two bytes: a gzip member starts with
 ``1f 8b``, which no JSON text can (JSON may only start with whitespace, ``[`` and friends).
