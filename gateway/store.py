@@ -439,15 +439,22 @@ class GatewayStore:
         return accepted, duplicates, body
 
     def _insert_json(self, batch: ParsedBatch, src: int, sk: int, bn: int) -> sqlite3.Cursor:
-        """INSERT OR IGNORE the events of ``batch`` in one statement (_INSERT_EVENTS_JSON)."""
+        """INSERT OR IGNORE the events of ``batch`` in one statement (_INSERT_EVENTS_JSON).
+
+        An id or type holding a NUL character goes through executemany instead: SQLite's
+        JSON functions may cut text at NUL, and two ids must never collapse into one."""
         types = batch.types
         if types.count(types[0]) == len(types):
-            return self._conn.execute(
-                _INSERT_EVENTS_ONE_TYPE,
-                (src, sk, batch.first, bn, types[0], orjson.dumps(list(batch.ids))),
-            )
-        pairs = orjson.dumps(list(zip(batch.ids, types, strict=True)))
-        return self._conn.execute(_INSERT_EVENTS_JSON, (src, sk, batch.first, bn, pairs))
+            ids = orjson.dumps(list(batch.ids))
+            if b"\\u0000" not in ids and "\0" not in types[0]:
+                return self._conn.execute(
+                    _INSERT_EVENTS_ONE_TYPE, (src, sk, batch.first, bn, types[0], ids)
+                )
+        else:
+            pairs = orjson.dumps(list(zip(batch.ids, types, strict=True)))
+            if b"\\u0000" not in pairs:
+                return self._conn.execute(_INSERT_EVENTS_JSON, (src, sk, batch.first, bn, pairs))
+        return self._conn.executemany(_INSERT_EVENT, self._rows(batch, src, sk, bn))
 
     @staticmethod
     def _rows(batch: ParsedBatch, src: int, sk: int, bn: int) -> list[tuple[Any, ...]]:

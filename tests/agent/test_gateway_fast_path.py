@@ -235,3 +235,20 @@ def test_with_fsync_a_sigkill_loses_no_acknowledged_batch(tmp_path: Path):
         assert report is not None and report["received"] == 2000 and report["ok"]
     finally:
         gw.stop()
+
+
+@pytest.mark.parametrize("mixed_types", [False, True])
+def test_ids_that_differ_after_a_nul_stay_two_events(tmp_path: Path, mixed_types):
+    evs = events(1, 3)
+    evs[0]["id"], evs[1]["id"] = "01JD3V\x00a", "01JD3V\x00b"
+    if mixed_types:
+        evs[2]["type"] = "mfg.machine.state"
+    store = GatewayStore.open(tmp_path / "gw.sqlite3")
+    try:
+        batch = parse_batch(headers(evs), orjson.dumps(evs))
+        assert store.store_batch(batch, lambda a, d: b"{}")[:2] == (3, 0)
+        again = parse_batch(headers(evs) | {"Idempotency-Key": "other"}, orjson.dumps(evs))
+        assert store.store_batch(again, lambda a, d: b"{}")[:2] == (0, 3)
+    finally:
+        store.close()
+    assert [ev["id"] for ev in read_events(tmp_path / "gw.sqlite3")] == [ev["id"] for ev in evs]
