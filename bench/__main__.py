@@ -35,6 +35,7 @@ FIGURES = [
     "opcua_ceiling",
     "peers",
     "sparkplug",
+    "gateway",
 ]
 #: figures only ``--only NAME`` runs (too long for the default run): bench/scale.py's 10M
 #: backlog alone takes about ten minutes
@@ -43,8 +44,9 @@ OPTIONAL = ["scale"]
 
 def median_of(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """One result from several runs of a figure: for each ratio figure the run with the
-    median ratio (value, raw and detail stay consistent), plus every run's ratio and the
-    spread; anything else from the last run."""
+    median ratio (or the median value, for a figure with ``median_by="value"``; value, raw
+    and detail stay consistent), plus every run's ratio and the spread, and every run's
+    value; anything else from the last run."""
     out = dict(rounds[-1])
     if len(rounds) < 2:
         return out
@@ -53,10 +55,13 @@ def median_of(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             continue
         runs = [r[key] for r in rounds if "ratio" in r.get(key, {})]
         ratios = [f["ratio"] for f in runs]
-        mid = statistics.median_low(ratios)
-        chosen = dict(next(f for f in runs if f["ratio"] == mid))
+        # a figure whose target is an absolute rate (the gateway's) says median_by="value"
+        by = last.get("median_by", "ratio")
+        mid = statistics.median_low([f[by] for f in runs])
+        chosen = dict(next(f for f in runs if f[by] == mid))
         chosen["ratio_runs"] = ratios
         chosen["ratio_spread"] = [min(ratios), max(ratios)]
+        chosen["value_runs"] = [f["value"] for f in runs]
         out[key] = chosen
     return out
 

@@ -38,6 +38,10 @@ LABELS = {
     "scale_rss": "Scale: peak RSS draining the largest backlog (10M)",
     "scale_streams": "Scale: ingest over 100 streams (ratio: to 1 stream)",
     "scale_week": "Scale: file size over a simulated week",
+    "gateway_http": "Reference gateway accepting 200k events, plain HTTP",
+    "gateway_http_fsync": "Reference gateway accepting 200k events, plain HTTP, `--fsync`",
+    "gateway_https": "Reference gateway accepting 200k events, TLS",
+    "gateway_https_fsync": "Reference gateway accepting 200k events, TLS, `--fsync`",
 }
 
 
@@ -60,6 +64,9 @@ def table(data: dict[str, Any]) -> str:
         value = f"{fmt(f['value'])} {f.get('unit', '')}"
         if "p99" in f:
             value = f"p50 {fmt(f['p50'])} ms, p99 {fmt(f['p99'])} ms"
+        if f.get("median_by") == "value" and "value_runs" in f:  # a rate target: its range
+            runs = f["value_runs"]
+            value += f" (median of {len(runs)}: {fmt(min(runs))}-{fmt(max(runs))})"
         raw = f"{fmt(f['raw'])} ({f.get('raw_label', '')})" if "raw" in f else ""
         r = f"{f['ratio']:.2f}" if "ratio" in f else ""
         if "ratio_spread" in f:  # the median of several runs, and their range

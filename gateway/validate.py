@@ -4,15 +4,21 @@ A central team points its agent (or its own receiver's test client) at the refer
 precisely to learn what is wrong with a batch, so every refusal names the event index and
 the field, e.g. ``events[3].sequence: must be a 20-digit zero-padded decimal string``.
 
-This is on the hot path (benchmarks push 200,000 events through it): plain dict look-ups,
-no models, one pass over the events.
+This is on the hot path (the reference gateway accepts 100,000+ events/s, bench figure
+``gateway``). A batch is first checked column by column (``_plainly_valid``): every
+envelope attribute of all events pulled out by one ``itemgetter`` each, then whole columns
+compared at C speed (one set of types, one list equality for the sequences). Only when
+that says no does the event-by-event pass run, which is the authority: it finds the first
+culprit and names it. The fast check accepts nothing the event-by-event pass would refuse.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import chain, repeat
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import orjson
@@ -66,11 +72,15 @@ class ParsedBatch:
     first: int
     last: int
     events: list[dict[str, Any]]
-    #: The decompressed body as received: stored once per batch instead of re-encoding
-    #: every event.
+    #: The body, stored once per batch instead of re-encoding every event: the decoded
+    #: JSON as parsed, which the server replaces by the gzip bytes as received
+    #: (gateway/encoding.py).
     body: bytes = b""
     gaps: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     checkpoints: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    #: Every event's id and type, in order (the store's rows are built from them).
+    ids: Sequence[str] = ()
+    types: Sequence[str] = ()
 
     def __len__(self) -> int:
         return len(self.events)
@@ -289,6 +299,87 @@ def check_event(i: int, ev: Any) -> int:
     return n
 
 
+_ENVELOPE = itemgetter(
+    "specversion",
+    "source",
+    "streamepoch",
+    "plant",
+    "agentid",
+    "id",
+    "type",
+    "time",
+    "sequence",
+    "data",
+)
+_STR_OR_NONE = {str, type(None)}
+_tzinfo = attrgetter("tzinfo")
+
+
+def _plainly_valid(events: list[Any], epoch: str, first: int) -> tuple[Any, ...] | None:
+    """(ids, types, source) when every event of the batch passes check_event and the
+    batch-level rules (one source, the header's epoch, contiguous sequences from ``first``)
+    without doubt; None when the event-by-event pass must decide (and name the culprit).
+
+    One itemgetter pass pulls every attribute out of each event; then each test is over a
+    whole column, in C: one set(), one count() or one comparison judges it."""
+    if first < 1:
+        return None
+    try:
+        n = len(events)
+        # one pass over the events: every attribute of an event is read while its dict is
+        # in the CPU cache (one pass per attribute touched each dict again: a cache miss
+        # each, most of the cost), then whole columns
+        rows = zip(
+            map(_ENVELOPE, events),
+            *(map(dict.get, events, repeat(name)) for name in _OPTIONAL_STRINGS),
+            strict=True,
+        )
+        envelopes, *optional = zip(*rows, strict=True)
+        spec, sources, epochs, plants, agents, ids, types, times, seqs, datas = zip(
+            *envelopes, strict=True
+        )
+        # attributes a batch of one agent holds once: one count() each (a batch that mixes
+        # plants or agents is legal, and goes to the careful pass)
+        source, plant, agent = sources[0], plants[0], agents[0]
+        if not (
+            type(source) is str
+            and source
+            and type(plant) is str
+            and plant
+            and type(agent) is str
+            and agent
+            and spec.count("1.0") == n
+            and sources.count(source) == n
+            and epochs.count(epoch) == n
+            and plants.count(plant) == n
+            and agents.count(agent) == n
+        ):
+            return None
+        if (
+            set(map(type, chain(ids, types, times, seqs))) != {str}
+            or "" in ids
+            or "" in types
+            or set(map(type, datas)) != {dict}
+            or set(map(len, seqs)) != {20}
+        ):
+            return None
+        # 20 ASCII digits each, contiguous from the header
+        digits = "".join(seqs)
+        if not (digits.isdigit() and digits.isascii()):
+            return None
+        if list(map(int, seqs)) != list(range(first, first + len(seqs))):
+            return None
+        if None in set(map(_tzinfo, map(_fromisoformat, set(times)))):
+            return None
+        if not set(map(type, chain.from_iterable(optional))) <= _STR_OR_NONE:
+            return None
+    except (KeyError, TypeError, ValueError):
+        # KeyError: an attribute is missing; TypeError: an event is not an object, or a
+        # value is unhashable; ValueError: a time fromisoformat cannot read
+        return None
+    return ids, types, source
+
+
 def parse_batch(headers: Mapping[str, str], body: bytes) -> ParsedBatch:
     """Validate headers and body together; raise BatchError (400) on the first problem."""
     key = _header_str(headers, "Idempotency-Key")
@@ -310,9 +401,32 @@ def parse_batch(headers: Mapping[str, str], body: bytes) -> ParsedBatch:
             f"but the body has {len(events)} events",
             field="X-Edge-Last-Sequence",
         )
-    source: str | None = None
     gaps: list[tuple[int, dict[str, Any]]] = []
     checkpoints: list[tuple[int, dict[str, Any]]] = []
+    plain = _plainly_valid(events, epoch, first)
+    if plain is not None:
+        ids, types, plain_source = plain
+        if GAP_TYPE in types or CHECKPOINT_TYPE in types:
+            for i, etype in enumerate(types):
+                if etype == GAP_TYPE:
+                    gaps.append((i, _check_gap(i, events[i]["data"], epoch)))
+                elif etype == CHECKPOINT_TYPE:
+                    checkpoints.append((i, _check_checkpoint(i, events[i]["data"], epoch)))
+        return ParsedBatch(
+            key,
+            stream,
+            epoch,
+            plain_source,
+            first,
+            last,
+            events,
+            body,
+            gaps,
+            checkpoints,
+            ids,
+            types,
+        )
+    source: str | None = None
     expected = first
     for i, ev in enumerate(events):
         seq = check_event(i, ev)
@@ -349,4 +463,8 @@ def parse_batch(headers: Mapping[str, str], body: bytes) -> ParsedBatch:
         elif etype == CHECKPOINT_TYPE:
             checkpoints.append((i, _check_checkpoint(i, ev["data"], epoch)))
     assert source is not None
-    return ParsedBatch(key, stream, epoch, source, first, last, events, body, gaps, checkpoints)
+    ids = [ev["id"] for ev in events]
+    types = [ev["type"] for ev in events]
+    return ParsedBatch(
+        key, stream, epoch, source, first, last, events, body, gaps, checkpoints, ids, types
+    )
