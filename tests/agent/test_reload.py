@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 
+from adapters.sinks.https import HttpsSink
 from tests.fixtures.campaign import (
     MesClient,
     check_delivery,
@@ -206,10 +207,10 @@ def test_valid_reload_moves_sink_and_sources_without_losing_or_reordering_events
     while set(before := open_batches(buffer_db)) != {"mes", "legacy"}:
         assert time.monotonic() < deadline, f"no in-flight batch per stream: {before}"
         time.sleep(0.1)
-    # one batch on the wire, and one read ahead behind it (the HTTPS sink's read_ahead):
-    # contiguous from sequence 1
+    # one batch on the wire, and up to the HTTPS sink's read_ahead behind it, contiguous
+    # from sequence 1
     for held in before.values():
-        assert 1 <= len(held) <= 2 and held[0][1] == 1, before
+        assert 1 <= len(held) <= 1 + HttpsSink.read_ahead and held[0][1] == 1, before
         assert all(b[1] == a[2] + 1 for a, b in zip(held, held[1:], strict=False)), before
     assert gw_b.report()["totals"]["received"] == 0
 
@@ -261,7 +262,9 @@ def test_valid_reload_moves_sink_and_sources_without_losing_or_reordering_events
         got = gateway_batches(gw_b, stream)
         assert got[: len(pending)] == pending, (stream, got[:3], pending)
         sizes = [last - first + 1 for _, first, last in got[len(pending) :]]
-        assert sizes and max(sizes) <= 7, (stream, sizes)
+        # legacy's 40 events may all have been held before the reload (read-ahead); mes
+        # went on pushing, so it always has batches formed afterwards
+        assert (sizes or stream != "mes") and max(sizes, default=0) <= 7, (stream, sizes)
     assert 7 in [b - a + 1 for _, a, b in gateway_batches(gw_b, "mes")]
     log = agent.log()
     assert len(log_lines(agent, APPLIED)) == 1 and REFUSED not in log

@@ -49,9 +49,9 @@ def parse_retry_after(value: str | None) -> float | None:
 REJECTION_BODY_MAX = 8192
 SNIPPET_MAX = 300
 
-#: bodies made ready ahead of their send (the forwarder reads one batch ahead); a few more
-#: than that, so a batch re-formed after a failure does not grow the map
-PREPARED_MAX = 4
+#: bodies made ready ahead of their send (the forwarder reads read_ahead batches ahead); a
+#: few more than that, so batches re-formed after a failure do not grow the map
+PREPARED_MAX = 8
 
 
 def classify(status: int, body: str, retry_after: float | None) -> SendResult:
@@ -77,7 +77,7 @@ class HttpsSink(Sink):
     #: the next batch is read, joined and gzipped (in a thread: zlib lets go of the GIL)
     #: while the current POST is on the wire; it still leaves only after this one is
     #: accepted. Measured: docs/performance.md, "Issue 16: the drain paths".
-    read_ahead = 1
+    read_ahead = 3
 
     def __init__(self, name: str, config: HttpsSinkConfig) -> None:
         self.name = name
