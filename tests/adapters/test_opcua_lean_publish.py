@@ -52,6 +52,8 @@ def fields_of(dv: Any) -> tuple[Any, ...]:
 
 
 def norm(v: Any) -> Any:
+    if isinstance(v, list):  # an array value: NaN inside it compares unequal too
+        return [norm(x) for x in v]
     return "nan" if isinstance(v, float) and v != v else v  # noqa: PLR0124 - NaN test
 
 

@@ -33,6 +33,7 @@ import httpx
 import orjson
 import pytest
 
+from gateway.encoding import stored_json
 from tests.fixtures.common import (
     AgentProcess,
     agent_config,
@@ -389,7 +390,9 @@ def sent_batches(gw: Any) -> list[list[dict[str, Any]]]:
     """Every batch the gateway accepted (a replay arrives under a new Idempotency-Key)."""
     conn = sqlite3.connect(f"file:{gw.db_path}?mode=ro", uri=True)
     try:
-        return [orjson.loads(b) for (b,) in conn.execute("SELECT body FROM batches ORDER BY bn")]
+        # the gateway keeps a gzip body as it arrived (gateway/encoding.py)
+        rows = conn.execute("SELECT body FROM batches ORDER BY bn")
+        return [orjson.loads(stored_json(b)) for (b,) in rows]
     finally:
         conn.close()
 

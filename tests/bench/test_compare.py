@@ -94,6 +94,16 @@ def test_python_m_bench_rounds_report_the_median_run_and_the_spread() -> None:
         "ratio": 0.6,
         "ratio_runs": [0.5, 0.7, 0.6],
         "ratio_spread": [0.5, 0.7],
+        "value_runs": [50.0, 70.0, 60.0],  # every run's own value too
     }
     assert got["disk"] == {"value": 60.0}  # no ratio: the last run
+    # a figure whose target is an absolute rate reports the run with the median value
+    by_value = median_of(
+        [
+            {"gw": {"value": v, "raw": 1.0, "ratio": r, "median_by": "value"}}
+            for v, r in ((90.0, 0.9), (120.0, 0.3), (100.0, 0.5))
+        ]
+    )["gw"]
+    assert (by_value["value"], by_value["ratio"]) == (100.0, 0.5)
+    assert by_value["value_runs"] == [90.0, 120.0, 100.0]
     assert median_of([run(0.5, 50.0)])["ingest"] == {"value": 50.0, "raw": 100.0, "ratio": 0.5}
