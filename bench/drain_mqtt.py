@@ -28,8 +28,9 @@ from bench.common import (
     wait_until,
 )
 
-#: the agent's MQTT in-flight window (adapters/sinks/mqtt: 20, or the broker's Receive Maximum
-#: when lower; mosquitto's default is 20 too), which the raw side copies
+#: the agent's MQTT in-flight window (adapters/sinks/mqtt: max_in_flight defaults to 20, and
+#: the connection lowers it to the broker's Receive Maximum when that is lower; mosquitto's
+#: default is 20 too), which the raw side copies
 WINDOW = 20
 
 

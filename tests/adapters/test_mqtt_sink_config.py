@@ -46,7 +46,7 @@ def test_sample_validates_through_the_loader() -> None:
 def test_defaults() -> None:
     c = load({"url": "mqtt://127.0.0.1"})
     assert c.port == 1883 and not c.tls and c.topic_prefix == "edge"
-    assert c.max_in_flight == 8 and c.gzip is False and c.presence is True
+    assert c.max_in_flight == 20 and c.gzip is False and c.presence is True
     assert c.verify_hostname is True
     assert load({"url": "mqtts://broker"}).port == 8883
 

@@ -142,7 +142,7 @@ states = {{ "0" = "idle", "1" = "running" }}
     # every default is there, as the running agent sees it
     assert shown["forwarder"]["max_events"] == 1000
     assert shown["buffer"]["durability"] == "fsync"
-    assert shown["sinks"]["broker"]["max_in_flight"] == 8
+    assert shown["sinks"]["broker"]["max_in_flight"] == 20
     assert shown["sources"]["line1"]["nodes"][0]["queue_size"] == 10
     assert "# ca_file is not set" in res.stdout
     # and it is a config again: the same one, but for the secrets
