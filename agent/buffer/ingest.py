@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from agent import event as envelope
 from agent.buffer.overflow import Overflow
+from agent.buffer.rows import insert_events
 from agent.buffer.state import BufferState, Delta, EventRow, Settings, Staged
 from agent.errors import BufferFull
 from agent.ids import ulids
@@ -283,7 +284,7 @@ class GroupCommit:
     def _write_rows(self) -> None:
         db = self.db
         if self.rows:
-            db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", self.rows)
+            insert_events(db, self.rows)
         if self.dedupe_rows:
             db.executemany("INSERT OR IGNORE INTO dedupe VALUES (?, ?, ?, ?, ?)", self.dedupe_rows)
         if self.mark_rows:

@@ -3,8 +3,9 @@ agent executes.
 
 Why a plain ``sqlite3`` connection in a single-worker executor and not aiosqlite: a
 buffer operation is a multi-statement transaction (a group commit is BEGIN, a dedupe
-lookup per stream, three executemany, an UPDATE per stream, COMMIT; drop_oldest adds a
-loop of SELECT/DELETE/UPDATE), and it must run as ONE function in the database thread.
+lookup per stream, an INSERT per run of events (rows.py), two executemany, an UPDATE per
+stream, COMMIT; drop_oldest adds a loop of SELECT/DELETE/UPDATE), and it must run as ONE
+function in the database thread.
 aiosqlite's public API runs one statement per hop (about 8 hops per group commit, more
 under drop_oldest), so the old code reached into its private ``_execute`` and ``_conn``
 to get one hop; with that gone, aiosqlite would add nothing but its own second queue.
