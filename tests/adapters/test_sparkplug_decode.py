@@ -363,3 +363,50 @@ def test_sample_toml_validates() -> None:
     body = tomllib.loads(sample.read_text())["sources"]["line1_spb"]
     cfg = Config.model_validate(body)
     assert cfg.host_id == "edge-agent-plant1" and cfg.tls
+
+
+async def test_a_big_group_is_decoded_in_slices_with_the_loop_getting_turns(tmp_path) -> None:
+    """The source decodes group N+1 while group N commits. The commit is a task created
+    just before the decode, and a task only starts at a turn of the loop: decoding a
+    1,000-message group without one kept the commit from starting until the decode was
+    over. Here: a task made before decoding 250 messages runs before the decode ends, and
+    the events are those _decode gives in one piece."""
+    import asyncio
+    import time
+
+    from adapters.sources.sparkplug import build
+    from adapters.sources.sparkplug.source import DECODE_SLICE, _Message
+    from agent.registry import AdapterContext
+
+    def source() -> Any:
+        cfg = Config.model_validate(
+            {"type": "sparkplug", "url": "mqtt://127.0.0.1:1", "groups": ["G"], "host_id": "h"}
+        )
+        return build("spb", cfg, AdapterContext("a", "p", tmp_path, "0"))
+
+    tag = {"name": "T", "alias": 1, "datatype": DT["Double"], "double_value": 0.0}
+    msgs = [_Message(0, 0, 0, "spBv1.0/G/NBIRTH/E", payload(0, {"name": "bdSeq",
+            "datatype": DT["UInt64"], "long_value": 0}, tag), 1)]  # fmt: skip
+    for i in range(1, 250):
+        data = payload(i % 256, {"alias": 1, "double_value": float(i), "timestamp": T0 + i})
+        msgs.append(_Message(0, i, 0, "spBv1.0/G/NDATA/E", data, 1))
+    assert len(msgs) > 2 * DECODE_SLICE
+
+    ran_at: list[float] = []
+
+    async def commit_like() -> None:
+        ran_at.append(time.perf_counter())
+
+    sliced = source()
+    task = asyncio.get_running_loop().create_task(commit_like())
+    events = await sliced._decode_turns(msgs)
+    done_at = time.perf_counter()
+    await task
+    assert ran_at and ran_at[0] < done_at
+    whole = source()._decode(msgs)
+    assert [(e.type, e.subject, e.data, e.time) for e in events] == [
+        (e.type, e.subject, e.data, e.time) for e in whole
+    ]
+    assert [e.data["value"] for e in events if e.subject == "G/E/T"] == [
+        float(i) for i in range(250)
+    ]
