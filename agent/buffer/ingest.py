@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from agent import event as envelope
 from agent.buffer.overflow import Overflow
-from agent.buffer.rows import insert_events
+from agent.buffer.rows import DedupeRow, insert_dedupe, insert_events
 from agent.buffer.state import BufferState, Delta, EventRow, Settings, Staged
 from agent.errors import BufferFull
 from agent.ids import ulids
@@ -26,8 +26,6 @@ from agent.interfaces import Committed, NewEvent
 
 CHECKPOINT_TYPE = "mfg.agent.checkpoint"
 
-#: a dedupe row: (sid, source_event_id, seq, id, committed_at)
-DedupeRow = tuple[int, str, int, str, float]
 Result = list[Committed] | BaseException
 
 
@@ -286,7 +284,7 @@ class GroupCommit:
         if self.rows:
             insert_events(db, self.rows)
         if self.dedupe_rows:
-            db.executemany("INSERT OR IGNORE INTO dedupe VALUES (?, ?, ?, ?, ?)", self.dedupe_rows)
+            insert_dedupe(db, self.dedupe_rows)
         if self.mark_rows:
             db.executemany("INSERT OR IGNORE INTO marks VALUES (?, ?, ?)", self.mark_rows)
         for name, st in self.staged.items():

@@ -1,4 +1,5 @@
-"""Inserting a group commit's event rows in statements that run without the GIL.
+"""Inserting a group commit's event (and dedupe) rows in statements that run without the
+GIL.
 
 Why not ``executemany``: CPython's sqlite3 lets go of the GIL around every
 ``sqlite3_step``, once per row, and must take it back before binding the next row. While
@@ -18,6 +19,11 @@ position: the ids joined (a ULID is 26 ASCII characters), the offsets as 12-digi
 numbers, the bodies joined. A BLOB, because ``substr`` of TEXT counts characters from the
 start on every call (quadratic: 77 us a row). The rows stored are exactly the rows
 executemany would store (same values, same SQL types; tests/agent/test_buffer_rows.py).
+
+The dedupe rows of MES events (one per source event id) go the same way, as a JSON array
+of [sid, source id, seq, id] walked by one INSERT OR IGNORE, as the reference gateway
+inserts its ids (gateway/store.py); an id that JSON cannot carry exactly (a NUL, which
+SQLite's JSON functions may cut at, or a lone surrogate) sends the rows to executemany.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ import orjson
 
 from agent.buffer.state import EventRow
 
+#: a dedupe row: (sid, source_event_id, seq, id, committed_at)
+DedupeRow = tuple[int, str, int, str, float]
+
 INSERT_ONE = "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)"
 
 #: one run of rows: ?1 sid, ?2 the seq before the first, ?3 ids, ?4 committed_at,
@@ -39,6 +48,14 @@ INSERT_RUN = (
     " SELECT ?1, ?2 + key + 1, CAST(substr(?3, key * 26 + 1, 26) AS TEXT), ?4, value,"
     " substr(?6, CAST(substr(?5, key * 12 + 1, 12) AS INTEGER) + 1, value), ?7"
     " FROM json_each(?8)"
+)
+
+INSERT_DEDUPE_ONE = "INSERT OR IGNORE INTO dedupe VALUES (?, ?, ?, ?, ?)"
+#: ?1 committed_at, ?2 the JSON array of [sid, source_event_id, seq, id]
+INSERT_DEDUPE_RUN = (
+    "INSERT OR IGNORE INTO dedupe (sid, source_event_id, seq, id, committed_at)"
+    " SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),"
+    " json_extract(value, '$[2]'), json_extract(value, '$[3]'), ?1 FROM json_each(?2)"
 )
 
 ULID_LEN = 26
@@ -87,6 +104,20 @@ def insert_events(db: sqlite3.Connection, rows: Sequence[EventRow], min_run: int
             single.extend(rows[lo:hi])
     if single:
         db.executemany(INSERT_ONE, single)
+
+
+def insert_dedupe(db: sqlite3.Connection, rows: Sequence[DedupeRow]) -> None:
+    """INSERT OR IGNORE ``rows`` (sid, source_event_id, seq, id, committed_at) into dedupe:
+    one statement when they share committed_at (a group's do) and JSON carries every id."""
+    if len(rows) > 1 and json_each_works() and all(r[4] == rows[0][4] for r in rows):
+        try:
+            doc = orjson.dumps([r[:4] for r in rows])
+        except orjson.JSONEncodeError:  # a str orjson refuses (a lone surrogate)
+            doc = b""
+        if doc and b"\\u0000" not in doc:
+            db.execute(INSERT_DEDUPE_RUN, (rows[0][4], doc))
+            return
+    db.executemany(INSERT_DEDUPE_ONE, rows)
 
 
 def _runs(rows: Sequence[EventRow]) -> Iterator[tuple[int, int]]:

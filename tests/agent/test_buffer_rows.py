@@ -180,3 +180,40 @@ def test_the_insert_does_not_wait_for_a_busy_python_thread(tmp_path: Path) -> No
         t.join()
     assert seen == ["run"]
     assert db.execute("SELECT count(*), sum(size) FROM events").fetchone() == (2000, 1_200_000)
+
+
+def dedupe_rows_of(db: sqlite3.Connection) -> list[tuple[object, ...]]:
+    return db.execute(
+        "SELECT sid, source_event_id, seq, id, committed_at, typeof(source_event_id),"
+        " typeof(seq) FROM dedupe ORDER BY sid, source_event_id"
+    ).fetchall()
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.text(min_size=1, max_size=20), min_size=0, max_size=30))
+def test_dedupe_rows_are_stored_as_executemany_stores_them(keys: list[str]) -> None:
+    """Any source event id, NUL and every plane of Unicode included (those JSON cannot
+    carry exactly go one by one); a key twice keeps its first row (OR IGNORE)."""
+    ids = ulids(len(keys))
+    rs = [(1 + i % 2, k, i + 1, ids[i], 7.5) for i, k in enumerate(keys)]
+    fast, slow = events_db(), events_db()
+    rows.insert_dedupe(fast, rs)
+    slow.executemany(rows.INSERT_DEDUPE_ONE, rs)
+    assert dedupe_rows_of(fast) == dedupe_rows_of(slow)
+
+
+def test_dedupe_rows_of_a_group_are_one_statement() -> None:
+    keys = ["WO-1/1", 'quote " and \\ backslash', "ünïcödé", "tab\there", "😀"]
+    ids = ulids(len(keys))
+    rs = [(1, k, i + 1, ids[i], 7.5) for i, k in enumerate(keys)]
+    fast, slow = events_db(), events_db()
+    seen: list[str] = []
+    fast.set_trace_callback(seen.append)
+    rows.insert_dedupe(fast, rs)
+    slow.executemany(rows.INSERT_DEDUPE_ONE, rs)
+    assert len([s for s in seen if s.startswith("INSERT")]) == 1
+    assert dedupe_rows_of(fast) == dedupe_rows_of(slow)
+    nul = [(1, "a\0b", 9, ids[0], 7.5), (1, "a", 10, ids[1], 7.5)]
+    rows.insert_dedupe(fast, nul)
+    slow.executemany(rows.INSERT_DEDUPE_ONE, nul)
+    assert dedupe_rows_of(fast) == dedupe_rows_of(slow)
