@@ -216,6 +216,44 @@ async def _source_side(port: int, d: Path, messages: int) -> tuple[float, dict[s
     return (messages * METRICS) / (last - first), detail
 
 
+def durable_insert_us(buffer_file: Path, d: Path, group: int = 10_000) -> dict[str, float]:
+    """CPU microseconds per row of the cheapest durable store of what the source stored:
+    the rows of its own buffer file (the same encoded events, bytes for bytes) inserted
+    again into a fresh file, WAL + synchronous=FULL, 16 KiB pages, one transaction per
+    ``group`` rows (the source's commits), by raw executemany and by one INSERT ... SELECT
+    FROM json_each per group (bench/ingest.py's two raw sides). Added to the raw
+    subscriber's CPU it gives the best CPU ratio ANY host could reach that stores one row
+    per metric and does nothing else: no mapping, no envelope, no bookkeeping."""
+    from bench.ingest import RAW_SCHEMA, _json_insert
+
+    with sqlite3.connect(f"file:{buffer_file}?mode=ro", uri=True) as src:
+        rows = src.execute(
+            "SELECT sid, seq, id, committed_at, size, body, ctl FROM events ORDER BY sid, seq"
+        ).fetchall()
+    out: dict[str, float] = {}
+    for how in ("executemany", "json_each"):
+        path = d / f"floor-{how}.db"
+        c = sqlite3.connect(path, isolation_level=None)
+        c.execute("PRAGMA page_size = 16384")
+        c.execute("PRAGMA journal_mode = WAL")
+        c.execute("PRAGMA synchronous = FULL")
+        c.execute(RAW_SCHEMA)
+        t0 = process_cpu()
+        for i in range(0, len(rows), group):
+            c.execute("BEGIN IMMEDIATE")
+            if how == "json_each":
+                _json_insert(c, rows[i : i + group])
+            else:
+                c.executemany(
+                    "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", rows[i : i + group]
+                )
+            c.execute("COMMIT")
+        out[how] = (process_cpu() - t0) / len(rows) * 1e6
+        c.close()
+        path.unlink()
+    return out
+
+
 def agent_10k(port: int, d: Path, seconds: int, linger: float | None = None) -> dict[str, Any]:
     from tests.fixtures.common import agent_config, to_toml
 
@@ -289,6 +327,8 @@ def run(ctx: Ctx) -> dict[str, Any]:
     ours, detail = asyncio.run(source_side(port, d, messages))
     c2 = process_cpu()
     raw_us, ours_us = (c1 - c0) / (messages * METRICS) * 1e6, (c2 - c1) / (messages * METRICS) * 1e6
+    floor = durable_insert_us(d / "spb.db", d)
+    store_us = min(floor.values())
     seconds = ctx.n(60, 15)
     (d / "k10").mkdir(exist_ok=True)
     k10 = agent_10k(port, d / "k10", seconds)
@@ -304,11 +344,16 @@ def run(ctx: Ctx) -> dict[str, Any]:
             raw_cpu_us_per_metric=round(raw_us, 2),
             cpu_ratio=round(raw_us / ours_us, 3) if ours_us else None,
             thread_us_per_metric=detail["thread_us_per_metric"],
+            raw_store_cpu_us_per_row={k: round(v, 2) for k, v in floor.items()},
+            ceiling_cpu_ratio=round(raw_us / (raw_us + store_us), 3),
             detail=(
                 f"{messages} NDATA x {METRICS} alias-only Double metrics, QoS 0, one edge node; "
                 f"committed to the Buffer (fsync) as mfg.signal.sampled; seq gaps "
                 f"{detail['seq_gaps']}, dropped {detail['dropped_overflow']}"
                 "; the source side with edge-agent run's GC settings (agent/gc_tuning.py)"
+                "; ceiling_cpu_ratio: raw subscriber / (raw subscriber + the cheapest raw "
+                "durable insert of the source's own rows), what storing one row per metric "
+                "allows at best (durable_insert_us)"
             ),
         ),
         "sparkplug_10k": figure(
@@ -340,6 +385,7 @@ def _ingest_pair(messages: int) -> dict[str, Any]:
     c2 = process_cpu()
     n = messages * METRICS
     raw_us, ours_us = (c1 - c0) / n * 1e6, (c2 - c1) / n * 1e6
+    floor = durable_insert_us(d / "spb.db", d)
     return {
         "metrics": n,
         "raw_metrics_per_s": round(raw),
@@ -349,6 +395,8 @@ def _ingest_pair(messages: int) -> dict[str, Any]:
         "cpu_us_per_metric": round(ours_us, 2),
         "cpu_ratio": round(raw_us / ours_us, 3),
         "thread_us_per_metric": detail["thread_us_per_metric"],
+        "raw_store_cpu_us_per_row": {k: round(v, 2) for k, v in floor.items()},
+        "ceiling_cpu_ratio": round(raw_us / (raw_us + min(floor.values())), 3),
         "seq_gaps": detail["seq_gaps"],
         "dropped_overflow": detail["dropped_overflow"],
     }
