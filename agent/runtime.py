@@ -45,6 +45,9 @@ from agent.status import HEARTBEAT_INTERVAL, build_snapshot
 from agent.status_model import StatusSnapshot
 from agent.tasks import TaskCrashed
 
+#: a buffer file this big gets a log line before its check at start-up
+LARGE_BUFFER_FILE = 256 * 1024 * 1024
+
 log = logging.getLogger("edge_agent.runtime")
 
 #: errors opening the buffer that mean "this path", not "this machine"
@@ -135,7 +138,8 @@ class Agent:
             async with contextlib.AsyncExitStack() as stack:
                 # pushed first, so it runs last: the notify socket outlives everything else
                 stack.callback(notifier.close)
-                buffer = self.buffer = await self._open_buffer()
+                async with notifier.extending(self._opening_status()):
+                    buffer = self.buffer = await self._open_buffer()
                 stack.push_async_callback(self._close_buffer, buffer)
                 log.info(
                     "edge-agent %s started: buffer %s (epoch %s, durability %s), "
@@ -170,6 +174,24 @@ class Agent:
         finally:
             # after a failure the one line saying why comes next: "cleanly" would mislead
             log.info("edge-agent stopped cleanly" if clean else "edge-agent stopped")
+
+    def _opening_status(self) -> str:
+        """What systemctl status says while the buffer opens; a large file is checked
+        first, which takes a while: the log says so too, so a slow start is not a mystery."""
+        path = Path(self.config.buffer.path)
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return f"creating the buffer {path}"
+        mb = size / 1_000_000
+        if size >= LARGE_BUFFER_FILE:
+            log.info(
+                "checking the buffer file %s (%.0f MB) before start; on a large backlog this "
+                "takes a while (about 4 s per GB from a cold disk cache)",
+                path,
+                mb,
+            )
+        return f"opening the buffer {path} ({mb:.0f} MB): checking the file"
 
     async def _open_buffer(self) -> Buffer:
         cfg = self.config

@@ -13,20 +13,33 @@ The watchdog is fed by a coroutine *on the agent's event loop*, not by a thread:
 would keep patting the dog while the loop is wedged (a blocking call, a busy loop, a
 deadlock), which is exactly the failure the watchdog exists to catch. If the loop stops
 turning, the pings stop and systemd restarts the agent after ``WatchdogSec``.
+
+Start-up that may outlast ``TimeoutStartSec`` (opening a large buffer file checks it
+first: about 4 s per GB from a cold cache here, minutes for a big backlog on a slow disk,
+just when the machine comes back from a power cut) runs inside ``extending(...)``: it
+says what it is doing in STATUS and sends ``EXTEND_TIMEOUT_USEC`` from the event loop
+while it lasts, so systemd waits instead of killing the agent mid-check and restarting it
+into the same check until StartLimitBurst gives up on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import sys
 import time
+from collections.abc import AsyncIterator
 
 log = logging.getLogger("edge_agent.sdnotify")
 
 __all__ = ["SystemdNotifier", "watchdog_interval"]
+
+#: while a long start-up step runs: ask for this much more time, this often
+EXTEND_BY = 30.0
+EXTEND_EVERY = 10.0
 
 
 def watchdog_interval(env: dict[str, str] | os._Environ[str] | None = None) -> float | None:
@@ -133,6 +146,36 @@ class SystemdNotifier:
         """
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         return self.notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
+
+    def extend_timeout(self, seconds: float) -> bool:
+        """Ask for ``seconds`` more before the current start-up (or stop) timeout; systemd
+        only ever moves the deadline later, and needs the next ask within ``seconds``."""
+        return self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
+
+    @contextlib.asynccontextmanager
+    async def extending(
+        self, status: str, every: float = EXTEND_EVERY, by: float = EXTEND_BY
+    ) -> AsyncIterator[None]:
+        """Around a start-up step that may take long: STATUS ``status``, and a timeout
+        extension every ``every`` seconds until the step is done (from the loop: a wedged
+        loop stops asking, and systemd's timeout applies again ``by`` seconds later)."""
+        if not self.enabled:
+            yield
+            return
+        self.status(status)
+
+        async def keep_asking() -> None:
+            while True:
+                self.extend_timeout(by)
+                await asyncio.sleep(every)
+
+        task = asyncio.create_task(keep_asking(), name="systemd-extend-timeout")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def ping(self) -> bool:
         """One watchdog keep-alive."""

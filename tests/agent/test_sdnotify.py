@@ -126,6 +126,34 @@ async def test_watchdog_pings_while_loop_is_healthy(
             await task
 
 
+async def test_a_long_start_up_step_keeps_extending_the_timeout_until_done(
+    notify_socket: NotifySocket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large buffer file is checked before start, which may outlast TimeoutStartSec:
+    while the step runs, STATUS says so and EXTEND_TIMEOUT_USEC keeps coming; after it,
+    nothing more is asked (the timeout that applies is systemd's own again)."""
+    monkeypatch.setenv("NOTIFY_SOCKET", notify_socket.env_value)
+    n = SystemdNotifier()
+    async with n.extending("opening the buffer /x (12 MB): checking the file", every=0.05, by=7):
+        await asyncio.sleep(0.4)
+    during = list(notify_socket.drain())
+    assert during[0] == "STATUS=opening the buffer /x (12 MB): checking the file"
+    asks = [m for m in during if m.startswith("EXTEND_TIMEOUT_USEC=")]
+    assert len(asks) >= 3, during
+    assert set(asks) == {"EXTEND_TIMEOUT_USEC=7000000"}
+    await asyncio.sleep(0.2)
+    assert len(notify_socket.drain()) == len(during)
+
+
+async def test_extending_does_nothing_outside_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    n = SystemdNotifier()
+    before = {t.get_name() for t in asyncio.all_tasks()}
+    async with n.extending("opening", every=0.01):
+        assert {t.get_name() for t in asyncio.all_tasks()} == before  # no task made
+        await asyncio.sleep(0.05)
+
+
 # --------------------------------------------------------------------------- real agent
 
 
