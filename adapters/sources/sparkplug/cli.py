@@ -24,6 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.tls import TlsFileError, client_context
 
 from . import payload as sp
+from .client import ReadAheadClient
 from .tracker import NodeInfo, Tracker
 
 
@@ -71,7 +72,9 @@ def watch(
     lock = threading.Lock()
     connected = threading.Event()
     problem: list[str] = []
-    client = paho.Client(
+    # the source's read-ahead client: on a busy plant broker stock paho's few-bytes reads
+    # fall behind (client.py), and a watch that lags shows stale values and false seq gaps
+    client = ReadAheadClient(
         CallbackAPIVersion.VERSION2,
         client_id=f"edge-agent-watch-{int(time.time() * 1000) % 10**9}",
         protocol=paho.MQTTv311,
