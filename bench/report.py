@@ -31,6 +31,8 @@ LABELS = {
     "outage": "60 s gateway outage",
     "opcua": "OPC UA 10,000 items at 1 Hz",
     "opcua_ceiling": "OPC UA items at 1 Hz on one core (recorded responses)",
+    "sparkplug_ingest": "Sparkplug B ingest, metrics committed (fsync)",
+    "sparkplug_10k": "Sparkplug B, 10,000 metrics/s for 60 s, agent CPU",
     "peer_mosquitto_bridge": "Peer: edge mosquitto bridge, 60 s outage + edge SIGKILL",
     "peer_node_red": "Peer: Node-RED 4 OPC UA -> MQTT, 60 s outage",
     "scale_drain": "Scale: whole-agent HTTP drain, largest backlog (10M)",
