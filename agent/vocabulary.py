@@ -524,6 +524,27 @@ TYPES: dict[str, type[BaseModel]] = {
     "mfg.agent.gap": AgentGap,
 }
 
+#: Types that parts of the agent make from what they observe, never an MES's to send (a
+#: type prefix -> who makes them, for the error an MES gets): the agent's reconciliation
+#: and gap events, and a Sparkplug edge node or device going online or offline, which
+#: only the sparkplug source sees (an MES sending one would be believed by the receiver).
+AGENT_MADE: dict[str, str] = {
+    "mfg.agent.": "the agent's own",
+    "mfg.sparkplug.": "made by the sparkplug source from what edge nodes publish",
+}
+
+
+def agent_made(type_: str) -> str | None:
+    """Who makes events of ``type_`` when it is an AGENT_MADE type, else None."""
+    for prefix, who in AGENT_MADE.items():
+        if type_.startswith(prefix):
+            return who
+    return None
+
+
+#: the canonical types an MES may send
+MES_TYPES: tuple[str, ...] = tuple(t for t in TYPES if agent_made(t) is None)
+
 #: Bump a type's version on any breaking change to its model (removed/renamed field,
 #: new required field, narrower values); adding an optional field is not breaking.
 SCHEMA_VERSION: dict[str, int] = {t: 1 for t in TYPES}

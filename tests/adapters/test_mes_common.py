@@ -193,6 +193,7 @@ def test_conflicting_targets_are_reported():
         ({"fields": {"A": "data.item", "B": "data.item"}}, "both map to"),
         ({"fields": {"A": "data..x"}}, "not a canonical field"),
         ({"constants": {"type": "mfg.agent.gap"}}, "not a canonical MES event type"),
+        ({"constants": {"type": "mfg.sparkplug.state_changed"}}, "not a canonical MES event type"),
         ({"values": {"nope": {}}}, "not a canonical field"),
         ({"unmapped": "maybe"}, "keep"),
         ({"field": {}}, "Extra inputs"),

@@ -107,6 +107,11 @@ def test_every_mes_type_but_the_signal_has_a_fast_pass() -> None:
         event(1, time=1700000000),
         event(1, type=" mfg.production.completed"),
         event(1, type="mfg.agent.gap"),
+        event(
+            1,
+            type="mfg.sparkplug.state_changed",
+            data={"group_id": "G", "edge_node_id": "E", "state": "online", "reason": "birth"},
+        ),  # fmt: skip
         event(1, extra=1),
         event(1, dataschema="urn:x"),
         event(1, data={"work_order": "W", "item": "I"}),  # neither good nor scrap

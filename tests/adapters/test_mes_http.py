@@ -215,9 +215,21 @@ async def test_one_bad_event_rejects_the_whole_batch_naming_each_field(server, b
 
 async def test_unknown_type_and_agent_types_are_422(server, buf):
     _, client = server
-    r = await post(client, [event(1, type="mfg.made.up"), event(2, type="mfg.agent.gap")])
+    spb = {"group_id": "G", "edge_node_id": "E", "state": "offline", "reason": "death"}
+    r = await post(
+        client,
+        [
+            event(1, type="mfg.made.up"),
+            event(2, type="mfg.agent.gap"),
+            # only the sparkplug source sees an edge node die: an MES saying so is refused
+            event(3, type="mfg.sparkplug.state_changed", data=spb),
+        ],
+    )
     assert r.status_code == 422
-    assert [(e["index"], e["field"]) for e in r.json()["errors"]] == [(0, "type"), (1, "type")]
+    errors = r.json()["errors"]
+    assert [(e["index"], e["field"]) for e in errors] == [(0, "type"), (1, "type"), (2, "type")]
+    assert "made by the sparkplug source" in errors[2]["message"]
+    assert "mfg.sparkplug.state_changed" not in errors[0]["message"]  # not offered either
     assert await stored(buf) == []
 
 

@@ -68,6 +68,7 @@ OTHER_TYPES = [
     "mfg.inventory.moved",
     "mfg.quality.hold_placed",
     "mfg.agent.gap",
+    "mfg.sparkplug.state_changed",
     "mfg.signal.sampled",
     "",
 ]

@@ -36,6 +36,7 @@ from pydantic.fields import FieldInfo
 
 from agent.interfaces import NewEvent
 from agent.vocabulary import (
+    MES_TYPES,
     TYPES,
     UOM_CODES,
     UOM_PATTERN,
@@ -208,11 +209,10 @@ def _data_check(type_: str, model: type[BaseModel]) -> _DataCheck | None:
     return _DataCheck(type_, fields, one_of)
 
 
-#: the fast pass per MES event type (the agent's own types are never accepted from outside)
+#: the fast pass per MES event type (the types the agent makes are never accepted from an
+#: MES: vocabulary.AGENT_MADE)
 DATA_CHECKS: dict[str, _DataCheck] = {
-    t: c
-    for t, m in TYPES.items()
-    if not t.startswith("mfg.agent.") and (c := _data_check(t, m)) is not None
+    t: c for t in MES_TYPES if (c := _data_check(t, TYPES[t])) is not None
 }
 #: the envelope keys nearly every record has; the others are checked only when present
 _COMMON = frozenset({"type", "time", "data", "subject", "correlationid", "id"})

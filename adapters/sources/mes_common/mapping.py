@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from agent.config import Model
-from agent.vocabulary import TYPES
+from agent.vocabulary import MES_TYPES
 
 #: Canonical top-level fields a mapping may write, besides anything under "data.".
 ENVELOPE_FIELDS = ("type", "time", "subject", "correlationid", "id")
@@ -76,8 +76,8 @@ class FieldMapping(Model):
     @classmethod
     def _type_constant(cls, v: dict[str, Any]) -> dict[str, Any]:
         t = v.get("type")
-        if t is not None and (t not in TYPES or t.startswith("mfg.agent.")):
-            names = ", ".join(n for n in TYPES if not n.startswith("mfg.agent."))
+        if t is not None and t not in MES_TYPES:
+            names = ", ".join(MES_TYPES)
             raise ValueError(f"type '{t}' is not a canonical MES event type (one of: {names})")
         return v
 

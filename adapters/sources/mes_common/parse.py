@@ -16,8 +16,10 @@ from adapters.sources.mes_common.mapping import FieldMapping, apply_mapping
 from agent.errors import EdgeAgentError
 from agent.interfaces import NewEvent
 from agent.vocabulary import (
+    MES_TYPES,
     TYPES,
     VocabularyError,
+    agent_made,
     dataschema,
     default_subject,
     errors_of,
@@ -63,9 +65,6 @@ class MesInputError(EdgeAgentError):
         self.errors = errors or [(field_path, message)]
         super().__init__("; ".join(f"{p}: {m}" if p else m for p, m in self.errors))
 
-
-#: Types only the agent itself emits (checkpoints, gaps): never accepted from outside.
-AGENT_TYPES_PREFIX = "mfg.agent."
 
 _TIME_HINT = "must be an RFC 3339 time with a UTC offset, e.g. 2026-11-23T10:15:02.123Z"
 
@@ -179,11 +178,10 @@ def parse_detailed(
         type_problem = "must be a string naming a canonical type, e.g. mfg.production.completed"
     elif isinstance(type_, str):
         type_ = type_.strip()
-        if type_.startswith(AGENT_TYPES_PREFIX):
-            type_problem = f"{type_} events are the agent's own; an MES cannot send them"
+        if (who := agent_made(type_)) is not None:
+            type_problem = f"{type_} events are {who}; an MES cannot send them"
         elif type_ not in TYPES:
-            names = ", ".join(t for t in TYPES if not t.startswith(AGENT_TYPES_PREFIX))
-            type_problem = f"unknown event type '{type_}' (one of: {names})"
+            type_problem = f"unknown event type '{type_}' (one of: {', '.join(MES_TYPES)})"
     if type_problem:
         errors = [e for e in errors if e[0] != "type"] + [("type", type_problem)]
     elif isinstance(type_, str) and isinstance(data, Mapping):
