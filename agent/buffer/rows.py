@@ -11,7 +11,9 @@ commits): executemany 1,430-1,840 us a row, so a group commit waited for the loo
 idle and the two threads ran one after the other; this module's one statement 5.9-6.3 us
 a row while the spinning thread kept its full speed. Uncontended, the statement costs
 less user CPU than executemany (1.5 against 2.1-2.5 us a row), as nothing is bound per
-row from Python.
+row from Python. The agent's own loops yield often enough that the starvation was not
+what held any bench back; what the benches showed is the cheaper row (docs/performance.md,
+"Issue 12, the GIL per row").
 
 The statement walks a JSON array of the rows' sizes (``json_each``, one step for the
 whole run) and cuts each row's id, offset and body out of three BLOB parameters by byte
@@ -140,8 +142,10 @@ def _runs(rows: Sequence[EventRow]) -> Iterator[tuple[int, int]]:
 
 def _insert_run(db: sqlite3.Connection, rows: Sequence[EventRow], lo: int, hi: int) -> bool:
     run = rows[lo:hi]
+    if any(len(r[2]) != ULID_LEN for r in run):
+        return False
     ids = "".join([r[2] for r in run])
-    if len(ids) != ULID_LEN * len(run) or not ids.isascii():
+    if not ids.isascii():
         return False
     offsets = []
     off = 0

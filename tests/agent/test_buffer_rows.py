@@ -93,7 +93,9 @@ def test_runs_are_cut_where_stream_sequence_time_or_ctl_change() -> None:
 
 def test_rows_the_run_cannot_carry_go_one_by_one() -> None:
     good = make_rows([(1, 1, 1.0, 0, b"a"), (1, 2, 1.0, 0, b"b")])
-    odd_id = [(1, 3, "not-a-ulid", 1.0, 1, b"c", 0), (1, 4, "é" * 26, 1.0, 1, b"d", 0)]
+    odd_id = [(1, 3, "not-a-ulid", 1.0, 1, b"c", 0), (1, 4, "é" * 26, 1.0, 1, b"d", 0),
+              # lengths that add up to 26 a row: cut by position they would be misread
+              (1, 7, "A" * 25, 1.0, 1, b"g", 0), (1, 8, "B" * 27, 1.0, 1, b"h", 0)]  # fmt: skip
     wrong_size = [(1, 5, good[0][2][:-1] + "Z", 1.0, 7, b"e", 0),
                   (1, 6, good[1][2][:-1] + "Z", 1.0, 7, b"f", 0)]  # fmt: skip
     rs = good + odd_id + wrong_size
