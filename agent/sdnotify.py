@@ -157,25 +157,27 @@ class SystemdNotifier:
         self, status: str, every: float = EXTEND_EVERY, by: float = EXTEND_BY
     ) -> AsyncIterator[None]:
         """Around a start-up step that may take long: STATUS ``status``, and a timeout
-        extension every ``every`` seconds until the step is done (from the loop: a wedged
-        loop stops asking, and systemd's timeout applies again ``by`` seconds later)."""
+        extension every ``every`` seconds until the step is done. Sent by a timer on the
+        loop (no task to own: each ask schedules the next), so a wedged loop stops asking
+        and systemd's timeout applies again ``by`` seconds later."""
         if not self.enabled:
             yield
             return
         self.status(status)
+        loop = asyncio.get_running_loop()
+        handle: asyncio.TimerHandle | None = None
 
-        async def keep_asking() -> None:
-            while True:
-                self.extend_timeout(by)
-                await asyncio.sleep(every)
+        def ask() -> None:
+            nonlocal handle
+            self.extend_timeout(by)
+            handle = loop.call_later(every, ask)
 
-        task = asyncio.create_task(keep_asking(), name="systemd-extend-timeout")
+        ask()
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            if handle is not None:
+                handle.cancel()
 
     def ping(self) -> bool:
         """One watchdog keep-alive."""
