@@ -80,6 +80,49 @@ def store_message(store: GatewayStore, headers: Mapping[str, str] | None, data: 
     stats.duplicates += dups
 
 
+#: seconds to keep asking a JetStream that does not answer before giving up
+SUBSCRIBE_PATIENCE = 60.0
+
+
+async def _subscribe(
+    js: Any, subject: str, durable: str, stream: str, cfg: Any, patience: float
+) -> Any:
+    """pull_subscribe, asked again while JetStream does not answer.
+
+    A cluster that has just lost a node holding its meta or stream leader answers its API
+    only once the others have elected a new one, seconds later (longer on a loaded
+    machine): the first consumer request then times out, or gets 503. That is the moment
+    a central team reads the stream to see what the failover did, so the report waits for
+    the cluster instead of failing on it; a stream that does not exist (404) or refused
+    credentials still fail at once."""
+    import nats.errors
+    import nats.js.errors
+
+    deadline = time.monotonic() + patience
+    said = False
+    while True:
+        try:
+            return await js.pull_subscribe(subject, durable=durable, stream=stream, config=cfg)
+        except (
+            nats.errors.TimeoutError,
+            nats.errors.NoRespondersError,
+            nats.js.errors.ServiceUnavailableError,
+        ) as exc:
+            if time.monotonic() >= deadline:
+                raise
+            if not said:
+                said = True
+                log.warning(
+                    "JetStream did not answer for stream %s (%s: %s); asking again for up to "
+                    "%.0f s (a cluster electing a new leader answers once it has one)",
+                    stream,
+                    type(exc).__name__,
+                    exc or "no answer",
+                    patience,
+                )
+            await asyncio.sleep(1.0)
+
+
 async def consume(
     servers: list[str],
     stream: str,
@@ -91,9 +134,11 @@ async def consume(
     fetch: int = 256,
     connect: Mapping[str, Any] | None = None,
     stop: asyncio.Event | None = None,
+    patience: float = SUBSCRIBE_PATIENCE,
 ) -> ConsumeStats:
     """Read ``stream`` into the gateway file ``db`` until it has been idle ``until_idle``
-    seconds with nothing pending (None: until ``stop`` is set)."""
+    seconds with nothing pending (None: until ``stop`` is set). A JetStream that does not
+    answer its API (a cluster electing a new leader) is asked again for ``patience`` s."""
     import nats
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -116,7 +161,7 @@ async def consume(
             max_ack_pending=fetch * 4,
             ack_wait=60,
         )
-        sub = await js.pull_subscribe(subject or "", durable=durable, stream=stream, config=cfg)
+        sub = await _subscribe(js, subject or "", durable, stream, cfg, patience)
         idle_since = time.monotonic()
         while stop is None or not stop.is_set():
             try:

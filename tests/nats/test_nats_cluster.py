@@ -457,3 +457,47 @@ def test_consumer_counts_a_batch_stored_twice_and_refuses_a_foreign_message(js, 
     assert report["totals"]["received"] == 2 and report["totals"]["missing"] == 0, report
     assert report["requests"]["replayed_batches"] == 1
     assert report["requests"]["rejected_400"] == 1
+
+
+def test_consumer_waits_for_a_cluster_that_lost_its_quorum_and_reads_once_it_is_back(
+    js, tmp_path, caplog
+):
+    """`gateway consume` right after a failover: with two of three nodes gone JetStream
+    cannot answer its API (no meta leader). The consumer keeps asking, says so once in the
+    log, and reads the stream when the nodes are back, instead of failing on the first
+    request (as the report after the leader-killed test once did, with nats: timeout)."""
+    import logging
+    import threading
+
+    cluster, stream = js
+    asyncio.run(cluster.add_stream(stream, [f"{stream.lower()}.>"]))
+    down = cluster.nodes[1:]
+    for node in down:
+        cluster.kill_node(node)
+    back = threading.Timer(4.0, lambda: [cluster.start_node(n) for n in down])
+    back.start()
+    caplog.set_level(logging.WARNING, logger="edge_agent.gateway.nats")
+    try:
+        stats = asyncio.run(
+            consume([cluster.nodes[0].url], stream, tmp_path / "consumer.sqlite3",
+                    until_idle=1.0, connect={"user": ADMIN, "password": ADMIN_PASSWORD},
+                    patience=90)
+        )  # fmt: skip
+    finally:
+        back.join()
+    assert stats.messages == 0 and stats.refused == 0, stats
+    said = [r.getMessage() for r in caplog.records if "did not answer" in r.getMessage()]
+    assert len(said) == 1 and stream in said[0], said
+
+
+def test_consumer_fails_at_once_on_a_stream_that_does_not_exist(js, tmp_path):
+    import nats.js.errors
+
+    cluster, stream = js
+    t0 = time.monotonic()
+    with pytest.raises(nats.js.errors.NotFoundError):
+        asyncio.run(
+            consume(cluster.urls, stream + "NOPE", tmp_path / "c.sqlite3", until_idle=1.0,
+                    connect={"user": ADMIN, "password": ADMIN_PASSWORD})
+        )  # fmt: skip
+    assert time.monotonic() - t0 < 15
