@@ -474,7 +474,17 @@ def test_consumer_waits_for_a_cluster_that_lost_its_quorum_and_reads_once_it_is_
     down = cluster.nodes[1:]
     for node in down:
         cluster.kill_node(node)
-    back = threading.Timer(4.0, lambda: [cluster.start_node(n) for n in down])
+    # until JetStream has noticed (no meta leader: its API stops answering), then back
+    # after longer than one API request's timeout (10 s), so the first one surely fails
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            asyncio.run(asyncio.wait_for(cluster._account_info(), 3))
+        except Exception:  # noqa: BLE001 - the API not answering is what we wait for
+            break
+        assert time.monotonic() < deadline, "JetStream kept answering with 2 of 3 nodes down"
+        time.sleep(0.3)
+    back = threading.Timer(12.0, lambda: [cluster.start_node(n) for n in down])
     back.start()
     caplog.set_level(logging.WARNING, logger="edge_agent.gateway.nats")
     try:
