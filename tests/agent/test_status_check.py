@@ -241,6 +241,26 @@ def shared_dir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.fixture
+def checkout_reachable_by_nobody() -> Iterator[None]:
+    """Let nobody search (x, not read) the directories above the checkout while the test
+    runs, and put their modes back after. nobody runs this checkout's .venv and agent/,
+    as an operator runs the installed /usr/lib/edge-agent; a clone under `mktemp -d`
+    (0700) left nobody unable to import it ("No module named agent"), which said nothing
+    about the permissions under test."""
+    changed: list[tuple[Path, int]] = []
+    try:
+        for d in [ROOT, *ROOT.parents]:
+            mode = stat.S_IMODE(d.stat().st_mode)
+            if not mode & stat.S_IXOTH:
+                d.chmod(mode | stat.S_IXOTH)
+                changed.append((d, mode))
+        yield
+    finally:
+        for d, mode in reversed(changed):
+            d.chmod(mode)
+
+
 def as_nobody(*args: str, groups: str | None = None) -> subprocess.CompletedProcess[str]:
     who = ["--groups", groups] if groups else ["--clear-groups"]
     return subprocess.run(
@@ -250,6 +270,7 @@ def as_nobody(*args: str, groups: str | None = None) -> subprocess.CompletedProc
     )  # fmt: skip
 
 
+@pytest.mark.usefixtures("checkout_reachable_by_nobody")
 def test_non_root_operator_gets_one_line_and_group_members_read_status(
     gateway: Any, shared_dir: Path
 ) -> None:
