@@ -224,7 +224,7 @@ def durable_insert_us(buffer_file: Path, d: Path, group: int = 10_000) -> dict[s
     FROM json_each per group (bench/ingest.py's two raw sides). Added to the raw
     subscriber's CPU it gives the best CPU ratio ANY host could reach that stores one row
     per metric and does nothing else: no mapping, no envelope, no bookkeeping."""
-    from bench.ingest import RAW_SCHEMA, _json_insert
+    from bench.ingest import raw_insert
 
     with sqlite3.connect(f"file:{buffer_file}?mode=ro", uri=True) as src:
         rows = src.execute(
@@ -233,23 +233,8 @@ def durable_insert_us(buffer_file: Path, d: Path, group: int = 10_000) -> dict[s
     out: dict[str, float] = {}
     for how in ("executemany", "json_each"):
         path = d / f"floor-{how}.db"
-        c = sqlite3.connect(path, isolation_level=None)
-        c.execute("PRAGMA page_size = 16384")
-        c.execute("PRAGMA journal_mode = WAL")
-        c.execute("PRAGMA synchronous = FULL")
-        c.execute(RAW_SCHEMA)
-        t0 = process_cpu()
-        for i in range(0, len(rows), group):
-            c.execute("BEGIN IMMEDIATE")
-            if how == "json_each":
-                _json_insert(c, rows[i : i + group])
-            else:
-                c.executemany(
-                    "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", rows[i : i + group]
-                )
-            c.execute("COMMIT")
-        out[how] = (process_cpu() - t0) / len(rows) * 1e6
-        c.close()
+        _, cpu = raw_insert(path, rows, group, 16384, json_each=how == "json_each")
+        out[how] = cpu / len(rows) * 1e6
         path.unlink()
     return out
 
